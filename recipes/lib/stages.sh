@@ -1,0 +1,25 @@
+# Shared shell helpers for recipes and egs: option parsing and stage logging (source this file).
+# Options: any variable defined before sourcing can be set as --name value (dashes become underscores),
+# as in Kaldi/ESPnet's parse_options.sh.
+
+log() { echo "$(date '+%Y-%m-%d %H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINENO[0]}) $*" >&2; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --help|-h)
+      echo "Usage: $0 [--stage N] [--stop-stage M] [--OPTION VALUE ...]" >&2
+      sed -n 's/^\([a-z_][a-z_0-9]*\)=\(.*\)$/  --\1 (default: \2)/p' "$0" | tr '_' '-' | head -40 >&2
+      exit 0 ;;
+    --*=*) name="${1%%=*}"; name="${name#--}"; name="${name//-/_}"; value="${1#*=}"; shift ;;
+    --*) name="${1#--}"; name="${name//-/_}"; [ $# -ge 2 ] || { echo "$0: option $1 needs a value" >&2; exit 1; }
+         value="$2"; shift 2 ;;
+    *) echo "$0: unexpected argument '$1'" >&2; exit 1 ;;
+  esac
+  if ! declare -p "$name" >/dev/null 2>&1; then
+    echo "$0: unknown option --${name//_/-}" >&2; exit 1
+  fi
+  printf -v "$name" '%s' "$value"
+done
+
+# True when stage $1 lies within [stage, stop_stage].
+stage_in() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
