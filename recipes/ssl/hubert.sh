@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# HuBERT pretraining in two iterations on any Lhotse manifest directory (corpus-agnostic).
+#   stage 1: k-means (K=km1_k) on MFCC of a sampled fraction of the training cuts
+#   stage 2: label every training (and validation) cut with those units  -> $data/cuts_<split>_mfcc.jsonl.gz
+#   stage 3: pretrain iteration 1                                      -> $iter1_dir/final
+#   stage 4: k-means (K=km2_k) on layer km2_layer of the iteration-1 model
+#   stage 5: label the cuts with the iteration-2 units                 -> $data/cuts_<split>_hubert_l<N>.jsonl.gz
+#   stage 6: pretrain iteration 2                                      -> $iter2_dir/final
+# Example (8 GPUs, LibriSpeech 960 prepared under data/librispeech):
+#   recipes/ssl/hubert.sh --data data/librispeech --train-split train_960 --exp exp/hubert --ngpu 8
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)   # the speechssl checkout (configs)
+
+stage=1
+stop_stage=6
+data=                       # directory with cuts_<split>.jsonl.gz
+train_split=train
+valid_split=""              # optional, e.g. dev_clean
+exp=exp/hubert               # k-means models; iterations in iter1_dir / iter2_dir
+iter1_dir=""                # default $exp/iter1
+iter2_dir=""                # default $exp/iter2
+ngpu=1
+nnodes=1
+launcher=""
+ref_gpus=32                 # reference global batch: 32 GPUs x 87.5 s (grad_accum fills the gap)
+grad_accum=""               # default: ceil(ref_gpus / (ngpu * nnodes))
+iter1_config=$root/conf/pretrain/hubert_base_iter1.yaml
+iter2_config=$root/conf/pretrain/hubert_base_iter2.yaml
+km1_k=100
+km2_k=500
+km2_layer=6
+km_fraction=0.1             # share of training cuts the k-means is fitted on
+km_opts=""                  # extra options for `speechssl kmeans`
+iter1_opts=""               # extra options, e.g. "--set trainer.max_steps=1000" (no spaces in values)
+iter2_opts=""
+seed=0
+
+. "$(dirname "$0")/../lib/stages.sh"
+. "$(dirname "$0")/_launch.sh"
+[ -n "$data" ] || { echo "$0: --data DIR is required" >&2; exit 1; }
+[ -n "$iter1_dir" ] || iter1_dir=$exp/iter1
+[ -n "$iter2_dir" ] || iter2_dir=$exp/iter2
+[ -n "$grad_accum" ] || grad_accum=$(accum_for "$ref_gpus" $((ngpu * nnodes)))
+splits="$train_split ${valid_split}"
+mkdir -p "$exp"
+
+pretrain_iter() {  # pretrain_iter CONFIG OUT UNIT_NAME [ARGS...]: resumes when OUT has checkpoints
+  local config=$1 out=$2 unit=$3
+  shift 3
+  local extra=()
+  [ -z "$valid_split" ] || extra+=(--set "data.valid=[$data/cuts_${valid_split}_${unit}.jsonl.gz]")
+  ls -d "$out"/checkpoints/step-* >/dev/null 2>&1 && extra+=(--resume)
+  launch pretrain --config "$config" --out "$out" --set "data.train=[$data/cuts_${train_split}_${unit}.jsonl.gz]" \
+    --set "trainer.grad_accum=$grad_accum" --set "trainer.seed=$seed" "${extra[@]}" "$@"
+}
+
+if stage_in 1; then
+  log "Stage 1: k-means K=$km1_k on MFCC of ${km_fraction} of $data/cuts_${train_split}.jsonl.gz"
+  # shellcheck disable=SC2086
+  speechssl kmeans --cuts "$data/cuts_${train_split}.jsonl.gz" --out "$exp/km_mfcc" --feature mfcc \
+    --n-clusters "$km1_k" --fraction "$km_fraction" --seed "$seed" $km_opts
+fi
+
+if stage_in 2; then
+  log "Stage 2: MFCC units on every cut"
+  for s in $splits; do
+    speechssl label --cuts "$data/cuts_${s}.jsonl.gz" --kmeans "$exp/km_mfcc" \
+      --out "$data/cuts_${s}_mfcc.jsonl.gz" --name mfcc
+  done
+fi
+
+if stage_in 3; then
+  log "Stage 3: HuBERT iteration 1 ($iter1_config, $ngpu GPU(s) x $nnodes node(s), grad_accum $grad_accum)"
+  # shellcheck disable=SC2086
+  pretrain_iter "$iter1_config" "$iter1_dir" mfcc $iter1_opts
+fi
+
+unit2=hubert_l${km2_layer}
+if stage_in 4; then
+  log "Stage 4: k-means K=$km2_k on layer $km2_layer of $iter1_dir/final"
+  # shellcheck disable=SC2086
+  speechssl kmeans --cuts "$data/cuts_${train_split}.jsonl.gz" --out "$exp/km_${unit2}" \
+    --feature "$iter1_dir/final" --layer "$km2_layer" --n-clusters "$km2_k" --fraction "$km_fraction" \
+    --seed "$seed" $km_opts
+fi
+
+if stage_in 5; then
+  log "Stage 5: layer-$km2_layer units on every cut"
+  for s in $splits; do
+    speechssl label --cuts "$data/cuts_${s}.jsonl.gz" --kmeans "$exp/km_${unit2}" \
+      --out "$data/cuts_${s}_${unit2}.jsonl.gz" --name "$unit2"
+  done
+fi
+
+if stage_in 6; then
+  log "Stage 6: HuBERT iteration 2 ($iter2_config) -> $iter2_dir/final"
+  # shellcheck disable=SC2086
+  pretrain_iter "$iter2_config" "$iter2_dir" "$unit2" --set "objective.kwargs.num_classes={\"$unit2\":$km2_k}" \
+    --set "data.units=[$unit2]" $iter2_opts
+fi

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Generic SUPERB recipe: score upstreams on a list of tasks, then write the table and layer-weight plots.
+#   bash recipes/superb/run.sh --upstreams "fbank exp/hubert/final" --tasks "sid ks" --data data/voxceleb1
+# Stage 1: `speechssl superb` per upstream x task -> EXP/NAME/TASK/results.json (NAME: fbank, or the model
+#          directory's name; ".../final" takes its parent's name). Model paths that do not exist are skipped.
+# Stage 2: `speechssl report EXP/* --out EXP/report` (Markdown + CSV table, PNG plots).
+set -euo pipefail
+
+stage=1
+stop_stage=2
+upstreams="fbank"      # space-separated: fbank | mfcc | model directories / fairseq .pt files
+tasks="asr pr sid asv er ks"
+conf_dir=""            # default: <repo>/conf/superb
+conf_prefix=""         # "mini_" selects conf/superb/mini_TASK.yaml
+data=""                # manifest directory (overrides data.manifest_dir when set)
+trials=""              # ASV trial list (overrides data.trials when set)
+exp=exp/superb
+mode=frozen            # frozen | finetune | adapter | lora
+lrs=""                 # learning-rate sweep, e.g. "[1e-4,1e-3,1e-2]" (no spaces)
+overrides=""           # more space-separated KEY=VALUE overrides for every run, e.g. "optim.steps=2000"
+resume=false
+
+. "$(dirname "$0")/../lib/stages.sh"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+conf_dir=${conf_dir:-$root/conf/superb}
+
+name_of() {
+  case "$1" in
+    fbank|mfcc) echo "$1" ;;
+    */final|*/final/) d="${1%/}"; basename "$(dirname "$d")" ;;
+    *) d="${1%/}"; b="$(basename "$d")"; echo "${b%.pt}" ;;
+  esac
+}
+
+if stage_in 1; then
+  for up in $upstreams; do
+    if [ "$up" != fbank ] && [ "$up" != mfcc ] && [ ! -e "$up" ]; then
+      log "Stage 1: upstream $up does not exist (was its stage skipped?); not scoring it"
+      continue
+    fi
+    name=$(name_of "$up")
+    for task in $tasks; do
+      conf="$conf_dir/${conf_prefix}${task}.yaml"
+      [ -f "$conf" ] || { log "Stage 1: no config $conf"; exit 1; }
+      args=(--config "$conf" --out "$exp/$name/$task" --set "upstream=$up" --set "upstream_mode=$mode")
+      [ -n "$data" ] && args+=(--set "data.manifest_dir=$data")
+      [ -n "$trials" ] && [ "$task" = asv ] && args+=(--set "data.trials=$trials")
+      [ -n "$lrs" ] && args+=(--set "optim.lrs=$lrs")
+      for o in $overrides; do args+=(--set "$o"); done
+      [ "$resume" = true ] && args+=(--resume)
+      log "Stage 1: SUPERB $task on $name"
+      speechssl superb "${args[@]}"
+    done
+  done
+fi
+
+if stage_in 2; then
+  log "Stage 2: SUPERB table and plots -> $exp/report"
+  dirs=()
+  for d in "$exp"/*/; do
+    case "$(basename "$d")" in report|cache) ;; *) dirs+=("${d%/}") ;; esac
+  done
+  [ ${#dirs[@]} -gt 0 ] || { log "Stage 2: nothing under $exp"; exit 1; }
+  speechssl report "${dirs[@]}" --out "$exp/report"
+fi

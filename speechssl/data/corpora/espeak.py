@@ -1,0 +1,211 @@
+"""A small ctypes binding to eSpeak NG (the library shipped by the ``espeakng-loader`` wheel).
+
+It synthesises text to memory and converts text to phonemes, with no audio device and no subprocess.
+eSpeak NG keeps all its state in globals and is not thread-safe: use one engine per *process*
+(``get_engine()`` does that and refuses calls from other threads); parallelise with processes.
+
+eSpeak's wave generator also carries state from one utterance to the next (pitch flutter phase,
+resonator and echo buffers), so the same call gives slightly different samples depending on what
+was spoken before. For bit-exact output, synthesise every utterance in a freshly forked copy of a
+process whose engine has never spoken (``ESpeakNG.synth_calls == 0``); the mini corpus does that.
+
+Phones come from ``espeak_TextToPhonemes`` in IPA mode with a space between phonemes; stress marks
+(ˈ ˌ) are dropped and the length mark stays attached to its vowel (``ɑː``), so one phone is one
+whitespace-free token. The inventory is eSpeak's English IPA set for the voice's accent.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+# Values from eSpeak NG's speak_lib.h.
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INITIALIZE_DONT_EXIT = 0x8000
+_POS_CHARACTER = 1
+_CHARS_UTF8 = 1
+_PHONEMES_IPA = 0x02
+_PARAM = {"rate": 1, "volume": 2, "pitch": 3, "range": 4, "wordgap": 7}
+# Ranges the library accepts (speak_lib.h); values outside are clipped, not passed through.
+_LIMITS = {"rate": (80, 450), "volume": (0, 200), "pitch": (0, 100), "range": (0, 100), "wordgap": (0, 100)}
+_STRESS = str.maketrans("", "", "ˈˌ")
+
+_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+
+class ESpeakError(RuntimeError):
+    """eSpeak NG could not be loaded, initialised or asked to do something."""
+
+
+@dataclass(frozen=True)
+class Prosody:
+    """eSpeak NG speaking parameters (library units).
+
+    rate: words per minute (80..450); pitch: base pitch 0..100 (50 = the voice's default);
+    pitch_range: intonation range 0..100 (0 = monotone); volume: amplitude 0..200 (100 = default);
+    word_gap: extra pause between words in units of 10 ms.
+    """
+
+    rate: int = 175
+    pitch: int = 50
+    pitch_range: int = 50
+    volume: int = 100
+    word_gap: int = 0
+
+
+def _library_paths() -> tuple[str, str]:
+    try:
+        import espeakng_loader
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ESpeakError(
+            "the mini corpus needs eSpeak NG from the 'espeakng-loader' package: pip install 'speechssl[mini]'"
+        ) from e
+    return espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
+
+
+class ESpeakNG:
+    """One initialised eSpeak NG library in this process.
+
+    Prefer ``get_engine()``; creating a second instance in the same process re-initialises the same
+    global library state.
+    """
+
+    def __init__(self, library_path: str | None = None, data_path: str | None = None):
+        if library_path is None or data_path is None:
+            lib_default, data_default = _library_paths()
+            library_path = library_path or lib_default
+            data_path = data_path or data_default
+        try:
+            lib = ctypes.CDLL(library_path)
+        except OSError as e:
+            raise ESpeakError(f"cannot load eSpeak NG library {library_path}: {e}") from e
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_Initialize.restype = ctypes.c_int
+        lib.espeak_SetSynthCallback.argtypes = [_SynthCallback]
+        lib.espeak_SetSynthCallback.restype = None
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetVoiceByName.restype = ctypes.c_int
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_SetParameter.restype = ctypes.c_int
+        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                                     ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_Synth.restype = ctypes.c_int
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, ctypes.c_int]
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        lib.espeak_ng_SetRandSeed.restype = None
+        sr = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), _INITIALIZE_DONT_EXIT)
+        if sr <= 0:
+            raise ESpeakError(f"espeak_Initialize failed (data path {data_path})")
+        self._lib = lib
+        self.sample_rate: int = sr  # 22050 for the standard voices
+        self._chunks: list[np.ndarray] = []
+        # Keep the ctypes callback object alive as long as the engine: the library holds a raw pointer to it.
+        self._callback = _SynthCallback(self._collect)
+        lib.espeak_SetSynthCallback(self._callback)
+        self._voice: str | None = None
+        self.synth_calls = 0  # > 0: the wave generator's carried-over state is no longer pristine
+        self.thread = threading.get_ident()
+
+    def _collect(self, wav, num_samples, events) -> int:
+        if num_samples > 0 and wav:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+        return 0  # 0 = continue synthesis
+
+    def _check_owner(self) -> None:
+        if threading.get_ident() != self.thread:
+            raise ESpeakError("eSpeak NG is not thread-safe: use the engine only from the thread that created it "
+                              "(parallelise with processes)")
+
+    def set_voice(self, voice: str) -> None:
+        """Select a voice by name: a language (``en``, ``en-us``) optionally with a variant (``en-us+f3``)."""
+        self._check_owner()
+        if voice != self._voice:
+            if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
+                raise ESpeakError(f"unknown eSpeak NG voice {voice!r} (expected e.g. 'en-us', 'en+m3', 'en-us+f2')")
+            self._voice = voice
+
+    def set_prosody(self, prosody: Prosody) -> None:
+        self._check_owner()
+        values = {"rate": prosody.rate, "volume": prosody.volume, "pitch": prosody.pitch,
+                  "range": prosody.pitch_range, "wordgap": prosody.word_gap}
+        for name, value in values.items():
+            lo, hi = _LIMITS[name]
+            if self._lib.espeak_SetParameter(_PARAM[name], int(min(hi, max(lo, round(value)))), 0) != 0:
+                raise ESpeakError(f"espeak_SetParameter({name}={value}) failed")
+
+    def synthesize(self, text: str, voice: str = "en-us", prosody: Prosody = Prosody(), seed: int = 0) -> np.ndarray:
+        """Speak ``text``; returns int16 samples [T] at ``self.sample_rate`` (22050 Hz).
+
+        ``seed`` fixes eSpeak's internal random generator so the same call gives the same samples.
+        """
+        self._check_owner()
+        if not text.strip():
+            raise ValueError("eSpeak NG: empty text")
+        self.set_voice(voice)
+        self.set_prosody(prosody)
+        self._lib.espeak_ng_SetRandSeed(int(seed) & 0x7FFFFFFF)
+        data = text.encode("utf-8")
+        self._chunks = []
+        self.synth_calls += 1
+        err = self._lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+        if err != 0:
+            raise ESpeakError(f"espeak_Synth failed with code {err} for text {text!r}")
+        chunks, self._chunks = self._chunks, []
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+
+    def phonemize(self, text: str, voice: str = "en-us") -> list[list[str]]:
+        """IPA phones per word for ``text`` spoken by ``voice``: ``[["ð", "ə"], ["k", "æ", "t"]]``.
+
+        Stress marks are removed; length marks stay on their vowel.
+        """
+        self._check_owner()
+        self.set_voice(voice)
+        buf = ctypes.create_string_buffer(text.encode("utf-8"))
+        ptr = ctypes.c_char_p(ctypes.addressof(buf))
+        mode = _PHONEMES_IPA | (ord(" ") << 8)  # bits 8..23: separator between phonemes
+        words: list[list[str]] = []
+        while ptr.value:  # one call per clause; the library advances the pointer
+            out = self._lib.espeak_TextToPhonemes(ctypes.byref(ptr), _CHARS_UTF8, mode)
+            if out is None:
+                break
+            # Words are separated by two spaces, phonemes by one.
+            for word in out.decode("utf-8").translate(_STRESS).split("  "):
+                phones = word.split()
+                if phones:
+                    words.append(phones)
+        return words
+
+
+_ENGINE: ESpeakNG | None = None
+_ENGINE_LOCK = threading.Lock()
+
+
+def get_engine() -> ESpeakNG:
+    """This process's eSpeak NG engine, initialised on first use.
+
+    A forked child keeps using its copy of the parent's engine: in synchronous mode the library runs no
+    threads of its own, so the copied state is complete.
+    """
+    global _ENGINE
+    with _ENGINE_LOCK:
+        if _ENGINE is None:
+            _ENGINE = ESpeakNG()
+        return _ENGINE
+
+
+def resample_to_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+    """int16 or float samples [T] at ``sample_rate`` -> float32 [T'] at 16 kHz in [-1, 1]."""
+    from math import gcd
+
+    from scipy.signal import resample_poly
+
+    x = samples.astype(np.float32)
+    if samples.dtype == np.int16:
+        x /= 32768.0
+    if sample_rate == 16000:
+        return x
+    g = gcd(16000, sample_rate)
+    return resample_poly(x, 16000 // g, sample_rate // g).astype(np.float32)

@@ -1,0 +1,524 @@
+"""The mini corpus: synthetic English speech from eSpeak NG covering every SUPERB-style task.
+
+``prepare_mini(out_dir, minutes, seed, num_jobs)`` plans every utterance from the seed (text, voice,
+prosody, silences, noise), renders them in ``num_jobs`` processes (one eSpeak NG engine per process),
+writes 16 kHz 16-bit wav files under ``OUT_DIR/audio/`` and one Lhotse manifest per split,
+``OUT_DIR/cuts_<split>.jsonl.gz``, plus ``OUT_DIR/asv_trials.txt``. Same seed and minutes -> same cut ids
+and the same audio bytes, whatever ``num_jobs`` is.
+
+Speakers: 24 eSpeak voices (accents en-us and en-gb x variants m1..m7, f1..f5), each with its own base
+pitch, pitch range, rate and volume. 16 are "training side" speakers (pretraining, ASR train, SID, ER,
+KS train, ASV train); 8 are held out (unseen ASR dev/test speakers, KS dev/test, ASV test).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from speechssl.data.corpora.espeak import Prosody
+from speechssl.data.corpora.mini_text import (
+    KEYWORDS, SILENCE, UNKNOWN, UNKNOWN_WORDS, SentenceGrammar, normalize_transcript,
+)
+
+SAMPLE_RATE = 16000
+SPLITS = ("pretrain", "asr_train", "asr_dev", "asr_test", "sid_train", "sid_dev", "sid_test",
+          "asv_train", "asv_test", "er_train", "er_dev", "er_test", "ks_train", "ks_dev", "ks_test")
+EMOTIONS = ("neutral", "happy", "sad", "angry")
+DEFAULT_MINUTES = 15.0  # ~330 ASR utterances, 50 clips per emotion and 32 per keyword class in training
+FORMAT_VERSION = 1  # bump when the generated corpus changes for the same seed
+_SENTENCE_SECONDS = 2.7  # average length of a read sentence with its silences, to turn minutes into counts
+
+
+@dataclass(frozen=True)
+class MiniSpeaker:
+    """One synthetic speaker: an eSpeak voice plus personal prosody defaults (eSpeak units)."""
+
+    id: str
+    voice: str
+    gender: str                    # "m" | "f", from the eSpeak variant
+    pitch: int
+    pitch_range: int
+    rate: int
+    volume: int
+    held_out: bool
+
+
+def _make_speakers() -> tuple[MiniSpeaker, ...]:
+    # A fixed table, independent of the corpus seed, so a speaker id always names the same voice.
+    rng = np.random.default_rng(20240607)
+    held_out = {"us-m2", "us-m6", "us-f3", "us-f5", "gb-m3", "gb-m7", "gb-f2", "gb-f4"}
+    speakers = []
+    for accent, lang in (("us", "en-us"), ("gb", "en")):
+        for variant in ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5"):
+            sid = f"{accent}-{variant}"
+            speakers.append(MiniSpeaker(
+                id=sid, voice=f"{lang}+{variant}", gender=variant[0], pitch=int(rng.integers(38, 63)),
+                pitch_range=int(rng.integers(38, 66)), rate=int(rng.integers(150, 196)),
+                volume=int(rng.integers(80, 101)), held_out=sid in held_out))
+    return tuple(speakers)
+
+
+SPEAKERS = _make_speakers()
+TRAIN_SPEAKERS = tuple(s for s in SPEAKERS if not s.held_out)
+HELD_OUT_SPEAKERS = tuple(s for s in SPEAKERS if s.held_out)
+# Unseen ASR speakers: two in dev, the other six in test. KS dev/test: four held-out speakers each.
+ASR_DEV_UNSEEN = ("us-m6", "gb-f2")
+KS_DEV_SPEAKERS = ("us-m2", "us-f3", "gb-m3", "gb-f4")
+
+# Emotion prosody relative to the speaker's defaults: pitch offset, range / rate / volume factors.
+EMOTION_PROSODY = {
+    "neutral": (0, 1.0, 1.0, 1.0),
+    "happy": (18, 1.7, 1.15, 1.1),     # high, wide, fast
+    "sad": (-15, 0.5, 0.78, 0.6),      # low, flat, slow, quiet
+    "angry": (8, 0.45, 1.18, 1.55),    # loud, fast, narrow range
+}
+
+
+@dataclass(frozen=True)
+class UttSpec:
+    """Everything needed to render one utterance; planned in the parent so results do not depend on jobs."""
+
+    id: str
+    path: str                      # relative to OUT_DIR
+    kind: str                      # "speech" | "silence"
+    seed: int
+    speaker: str | None = None
+    gender: str | None = None
+    voice: str | None = None
+    text: str = ""                 # what eSpeak reads (lower case, may end with . or ?)
+    prosody: Prosody = field(default_factory=Prosody)
+    speed: float = 1.0             # resampling speed factor (also shifts pitch and formants)
+    lead_s: float = 0.1
+    trail_s: float = 0.1
+    noise_dbfs: float = -60.0      # RMS level of the added background noise
+    clip_s: float | None = None    # fixed clip length (keyword clips), speech placed at a random offset
+    emotion: str | None = None
+    keyword: str | None = None
+    session: int | None = None
+
+
+def _seed_for(seed: int, group: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, group, index]).generate_state(1)[0])
+
+
+def _clip(x: float, lo: float, hi: float) -> float:
+    return float(min(hi, max(lo, x)))
+
+
+def _prosody(spk: MiniSpeaker, rng: np.random.Generator, emotion: str = "neutral", jitter: float = 1.0) -> Prosody:
+    dp, frange, frate, fvol = EMOTION_PROSODY[emotion]
+    return Prosody(
+        rate=int(round(_clip(spk.rate * frate * rng.uniform(1 - 0.13 * jitter, 1 + 0.13 * jitter), 80, 450))),
+        pitch=int(round(_clip(spk.pitch + dp + rng.uniform(-6, 6) * jitter, 0, 100))),
+        pitch_range=int(round(_clip(spk.pitch_range * frange * rng.uniform(0.85, 1.15), 0, 100))),
+        volume=int(round(_clip(spk.volume * fvol * rng.uniform(0.85, 1.15), 0, 170))),
+    )
+
+
+def _speech_spec(uid: str, path: str, spk: MiniSpeaker, text: str, seed: int, emotion: str = "neutral",
+                 **extra) -> UttSpec:
+    rng = np.random.default_rng(seed)
+    return UttSpec(
+        id=uid, path=path, kind="speech", seed=seed, speaker=spk.id, gender=spk.gender, voice=spk.voice, text=text,
+        prosody=_prosody(spk, rng, emotion), speed=float(rng.uniform(0.96, 1.04)),
+        lead_s=float(rng.uniform(0.05, 0.35)), trail_s=float(rng.uniform(0.05, 0.35)),
+        noise_dbfs=float(rng.uniform(-65, -42)), emotion=emotion, **extra)
+
+
+def _punctuate(sentence: str) -> str:
+    return sentence + ("?" if sentence.startswith(("did ", "where ")) else ".")
+
+
+@dataclass
+class MiniPlan:
+    specs: list[UttSpec]
+    splits: dict[str, list[str]]   # split -> cut ids (in order)
+    trials: list[tuple[int, str, str]]
+
+
+def _counts(minutes: float) -> dict[str, int]:
+    """Per-speaker counts for a corpus of about ``minutes`` of read sentences."""
+    n_sent = max(1, round(minutes * 60 / _SENTENCE_SECONDS))
+    per_train = max(3, round(0.75 * n_sent / len(TRAIN_SPEAKERS)))
+    eval_each = max(1, math.ceil(0.1 * per_train))
+    return {
+        "sent_train": per_train - 2 * eval_each, "sent_dev": eval_each, "sent_test": eval_each,
+        "sent_held_out": max(2, round(0.25 * n_sent / len(HELD_OUT_SPEAKERS))),
+        "er": min(10, max(1, round(minutes / 3))),      # clips per speaker per emotion
+        "ks": min(10, max(1, round(minutes / 7))),      # clips per speaker per keyword class
+    }
+
+
+def plan_mini(minutes: float = DEFAULT_MINUTES, seed: int = 0) -> MiniPlan:
+    """Decide every utterance of the corpus (no audio yet). Deterministic for (minutes, seed)."""
+    if not minutes > 0:
+        raise ValueError(f"minutes must be > 0, got {minutes}")
+    c = _counts(minutes)
+    specs: list[UttSpec] = []
+    splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+    grammar = SentenceGrammar(np.random.default_rng(np.random.SeedSequence([seed, 0])))
+
+    # Read sentences (pretrain / ASR / SID / ASV): each transcript appears once in the whole corpus.
+    n_train_side = c["sent_train"] + c["sent_dev"] + c["sent_test"]
+    n_sent = n_train_side * len(TRAIN_SPEAKERS) + c["sent_held_out"] * len(HELD_OUT_SPEAKERS)
+    sentences = iter(grammar.unique_sentences(n_sent))
+    k = 0
+    for spk in SPEAKERS:
+        n = c["sent_held_out"] if spk.held_out else n_train_side
+        for i in range(n):
+            uid = f"mini-sent-{spk.id}-{i:04d}"
+            spec = _speech_spec(uid, f"audio/sent/{spk.id}/{uid}.wav", spk, _punctuate(next(sentences)),
+                                _seed_for(seed, 1, k))
+            k += 1
+            specs.append(spec)
+            if spk.held_out:
+                splits["asr_dev" if spk.id in ASR_DEV_UNSEEN else "asr_test"].append(uid)
+                splits["asv_test"].append(uid)
+            else:
+                part = ("train" if i < c["sent_train"] else
+                        "dev" if i < c["sent_train"] + c["sent_dev"] else "test")
+                splits[f"asr_{part}"].append(uid)
+                splits[f"sid_{part}"].append(uid)
+                if part == "train":
+                    splits["asv_train"].append(uid)
+                    splits["pretrain"].append(uid)
+
+    # Emotion clips: training-side speakers in 5 sessions like IEMOCAP; sessions 1-3 train, 4 dev, 5 test.
+    short = iter(grammar.unique_sentences(c["er"] * len(EMOTIONS) * len(TRAIN_SPEAKERS), short=True,
+                                          exclude={normalize_transcript(s.text) for s in specs}))
+    k = 0
+    for si, spk in enumerate(TRAIN_SPEAKERS):
+        session = si % 5 + 1
+        split = "er_train" if session <= 3 else "er_dev" if session == 4 else "er_test"
+        for i in range(c["er"]):
+            for emotion in EMOTIONS:
+                uid = f"mini-er-{spk.id}-{emotion}-{i:03d}"
+                specs.append(_speech_spec(uid, f"audio/er/{spk.id}/{uid}.wav", spk, _punctuate(next(short)),
+                                          _seed_for(seed, 2, k), emotion=emotion, session=session))
+                k += 1
+                splits[split].append(uid)
+                if split == "er_train":
+                    splits["pretrain"].append(uid)
+
+    # Keyword clips of about 1 s: train on training-side speakers, dev/test on held-out speakers.
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
+    k = 0
+    for spk in SPEAKERS:
+        split = ("ks_train" if not spk.held_out else "ks_dev" if spk.id in KS_DEV_SPEAKERS else "ks_test")
+        for i in range(c["ks"]):
+            for label in KEYWORDS + (UNKNOWN, SILENCE):
+                s = _seed_for(seed, 4, k)
+                k += 1
+                name = label.strip("_")
+                uid = f"mini-ks-{spk.id}-{name}-{i:02d}"
+                path = f"audio/ks/{spk.id}/{uid}.wav"
+                if label == SILENCE:
+                    # Background-noise clips; keyed by the speaker slot only to keep class counts balanced.
+                    r = np.random.default_rng(s)
+                    specs.append(UttSpec(id=uid, path=path, kind="silence", seed=s, clip_s=1.0,
+                                         noise_dbfs=float(r.uniform(-55, -28)), keyword=SILENCE))
+                else:
+                    word = label if label != UNKNOWN else UNKNOWN_WORDS[int(rng.integers(len(UNKNOWN_WORDS)))]
+                    spec = _speech_spec(uid, path, spk, word + ".", s, keyword=label)
+                    r = np.random.default_rng(s + 1)
+                    spec = replace(spec, clip_s=1.0, lead_s=0.0, trail_s=0.0, emotion=None,
+                                   noise_dbfs=float(r.uniform(-60, -38)))
+                    specs.append(spec)
+                splits[split].append(uid)
+
+    trials = _asv_trials(splits["asv_test"], {s.id: s.speaker for s in specs},
+                         np.random.default_rng(np.random.SeedSequence([seed, 5])))
+    return MiniPlan(specs=specs, splits=splits, trials=trials)
+
+
+def _asv_trials(cut_ids: list[str], speaker_of: dict[str, str], rng: np.random.Generator
+                ) -> list[tuple[int, str, str]]:
+    """Every same-speaker pair as a target trial and as many random different-speaker pairs."""
+    by_spk: dict[str, list[str]] = {}
+    for cid in cut_ids:
+        by_spk.setdefault(speaker_of[cid], []).append(cid)
+    targets = [(1, a, b) for ids in by_spk.values() for i, a in enumerate(ids) for b in ids[i + 1:]]
+    nontargets: set[tuple[str, str]] = set()
+    max_nontargets = sum(len(a) * len(b) for i, a in enumerate(by_spk.values())
+                         for b in list(by_spk.values())[i + 1:])
+    while len(nontargets) < min(len(targets), max_nontargets):
+        a, b = rng.choice(len(cut_ids), 2, replace=False)
+        if speaker_of[cut_ids[a]] != speaker_of[cut_ids[b]]:
+            nontargets.add((cut_ids[a], cut_ids[b]))
+    trials = targets + [(0, a, b) for a, b in sorted(nontargets)]
+    order = rng.permutation(len(trials))
+    return [trials[i] for i in order]
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+_PINK_B = np.array([0.049922035, -0.095993537, 0.050612699, -0.004408786])
+_PINK_A = np.array([1.0, -2.494956002, 2.017265875, -0.522189400])
+
+
+def _noise(n: int, dbfs: float, rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
+    """Background noise [n] with RMS ``dbfs``: white, pink, brown, or pink with mains hum."""
+    from scipy.signal import lfilter
+
+    kind = kind or ("white", "pink", "brown", "hum")[int(rng.integers(4))]
+    w = rng.standard_normal(n + 2000)
+    if kind == "white":
+        x = w
+    elif kind == "brown":
+        x = lfilter([1.0], [1.0, -0.995], w)
+    else:
+        x = lfilter(_PINK_B, _PINK_A, w)
+    x = x[2000:]  # drop the filter's start-up transient
+    if kind == "hum":
+        t = np.arange(n) / SAMPLE_RATE
+        f = rng.choice([50.0, 60.0])
+        x = x / (x.std() + 1e-9) + sum(rng.uniform(0.5, 2.0) / h * np.sin(2 * np.pi * f * h * t + rng.uniform(0, 6.3))
+                                       for h in (1, 2, 3))
+    x = x - x.mean()
+    return (x * (10 ** (dbfs / 20)) / (np.sqrt(np.mean(x ** 2)) + 1e-12)).astype(np.float32)
+
+
+def _trim(x: np.ndarray, threshold: float = 2e-3) -> np.ndarray:
+    idx = np.flatnonzero(np.abs(x) > threshold)
+    return x[idx[0]: idx[-1] + 1] if idx.size else x
+
+
+def speak(spec: UttSpec) -> tuple[np.ndarray, int, list[list[str]]]:
+    """eSpeak NG's part of one utterance, in this process: (int16 samples [T], sample rate, phones per word)."""
+    from speechssl.data.corpora.espeak import get_engine
+
+    engine = get_engine()
+    raw = engine.synthesize(spec.text, spec.voice, spec.prosody, seed=spec.seed)
+    if raw.size == 0:
+        raise RuntimeError(f"eSpeak NG produced no audio for {spec.id} ({spec.text!r})")
+    return raw, engine.sample_rate, engine.phonemize(spec.text.rstrip(".?!"), spec.voice)
+
+
+def render(spec: UttSpec, speak_fn=speak) -> tuple[np.ndarray, list[list[str]]]:
+    """Audio float32 [T] at 16 kHz and IPA phones per word for one planned utterance.
+
+    ``speak_fn`` runs eSpeak (``speak`` here, or ``_speak_forked`` for bit-exact output); the rest
+    (resampling, silences, noise) is plain numpy and deterministic.
+    """
+    from scipy.signal import resample_poly
+
+    rng = np.random.default_rng([spec.seed, 7])  # a stream apart from the one that planned the spec
+    words: list[list[str]] = []
+    if spec.kind == "silence":
+        wav = _noise(int(round(spec.clip_s * SAMPLE_RATE)), spec.noise_dbfs, rng)
+    else:
+        raw, sr, words = speak_fn(spec)
+        # One resampling does both 22050 -> 16000 Hz and the speed jitter (a Lhotse-style speed change).
+        down = int(round(sr / 50 * spec.speed))
+        speech = _trim(resample_poly(raw.astype(np.float32) / 32768.0, SAMPLE_RATE // 50, down))
+        if spec.clip_s is not None:
+            n = max(int(round(spec.clip_s * SAMPLE_RATE)), speech.size + 800)
+            start = int(rng.integers(0, n - speech.size + 1))
+        else:
+            start = int(round(spec.lead_s * SAMPLE_RATE))
+            n = start + speech.size + int(round(spec.trail_s * SAMPLE_RATE))
+        wav = np.zeros(n, dtype=np.float32)
+        wav[start: start + speech.size] = speech
+        wav += _noise(n, spec.noise_dbfs, rng)
+    return np.clip(wav, -1.0, 32767 / 32768), words
+
+
+def _write_wav(path: Path, wav: np.ndarray) -> None:
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    sf.write(str(tmp), np.round(wav * 32768).astype(np.int16), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    os.replace(tmp, path)
+
+
+def _speak_forked(spec: UttSpec) -> tuple[np.ndarray, int, list[list[str]]]:
+    """``speak`` in a forked child of this (never-speaking) process, so eSpeak's wave generator starts
+    pristine for every utterance. The child only speaks and sends the samples back through a pipe."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the caller's code (the pool machinery), always _exit
+        status = 1
+        try:
+            os.close(r)
+            try:
+                raw, sr, words = speak(spec)
+                header, body = {"sr": sr, "words": words}, raw.astype("<i2").tobytes()
+            except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
+                header, body = {"error": f"{type(e).__name__}: {e}"}, b""
+            with os.fdopen(w, "wb") as f:
+                f.write(json.dumps(header).encode("utf-8") + b"\n" + body)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, code = os.waitpid(pid, 0)
+    head, sep, body = data.partition(b"\n")
+    if code != 0 or not sep:
+        raise RuntimeError(f"the eSpeak process for {spec.id} died (wait status {code})")
+    header = json.loads(head)
+    if "error" in header:
+        raise RuntimeError(header["error"])
+    return np.frombuffer(body, dtype="<i2").astype(np.int16), header["sr"], header["words"]
+
+
+def _worker_init() -> None:
+    # Load eSpeak and every module rendering needs once per worker: the worker never speaks, its forked
+    # children do, and whatever a child imports or loads is lost when it exits.
+    import scipy.signal  # noqa: F401
+    import soundfile  # noqa: F401
+
+    from speechssl.data.corpora.espeak import get_engine
+
+    get_engine()
+
+
+def _render_chunk(args: tuple[str, list[UttSpec]]) -> list[tuple[str, int, str]]:
+    """Worker: render and write a chunk of utterances; returns (cut id, num samples, phones)."""
+    from speechssl.data.corpora.espeak import get_engine
+
+    out_dir, specs = args
+    isolate = hasattr(os, "fork") and get_engine().synth_calls == 0
+    results = []
+    for spec in specs:
+        try:
+            wav, words = render(spec, _speak_forked if isolate else speak)
+            _write_wav(Path(out_dir) / spec.path, wav)
+        except Exception as e:
+            raise RuntimeError(f"mini corpus: failed to synthesise {spec.id} ({spec.text!r}, voice {spec.voice}): "
+                               f"{e}") from e
+        results.append((spec.id, int(wav.size), " ".join(p for w in words for p in w)))
+    return results
+
+
+def synthesize_specs(specs: list[UttSpec], out_dir, num_jobs: int = 2, progress: bool = True
+                     ) -> dict[str, tuple[int, str]]:
+    """Render ``specs`` to wav files under ``out_dir`` with ``num_jobs`` worker processes.
+
+    Returns ``{cut id: (num samples, phones)}``. Each utterance is synthesised in a fresh fork of a worker
+    whose eSpeak engine has never spoken, so the bytes depend only on the spec (not on jobs or order).
+    """
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    if num_jobs < 1:
+        raise ValueError(f"num_jobs must be >= 1, got {num_jobs}")
+    from speechssl.data.corpora import espeak
+
+    # Workers fork one child per utterance, so they must be small and their eSpeak unused. Fork them from
+    # this process when it is light (the CLI: no torch loaded) and its eSpeak never spoke: fast, and scripts
+    # need no __main__ guard. Otherwise spawn fresh interpreters (callers then need the usual guard).
+    parent_used = espeak._ENGINE is not None and espeak._ENGINE.synth_calls > 0
+    light = "torch" not in sys.modules
+    method = "fork" if "fork" in mp.get_all_start_methods() and light and not parent_used else "spawn"
+    chunk = 24
+    jobs = [(str(out_dir), specs[i: i + chunk]) for i in range(0, len(specs), chunk)]
+    results: dict[str, tuple[int, str]] = {}
+    with tqdm(total=len(specs), desc="synthesising mini corpus", unit="utt", disable=not progress) as bar, \
+            ProcessPoolExecutor(max_workers=num_jobs, mp_context=mp.get_context(method),
+                                initializer=_worker_init) as pool:
+        for out in pool.map(_render_chunk, jobs):
+            for cid, n, phones in out:
+                results[cid] = (n, phones)
+            bar.update(len(out))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- manifests
+
+def _make_cut(spec: UttSpec, out_dir: Path, num_samples: int, phones: str):
+    from lhotse import AudioSource, Recording, SupervisionSegment
+    from lhotse.cut import MonoCut
+
+    duration = num_samples / SAMPLE_RATE
+    rec = Recording(id=spec.id, sources=[AudioSource(type="file", channels=[0], source=str(out_dir / spec.path))],
+                    sampling_rate=SAMPLE_RATE, num_samples=num_samples, duration=duration)
+    custom = {}
+    if spec.kind == "speech":
+        custom["phones"] = phones
+    for key in ("emotion", "keyword", "session"):
+        if getattr(spec, key) is not None:
+            custom[key] = getattr(spec, key)
+    text = normalize_transcript(spec.text) if spec.kind == "speech" else ""
+    sup = SupervisionSegment(id=spec.id, recording_id=spec.id, start=0.0, duration=duration, channel=0,
+                             text=text, language="English", speaker=spec.speaker, gender=spec.gender,
+                             custom=custom)
+    return MonoCut(id=spec.id, start=0.0, duration=duration, channel=0, supervisions=[sup], recording=rec)
+
+
+def _write_manifest(path: Path, cuts: list) -> None:
+    """jsonl.gz with a zero gzip timestamp, so the same corpus gives the same bytes."""
+    from speechssl.utils.io import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
+            for cut in cuts:
+                f.write((json.dumps(cut.to_dict(), ensure_ascii=False) + "\n").encode("utf-8"))
+
+    atomic_write(path, write)
+
+
+def _summary(cutsets: dict) -> str:
+    lines = [f"{'split':<10} {'cuts':>6} {'minutes':>8} {'hours':>7} {'speakers':>8}"]
+    for split, cuts in cutsets.items():
+        secs = sum(c.duration for c in cuts)
+        spk = {s.speaker for c in cuts for s in c.supervisions if s.speaker is not None}
+        lines.append(f"{split:<10} {len(cuts):>6} {secs / 60:>8.2f} {secs / 3600:>7.3f} {len(spk):>8}")
+    return "\n".join(lines)
+
+
+def prepare_mini(out_dir, minutes: float = DEFAULT_MINUTES, seed: int = 0, num_jobs: int = 2) -> dict:
+    """Synthesise the mini corpus into ``out_dir``; returns ``{split: CutSet}`` for every name in ``SPLITS``.
+
+    ``minutes`` is roughly the length of the read-sentence pool (pretraining, ASR, SID, ASV); the emotion and
+    keyword sets grow with it up to a cap. A finished corpus with the same (minutes, seed) is reused.
+    """
+    from speechssl.utils.io import atomic_write_json, atomic_write_text
+
+    out_dir = Path(out_dir).resolve()
+    if num_jobs < 1:
+        raise ValueError(f"num_jobs must be >= 1, got {num_jobs}")
+    stamp_path = out_dir / ".mini_done.json"
+    stamp = {"format_version": FORMAT_VERSION, "minutes": float(minutes), "seed": int(seed)}
+    manifest = {split: out_dir / f"cuts_{split}.jsonl.gz" for split in SPLITS}
+    if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp and all(p.exists() for p in manifest.values()):
+        from lhotse import CutSet
+
+        print(f"mini corpus already prepared in {out_dir} (minutes={minutes}, seed={seed})", file=sys.stderr)
+        return {split: CutSet.from_file(p) for split, p in manifest.items()}
+    if stamp_path.exists():
+        stamp_path.unlink()
+
+    plan = plan_mini(minutes, seed)
+    results = synthesize_specs(plan.specs, out_dir, num_jobs=num_jobs)
+    from lhotse import CutSet  # only now: the synthesis workers fork faster from a process without torch
+
+    by_id = {s.id: s for s in plan.specs}
+    cuts_by_id = {cid: _make_cut(by_id[cid], out_dir, *results[cid]) for cid in by_id}
+    cutsets = {}
+    for split in SPLITS:
+        cuts = [cuts_by_id[cid] for cid in plan.splits[split]]
+        _write_manifest(manifest[split], cuts)
+        cutsets[split] = CutSet.from_cuts(cuts)
+    atomic_write_text(out_dir / "asv_trials.txt", "".join(f"{t} {a} {b}\n" for t, a, b in plan.trials))
+    summary = _summary(cutsets)
+    atomic_write_json(out_dir / "summary.json", {
+        **stamp, "speakers": len(SPEAKERS), "trials": len(plan.trials),
+        "splits": {s: {"cuts": len(c), "hours": round(sum(x.duration for x in c) / 3600, 4)}
+                   for s, c in cutsets.items()}})
+    atomic_write_json(stamp_path, stamp)
+    print(f"mini corpus in {out_dir}: {len(SPEAKERS)} speakers "
+          f"({len(TRAIN_SPEAKERS)} training side, {len(HELD_OUT_SPEAKERS)} held out), "
+          f"{len(plan.trials)} ASV trials\n{summary}", file=sys.stderr)
+    return cutsets

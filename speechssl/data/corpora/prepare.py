@@ -1,0 +1,287 @@
+"""Real corpora through Lhotse's recipes, normalised to the supervision fields every task reads.
+
+Fields (see docs/sections/10-data.md): ``supervision.text`` (upper-case words, LibriSpeech style),
+``supervision.speaker``, and ``supervision.custom``: ``emotion`` (neutral|happy|sad|angry), ``keyword`` (one of
+10 words, ``_unknown_``, ``_silence_``), ``phones``, ``session`` (IEMOCAP fold, int 1..5). Each preparer writes
+``OUT_DIR/cuts_SPLIT.jsonl.gz`` per split and returns ``{split: CutSet}``.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+SILENCE, UNKNOWN = "_silence_", "_unknown_"
+
+
+def _require_dir(path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what}: no such directory: {p}")
+    return p
+
+
+def _cuts_from(manifest: dict):
+    from lhotse import CutSet
+
+    cuts = CutSet.from_manifests(recordings=manifest["recordings"], supervisions=manifest.get("supervisions")).to_eager()
+    # Lhotse numbers cuts globally ("REC-17"); one cut per recording here, so the recording id is the stable name
+    for c in cuts:
+        c.id = c.recording_id
+    return CutSet.from_cuts(cuts)
+
+
+def write_cuts(cuts, path) -> None:
+    """Write a CutSet to ``path`` (.jsonl.gz) atomically."""
+    import gzip
+    import json
+
+    from speechssl.utils.io import atomic_write
+
+    def _w(tmp: str) -> None:
+        with gzip.open(tmp, "wt", encoding="utf-8") as f:
+            for c in cuts:
+                f.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
+
+    atomic_write(path, _w)
+
+
+def write_splits(cutsets: dict, out_dir) -> dict:
+    """Write ``{split: CutSet}`` as ``out_dir/cuts_SPLIT.jsonl.gz``; returns the eager CutSets written."""
+    from lhotse import CutSet
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eager = {}
+    for split, cuts in cutsets.items():
+        cuts = CutSet.from_cuts(sorted(cuts, key=lambda c: c.id))  # deterministic order whatever the parser's
+        if len(cuts) == 0:
+            log.warning("split %s is empty; not writing it", split)
+            continue
+        write_cuts(cuts, out / f"cuts_{split}.jsonl.gz")
+        eager[split] = cuts
+        log.info("%s: %d cuts, %.2f h", split, len(cuts), sum(c.duration for c in cuts) / 3600)
+    return eager
+
+
+def _set_custom(sup, **fields):
+    custom = dict(sup.custom or {})
+    custom.update({k: v for k, v in fields.items() if v is not None})
+    sup.custom = custom or None
+    return sup
+
+
+def _upper_text(text):
+    if text is None:
+        return None
+    t = " ".join(str(text).upper().split())
+    return t or None
+
+
+def _normalise_text(cuts):
+    def fix(cut):
+        for s in cut.supervisions:
+            s.text = _upper_text(s.text)
+        return cut
+
+    return cuts.map(fix)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def prepare_librispeech_cuts(corpus_dir, out_dir, *, parts="auto", num_jobs: int = 1, **_):
+    """LibriSpeech (``PART/SPEAKER/CHAPTER/*.flac`` + ``*.trans.txt``) -> ``cuts_PART.jsonl.gz`` per part found
+    (``train-clean-100``, ``dev-clean``, ...). Text is the upper-case transcript; speaker from the file name."""
+    from lhotse.recipes import prepare_librispeech
+
+    corpus_dir = _require_dir(corpus_dir, "librispeech")
+    manifests = prepare_librispeech(corpus_dir, dataset_parts=parts, output_dir=None, num_jobs=num_jobs)
+    return write_splits({part: _normalise_text(_cuts_from(m)) for part, m in manifests.items()}, out_dir)
+
+
+def prepare_librilight_cuts(corpus_dir, out_dir, *, parts=("small", "medium", "large"), num_jobs: int = 1,
+                            max_segment: float = 30.0, **_):
+    """Libri-Light (``small|medium|large/SPEAKER/BOOK/*.flac`` + ``*.json`` with speaker and voice activity) ->
+    ``cuts_PART.jsonl.gz`` for the parts present: one cut per voice-activity segment, long segments cut into
+    windows of at most ``max_segment`` seconds (unlabelled: speaker only, no text)."""
+    from lhotse import CutSet
+    from lhotse.recipes.librilight import _prepare_subset
+
+    corpus_dir = _require_dir(corpus_dir, "librilight")
+    if isinstance(parts, str):
+        parts = [p for p in parts.split(",") if p]
+    present = [p for p in parts if (corpus_dir / p).is_dir()]
+    if not present:
+        raise FileNotFoundError(f"librilight: none of the parts {list(parts)} found under {corpus_dir}")
+    out = {}
+    for part in present:
+        # Lhotse's prepare_librilight always walks all three parts; its per-part parser is used for the ones here
+        recs, sups = _prepare_subset(part, corpus_dir, num_jobs)
+        cuts = _cuts_from({"recordings": recs, "supervisions": sups}).trim_to_supervisions(keep_overlapping=False)
+        if max_segment:
+            cuts = cuts.cut_into_windows(duration=max_segment)
+            cuts = CutSet.from_cuts([c for c in cuts if c.duration >= 0.5])
+        out[part] = cuts
+    return write_splits(out, out_dir)
+
+
+def _read_trials(path: Path, rec_to_cut: dict) -> list[str]:
+    lines, missing = [], 0
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 3:
+            continue
+        target, a, b = parts
+        ids = ["-".join(x.rsplit(".", 1)[0].split("/")) for x in (a, b)]
+        if not all(i in rec_to_cut for i in ids):
+            missing += 1
+            continue
+        lines.append(f"{target} {rec_to_cut[ids[0]]} {rec_to_cut[ids[1]]}")
+    if missing:
+        log.warning("%s: %d trials name utterances not in the corpus; skipped", path.name, missing)
+    return lines
+
+
+def prepare_voxceleb1_cuts(corpus_dir, out_dir, *, num_jobs: int = 1, **_):
+    """VoxCeleb1 (``wav/idXXXXX/VIDEO/NNNNN.wav`` + ``vox1_meta.csv``) via Lhotse's VoxCeleb1 parser.
+
+    Writes ``cuts_asv_train`` (VoxCeleb1 dev speakers) and ``cuts_asv_test`` (test speakers), and
+    ``asv_trials.txt`` (``1|0 ENROLL_CUT TEST_CUT`` lines) from ``veri_test2.txt`` (or ``veri_test.txt``) in
+    the corpus directory; with ``iden_split.txt`` (1 train, 2 dev, 3 test) also ``cuts_sid_{train,dev,test}``.
+    Nothing is downloaded: Lhotse's ``prepare_voxceleb`` would fetch the trial list, so the lists must be in
+    the corpus directory.
+    """
+    from lhotse import CutSet
+    from lhotse.recipes.voxceleb import _prepare_voxceleb_v1
+
+    corpus_dir = _require_dir(corpus_dir, "voxceleb1")
+    if not (corpus_dir / "vox1_meta.csv").is_file():
+        raise FileNotFoundError(f"voxceleb1: {corpus_dir / 'vox1_meta.csv'} is missing (speaker metadata)")
+    manifests = _prepare_voxceleb_v1(corpus_dir, num_jobs)
+    splits = {"asv_train": _cuts_from(manifests["train"]).to_eager(),
+              "asv_test": _cuts_from(manifests["test"]).to_eager()}
+    all_cuts = CutSet.from_cuts(list(splits["asv_train"]) + list(splits["asv_test"]))
+    rec_to_cut = {c.recording_id: c.id for c in all_cuts}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("veri_test2.txt", "veri_test.txt", "voxceleb1_test_v2.txt"):
+        if (corpus_dir / name).is_file():
+            from speechssl.utils.io import atomic_write_text
+
+            trials = _read_trials(corpus_dir / name, rec_to_cut)
+            atomic_write_text(out / "asv_trials.txt", "\n".join(trials) + "\n")
+            log.info("asv_trials.txt: %d trials from %s", len(trials), name)
+            break
+    else:
+        log.warning("voxceleb1: no veri_test2.txt in %s; asv_trials.txt not written", corpus_dir)
+    iden = corpus_dir / "iden_split.txt"
+    if iden.is_file():
+        which = {}
+        for line in iden.read_text().splitlines():
+            if line.strip():
+                k, rel = line.split()
+                which["-".join(rel.rsplit(".", 1)[0].split("/"))] = {"1": "sid_train", "2": "sid_dev", "3": "sid_test"}[k]
+        for split in ("sid_train", "sid_dev", "sid_test"):
+            splits[split] = CutSet.from_cuts([c for c in all_cuts if which.get(c.recording_id) == split])
+    return write_splits(splits, out_dir)
+
+
+def _keyword_of(cut) -> str:
+    text = (cut.supervisions[0].text or "").strip().lower() if cut.supervisions else ""
+    if not text:
+        return SILENCE
+    return text if text in KEYWORDS else UNKNOWN
+
+
+def prepare_speechcommands_cuts(corpus_dir, out_dir, *, version: str = "1", silence_window: float = 1.0, **_):
+    """Speech Commands (v0.01 by default: ``speech_commands_v0.01/WORD/*.wav`` with ``validation_list.txt``,
+    ``testing_list.txt`` and ``_background_noise_/``, plus ``speech_commands_test_set_v0.01/``) ->
+    ``cuts_ks_{train,dev,test}``. ``custom.keyword`` is one of the 10 SUPERB words, ``_unknown_`` or
+    ``_silence_``; background-noise recordings become ``silence_window``-second ``_silence_`` cuts."""
+    from lhotse import CutSet
+    from lhotse.recipes import prepare_speechcommands
+
+    corpus_dir = _require_dir(corpus_dir, "speechcommands")
+    manifests = prepare_speechcommands(str(version), corpus_dir, output_dir=None)
+    names = {"train": "ks_train", "valid": "ks_dev", "test": "ks_test"}
+    out = {}
+    for part, m in manifests.items():
+        cuts = _cuts_from(m).to_eager()
+        noise = CutSet.from_cuts([c for c in cuts if "_background_noise_" in c.id])
+        speech = [c for c in cuts if "_background_noise_" not in c.id]
+        if len(noise):
+            noise = [c for c in noise.cut_into_windows(duration=silence_window)
+                     if c.duration >= silence_window - 1e-3]
+
+        def label(cut):
+            kw = _keyword_of(cut)
+            for s in cut.supervisions:
+                s.text = None if kw == SILENCE else _upper_text(s.text)
+                _set_custom(s, keyword=kw)
+            if not cut.supervisions:  # windows of noise keep no supervision: give them one
+                from lhotse import SupervisionSegment
+
+                cut.supervisions = [SupervisionSegment(id=cut.id, recording_id=cut.recording_id, start=0,
+                                                       duration=cut.duration, custom={"keyword": SILENCE})]
+            return cut
+
+        out[names[part]] = CutSet.from_cuts([label(c) for c in list(speech) + list(noise)])
+    return write_splits(out, out_dir)
+
+
+def prepare_musan_cuts(corpus_dir, out_dir, *, parts=("music", "speech", "noise"), **_):
+    """MUSAN (``music|speech|noise/SUBDIR/*.wav``) -> ``cuts_musan_PART.jsonl.gz``: noise for augmentation."""
+    from lhotse.recipes import prepare_musan
+
+    corpus_dir = _require_dir(corpus_dir, "musan")
+    if isinstance(parts, str):
+        parts = [p for p in parts.split(",") if p]
+    parts = [p for p in parts if (corpus_dir / p).is_dir()]
+    if not parts:
+        raise FileNotFoundError(f"musan: none of music/speech/noise under {corpus_dir}")
+    manifests = prepare_musan(corpus_dir, output_dir=None, parts=parts)
+    return write_splits({f"musan_{p}": _cuts_from(m) for p, m in manifests.items()}, out_dir)
+
+
+def prepare_iemocap_cuts(corpus_dir, out_dir, *, fold: int = 1, dev_fraction: float = 0.1, seed: int = 0, **_):
+    """IEMOCAP -> ``cuts_er_all`` (every 4-class utterance) and fold ``fold``: ``cuts_er_test`` = Session
+    ``fold``, ``cuts_er_dev`` = ``dev_fraction`` of the other sessions (seeded), ``cuts_er_train`` = the rest."""
+    from lhotse import CutSet
+
+    from speechssl.data.corpora.iemocap import prepare_iemocap
+
+    if fold not in range(1, 6):
+        raise ValueError(f"iemocap: fold must be 1..5, got {fold}")
+    m = prepare_iemocap(corpus_dir)
+    cuts = _cuts_from(m).to_eager()
+    test = CutSet.from_cuts([c for c in cuts if c.supervisions[0].custom["session"] == fold])
+    rest = [c for c in cuts if c.supervisions[0].custom["session"] != fold]
+    random.Random(seed).shuffle(rest)
+    n_dev = int(round(dev_fraction * len(rest)))
+    dev_ids = {c.id for c in rest[:n_dev]}
+    return write_splits({
+        "er_all": cuts,
+        "er_train": CutSet.from_cuts(sorted((c for c in rest if c.id not in dev_ids), key=lambda c: c.id)),
+        "er_dev": CutSet.from_cuts(sorted((c for c in rest if c.id in dev_ids), key=lambda c: c.id)),
+        "er_test": test,
+    }, out_dir)
+
+
+CORPORA: dict[str, Callable] = {
+    "librispeech": prepare_librispeech_cuts,
+    "librilight": prepare_librilight_cuts,
+    "voxceleb1": prepare_voxceleb1_cuts,
+    "iemocap": prepare_iemocap_cuts,
+    "speechcommands": prepare_speechcommands_cuts,
+    "musan": prepare_musan_cuts,
+}
+
+
+def prepare_corpus(name: str, corpus_dir, out_dir, **options) -> dict:
+    """Prepare corpus ``name`` (a key of :data:`CORPORA`) from ``corpus_dir`` into ``out_dir``."""
+    if name not in CORPORA:
+        raise ValueError(f"unknown corpus '{name}'; choose one of {', '.join(CORPORA)} (or 'mini')")
+    return CORPORA[name](corpus_dir, out_dir, **options)

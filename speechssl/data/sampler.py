@@ -1,0 +1,162 @@
+"""Duration-bucketed, DDP-aware sampling with exact resume, and the loaders built on it.
+
+``make_sampler`` wraps Lhotse's ``DynamicBucketingSampler``. ``ResumableLoader`` wraps a torch DataLoader
+(map-style: the sampler runs in the main process and workers only load audio) and counts the batches the
+training loop actually consumed. Lhotse's own sampler state counts the batches it handed to the DataLoader,
+which runs ahead with workers and prefetch; ``ResumableLoader.state_dict()`` rewrites that count to the consumed
+one, so ``load_state_dict()`` resumes at exactly the next unseen batch.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections import Counter
+from typing import Any, Iterator, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def make_sampler(cuts, *, max_duration: float, num_buckets: int = 10, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, world_size: int | None = None, rank: int | None = None,
+                 duration_bins: Sequence[float] | None = None, buffer_size: int = 10000, max_cuts: int | None = None):
+    """A ``lhotse.dataset.DynamicBucketingSampler`` over ``cuts``.
+
+    ``max_duration`` is the padded audio seconds per batch; ``world_size``/``rank`` default to
+    torch.distributed's when initialised (each rank gets every world_size-th batch, equal counts on all ranks);
+    ``duration_bins`` skips the bucket estimate from the first 10k cuts (pass it for large or sorted corpora).
+    """
+    from lhotse.dataset import DynamicBucketingSampler
+
+    if max_duration <= 0:
+        raise ValueError(f"make_sampler: max_duration must be positive, got {max_duration}")
+    kwargs: dict[str, Any] = dict(max_duration=max_duration, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                  world_size=world_size, rank=rank, buffer_size=buffer_size, max_cuts=max_cuts)
+    if duration_bins is None and not getattr(cuts, "is_lazy", True):
+        n = len(cuts)
+        if n < 2:  # Lhotse's bucket estimate needs two cuts; one bucket holds everything
+            duration_bins = [max((c.duration for c in cuts), default=1.0) + 1.0]
+        num_buckets = min(num_buckets, max(n, 2))
+    if duration_bins is not None:
+        kwargs["duration_bins"] = list(duration_bins)
+    else:
+        kwargs["num_buckets"] = num_buckets
+    with warnings.catch_warnings():  # eager CutSets are fine for small corpora; Lhotse warns regardless
+        warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
+        return DynamicBucketingSampler(cuts, **kwargs)
+
+
+class ResumableLoader:
+    """Iterable over batches from ``sampler`` + ``dataset`` with exact mid-epoch resume.
+
+    Args:
+        sampler: a Lhotse CutSampler (``make_sampler``).
+        dataset: a map-style dataset taking a CutSet (``SpeechDataset``).
+        num_workers, prefetch_factor, pin_memory: as in ``torch.utils.data.DataLoader``.
+
+    One ``for batch in loader`` pass is one epoch (or the rest of it after a resume); when a pass ends the
+    loader moves to the next epoch itself (call ``set_epoch`` to choose one). Cuts the dataset skipped as bad
+    are counted in ``loader.skipped`` and logged when the pass ends.
+    """
+
+    def __init__(self, sampler, dataset, num_workers: int = 0, prefetch_factor: int | None = 2,
+                 pin_memory: bool = False, worker_init_fn=None):
+        self.sampler = sampler
+        self.dataset = dataset
+        self.num_workers = int(num_workers)
+        self.prefetch_factor = prefetch_factor if self.num_workers > 0 else None
+        self.pin_memory = pin_memory
+        self.worker_init_fn = worker_init_fn
+        self.epoch = int(getattr(sampler, "epoch", 0))
+        self.consumed = 0  # batches of the current epoch the caller has received
+        self._restored = False
+        self.skipped: Counter = Counter()
+        self._sync_dataset_epoch()
+
+    def _sync_dataset_epoch(self) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` on the next pass (a new shuffle).
+
+        Right after ``load_state_dict`` a call for the restored epoch keeps the restored position, so the
+        usual ``set_epoch(e); load_state_dict(s)`` or ``load_state_dict(s); set_epoch(e)`` orders both resume.
+        """
+        if self._restored and int(epoch) == self.epoch:
+            return
+        self.epoch = int(epoch)
+        self.consumed = 0
+        self._restored = False
+        self.sampler.set_epoch(self.epoch)
+        self._sync_dataset_epoch()
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self._restored:
+            self.consumed = 0
+        self._restored = False
+        dl = torch.utils.data.DataLoader(
+            self.dataset, sampler=self.sampler, batch_size=None, num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
+            worker_init_fn=self.worker_init_fn, persistent_workers=False,
+            # own generator: creating the iterator must not draw from the global torch RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.epoch),
+        )
+        for batch in dl:
+            for cut_id, reason in batch.pop("skipped", None) or ():
+                self.skipped[reason] += 1
+            self.consumed += 1
+            yield batch
+        if self.skipped:
+            log.warning("epoch %d: skipped %d bad cuts so far: %s", self.epoch, sum(self.skipped.values()),
+                        dict(self.skipped))
+        self.set_epoch(self.epoch + 1)
+
+    def state_dict(self) -> dict:
+        """Sampler state with its batch count rewritten to the batches consumed so far this epoch."""
+        sd = copy.deepcopy(self.sampler.state_dict())
+        diag = sd["diagnostics"]
+        cur = diag["current_epoch"]
+        if cur != self.epoch:  # the sampler was never iterated in this epoch
+            diag["current_epoch"] = self.epoch
+            sd["epoch"] = self.epoch
+        stats = diag["stats_per_epoch"].setdefault(
+            self.epoch, {"epoch": self.epoch, "kept_cuts": 0, "discarded_cuts": 0, "kept_batches": 0,
+                         "discarded_batches": 0})
+        # the sampler's fast-forward replays kept + discarded batches: make that exactly what was consumed
+        stats["kept_batches"] = self.consumed
+        stats["discarded_batches"] = 0
+        return {"sampler": sd, "epoch": self.epoch, "consumed": self.consumed, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict()``; the next pass yields the first batch not consumed before it was saved."""
+        self.epoch = int(state["epoch"])
+        self.consumed = int(state["consumed"])
+        self.skipped = Counter(state.get("skipped", {}))
+        self._sync_dataset_epoch()
+        self.sampler.load_state_dict(copy.deepcopy(state["sampler"]))
+        self._restored = True
+
+    def __len__(self):
+        raise TypeError("ResumableLoader has no length: Lhotse's dynamic samplers do not know their batch count")
+
+
+def make_loader(cuts, dataset_kwargs: dict | None = None, sampler_kwargs: dict | None = None, num_workers: int = 0,
+                **loader_kwargs) -> ResumableLoader:
+    """``ResumableLoader(make_sampler(cuts, **sampler_kwargs), SpeechDataset(**dataset_kwargs), num_workers)``.
+
+    Example::
+
+        loader = make_loader(cuts, {"units": ["kmeans"], "crop_to_shortest": True},
+                             {"max_duration": 60, "seed": 0}, num_workers=2)
+    """
+    from speechssl.data.dataset import SpeechDataset
+
+    sampler_kwargs = dict(sampler_kwargs or {})
+    if "max_duration" not in sampler_kwargs:
+        raise ValueError("make_loader: sampler_kwargs needs 'max_duration' (padded seconds per batch)")
+    sampler = make_sampler(cuts, **sampler_kwargs)
+    dataset = SpeechDataset(None, **(dataset_kwargs or {}))
+    return ResumableLoader(sampler, dataset, num_workers=num_workers, **loader_kwargs)

@@ -1,0 +1,165 @@
+"""Loading and writing encoder checkpoints: speechssl model dirs, Hugging Face dirs, fairseq ``.pt`` files.
+
+Nothing here unpickles arbitrary objects: safetensors, or ``torch.load(weights_only=True)``.
+
+speechssl format: ``config.json`` = ``{"format": "speechssl", "encoder": EncoderConfig dict, "meta": {...}}`` and
+``model.safetensors`` (encoder state dict). Extra heads (HuBERT final_proj, label embeddings, quantizer ...) go to
+``parts.safetensors`` as ``PART/param`` keys, read with ``load_checkpoint_parts``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from speechssl.config import ConfigError
+from speechssl.utils.io import atomic_write, atomic_write_json
+
+from .encoder import Encoder, EncoderConfig
+
+__all__ = ["load_pretrained", "export_pretrained", "load_checkpoint_parts", "read_checkpoint", "save_state_dict"]
+
+PathLike = Union[str, os.PathLike]
+_OPTIONAL_KEYS = {"mask_emb"}  # HF omits masked_spec_embed when mask_time_prob == 0
+
+
+def save_state_dict(sd: dict[str, Tensor], path: PathLike, metadata: Optional[dict[str, str]] = None) -> None:
+    """Atomically write a state dict as safetensors (tensors made contiguous and unshared)."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata={"format": "pt", **(metadata or {})}))
+
+
+def _load_weights(d: Path, map_location: str) -> dict[str, Tensor]:
+    """model.safetensors (single or sharded) or pytorch_model.bin (weights_only) from an HF-style directory."""
+    from safetensors.torch import load_file
+
+    if (d / "model.safetensors").is_file():
+        return load_file(str(d / "model.safetensors"), device=str(map_location))
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: dict[str, Tensor] = {}
+        for f in files:
+            sd.update(load_file(str(d / f), device=str(map_location)))
+        return sd
+    if (d / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(d / "pytorch_model.bin", map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raised with guidance
+            raise ConfigError(f"{d / 'pytorch_model.bin'} cannot be loaded with weights_only=True ({e}); "
+                              f"re-save it as model.safetensors") from None
+    raise FileNotFoundError(f"{d}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _build_and_load(cfg: EncoderConfig, sd: dict[str, Tensor], source: str) -> Encoder:
+    enc = Encoder(cfg)
+    own = enc.state_dict()
+    missing = [k for k in own if k not in sd and k not in _OPTIONAL_KEYS]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise ConfigError(f"{source}: checkpoint does not match the encoder config: missing {missing[:5]}"
+                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                          f"{'...' if len(unexpected) > 5 else ''}")
+    for k, v in sd.items():
+        if own[k].shape != v.shape:
+            raise ConfigError(f"{source}: parameter {k} has shape {tuple(v.shape)}, the config implies "
+                              f"{tuple(own[k].shape)}")
+    enc.load_state_dict(sd, strict=not any(k not in sd for k in _OPTIONAL_KEYS))
+    return enc
+
+
+def read_checkpoint(path: PathLike, map_location: str = "cpu"
+                    ) -> tuple[EncoderConfig, dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+    """-> (config, encoder state dict in our names, extra tensors, meta) for any supported checkpoint kind."""
+    p = Path(path)
+    if p.is_dir():
+        cfg_file = p / "config.json"
+        if not cfg_file.is_file():
+            if (p / "final" / "config.json").is_file():  # an experiment dir: use its final model
+                return read_checkpoint(p / "final", map_location)
+            raise FileNotFoundError(f"{p}: not a model directory (no config.json)")
+        meta_cfg = json.loads(cfg_file.read_text())
+        if meta_cfg.get("format") == "speechssl":
+            if "encoder" not in meta_cfg:
+                raise ConfigError(f"{cfg_file}: speechssl config lacks the 'encoder' section")
+            cfg = EncoderConfig.from_dict(meta_cfg["encoder"])
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p / "model.safetensors"), device=str(map_location))
+            extra: dict[str, Tensor] = {}
+            if (p / "parts.safetensors").is_file():
+                extra = load_file(str(p / "parts.safetensors"), device=str(map_location))
+            return cfg, sd, extra, dict(meta_cfg.get("meta", {}))
+        if meta_cfg.get("model_type") is not None:
+            from .convert_hf import config_from_hf, state_dict_from_hf
+
+            pre = p / "preprocessor_config.json"
+            cfg = config_from_hf(meta_cfg, json.loads(pre.read_text()) if pre.is_file() else None)
+            sd, extra = state_dict_from_hf(_load_weights(p, map_location), cfg)
+            return cfg, sd, extra, {"source": "hf", "path": str(p)}
+        raise ConfigError(f"{cfg_file}: neither a speechssl model (format: speechssl) nor an HF config (model_type)")
+    if p.is_file() and p.suffix in (".pt", ".pth", ".ckpt"):
+        from .convert_fairseq import read_fairseq_checkpoint
+
+        cfg, sd, extra = read_fairseq_checkpoint(p, map_location)
+        return cfg, sd, extra, {"source": "fairseq", "path": str(p)}
+    raise FileNotFoundError(f"{p}: expected a model directory (speechssl or HF) or a fairseq .pt checkpoint")
+
+
+def load_pretrained(path: PathLike, map_location: str = "cpu") -> Encoder:
+    """Load an encoder (eval mode) from a speechssl model dir, an HF dir (wav2vec2/hubert/wavlm) or fairseq .pt."""
+    cfg, sd, _, _ = read_checkpoint(path, map_location)
+    enc = _build_and_load(cfg, sd, str(path)).to(map_location)
+    return enc.eval()
+
+
+def load_checkpoint_parts(path: PathLike, map_location: str = "cpu") -> dict[str, dict[str, Tensor]]:
+    """All tensors of a checkpoint grouped by part: ``{"encoder": sd, PART: sd, ...}``.
+
+    For speechssl dirs the parts are those given to ``export_pretrained(parts=...)``; for HF/fairseq checkpoints
+    the non-encoder tensors are grouped by their first name component (``final_proj``, ``quantizer`` ...).
+    """
+    _, sd, extra, _ = read_checkpoint(path, map_location)
+    parts: dict[str, dict[str, Tensor]] = {"encoder": sd}
+    for k, v in extra.items():
+        sep = "/" if "/" in k else "."
+        head, _, rest = k.partition(sep)
+        parts.setdefault(head, {})[rest or head] = v
+    return parts
+
+
+def export_pretrained(encoder: Encoder, out_dir: PathLike, format: str = "speechssl",
+                      meta: Optional[dict[str, Any]] = None,
+                      parts: Optional[dict[str, dict[str, Tensor]]] = None) -> Path:
+    """Write ``encoder`` to ``out_dir``: format "speechssl" (config.json + model.safetensors [+ parts]) or "hf"
+    (a directory ``transformers.AutoModel.from_pretrained`` loads with identical outputs; unpruned CNN models)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = encoder.state_dict()
+    if format == "speechssl":
+        save_state_dict(sd, out / "model.safetensors")
+        if parts:
+            flat = {f"{name}/{k}": v for name, p_sd in parts.items() for k, v in p_sd.items()}
+            save_state_dict(flat, out / "parts.safetensors")
+        atomic_write_json(out / "config.json", {"format": "speechssl", "encoder": encoder.config.to_dict(),
+                                                "meta": dict(meta or {})})
+    elif format == "hf":
+        from .convert_hf import config_to_hf, state_dict_to_hf
+
+        hf_cfg = config_to_hf(encoder.config)
+        save_state_dict(state_dict_to_hf(sd, encoder.config), out / "model.safetensors")
+        atomic_write_json(out / "preprocessor_config.json", {
+            "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
+            "padding_value": 0.0, "do_normalize": encoder.config.normalize_waveform,
+            "return_attention_mask": encoder.config.extractor_mode == "layer_norm",
+        })
+        atomic_write_json(out / "config.json", hf_cfg)
+    else:
+        raise ValueError(f"export format must be 'speechssl' or 'hf', got {format!r}")
+    return out

@@ -1,0 +1,217 @@
+"""Hidden states for downstream training: computed by the upstream on demand, or cached once for a frozen one.
+
+A frozen upstream gives the same hidden states every epoch and every learning-rate trial, so
+:class:`FeatureSource` can compute them once per cut and keep them in memory and/or on disk (one safetensors
+file per cut under a directory named by the upstream's fingerprint). It counts what the cache cost and what it
+served, so the time saved is measured rather than assumed (:meth:`FeatureSource.cache_stats`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from speechssl.superb.upstream import Upstream
+
+__all__ = ["Example", "FeatureSource", "upstream_fingerprint", "pad_audio"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    """One utterance of a task: ``cut`` is a Lhotse cut (or None when ``audio`` is given directly, in tests)."""
+
+    id: str
+    num_samples: int
+    label: Any = None
+    cut: Any = None
+    audio: np.ndarray | None = None
+    session: int | None = None
+
+    def load_audio(self) -> np.ndarray:
+        if self.audio is not None:
+            return self.audio
+        from speechssl.data.audio import load_cut_audio
+
+        return load_cut_audio(self.cut)
+
+
+def pad_audio(wavs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of 1-D float arrays -> zero-padded [B, T] float tensor and lengths [B]."""
+    lens = torch.tensor([len(w) for w in wavs], dtype=torch.long)
+    out = torch.zeros(len(wavs), int(lens.max()))
+    for i, w in enumerate(wavs):
+        out[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+    return out, lens
+
+
+def upstream_fingerprint(spec: str, mode: str = "frozen", extra: str = "") -> str:
+    """A short hash naming a cache directory: the upstream spec, its files' sizes and mtimes, and ``extra``."""
+    parts = [spec, mode, extra]
+    p = Path(spec)
+    if p.exists():
+        files = sorted(p.rglob("*")) if p.is_dir() else [p]
+        parts += [f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files if f.is_file()]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
+def _safe_name(cut_id: str) -> str:
+    h = hashlib.sha1(cut_id.encode()).hexdigest()
+    return f"{h[:2]}/{h}.safetensors"
+
+
+class FeatureSource:
+    """Padded hidden states for a list of examples.
+
+    ``cache=True`` (frozen upstreams only) computes each cut's states once, in length-sorted batches of
+    ``batch_seconds`` of audio, and then serves them from memory (``memory=True``) or from ``cache_dir``.
+    States are stored in ``dtype`` (float32 keeps results identical to running the upstream; float16 halves
+    the space).
+    """
+
+    def __init__(self, upstream: Upstream, cache: bool = True, cache_dir: str | os.PathLike | None = None,
+                 memory: bool = True, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 batch_seconds: float = 60.0, progress: bool = True):
+        if cache and not upstream.frozen:
+            log.info("hidden-state cache disabled: the upstream is not frozen (mode %s)", upstream.mode)
+            cache = False
+        if cache and not memory and cache_dir is None:
+            raise ValueError("a disk-only hidden-state cache needs cache_dir (config key cache.dir)")
+        self.upstream, self.cache, self.memory, self.dtype = upstream, cache, memory, dtype
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.device = torch.device(device)
+        self.batch_seconds, self.progress = batch_seconds, progress
+        self._mem: dict[str, torch.Tensor] = {}
+        self._frames: dict[str, int] = {}
+        self.extract_s = 0.0       # upstream time spent filling the cache
+        self.frames_cached = 0
+        self.load_s = 0.0          # time spent reading the cache back
+        self.frames_served = 0
+
+    # -- upstream -------------------------------------------------------------------------------------------
+    def run_upstream(self, wav: torch.Tensor, lengths: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """[B, T], [B] -> list of [B, T', D] zeroed past each item's frames, frames [B] (on ``self.device``)."""
+        states, frames = self.upstream(wav.to(self.device), lengths.to(self.device))
+        # padding frames hold whatever the upstream computed there; zero them so that a state never depends on
+        # which other utterances shared its batch (cached and uncached runs then agree exactly)
+        valid = (torch.arange(states[0].shape[1], device=frames.device)[None] < frames[:, None]).unsqueeze(-1)
+        return [h * valid.to(h.dtype) for h in states], frames
+
+    def _has(self, cut_id: str) -> bool:
+        if cut_id in self._mem:
+            return True
+        return self.cache_dir is not None and (self.cache_dir / _safe_name(cut_id)).exists()
+
+    def prepare(self, examples: Sequence[Example], desc: str = "caching hidden states") -> None:
+        """Fill the cache for ``examples`` (no-op without a cache or when all are cached)."""
+        if not self.cache:
+            return
+        todo = [e for e in examples if not self._has(e.id)]
+        if not todo:
+            return
+        from tqdm import tqdm
+
+        todo.sort(key=lambda e: e.num_samples)
+        batches, cur, budget = [], [], int(self.batch_seconds * 16000)
+        for e in todo:
+            if cur and (len(cur) + 1) * e.num_samples > budget:
+                batches.append(cur)
+                cur = []
+            cur.append(e)
+        if cur:
+            batches.append(cur)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
+                wav, lens = pad_audio([e.load_audio() for e in batch])
+                states, frames = self.run_upstream(wav, lens)
+                stacked = torch.stack(states, 0).to(self.dtype).cpu()  # [L, B, T, D]
+                for i, e in enumerate(batch):
+                    item = stacked[:, i, : int(frames[i])].contiguous()
+                    self._store(e.id, item)
+                    self.frames_cached += item.shape[1]
+        self.extract_s += time.perf_counter() - t0
+
+    def _store(self, cut_id: str, item: torch.Tensor) -> None:
+        if self.memory:
+            self._mem[cut_id] = item
+        if self.cache_dir is not None:
+            from safetensors.torch import save_file
+
+            from speechssl.utils.io import atomic_write
+
+            path = self.cache_dir / _safe_name(cut_id)
+            atomic_write(path, lambda tmp: save_file({"states": item}, tmp, metadata={"cut_id": cut_id}))
+
+    def _load(self, cut_id: str) -> torch.Tensor:
+        if cut_id in self._mem:
+            return self._mem[cut_id]
+        if self.cache_dir is None:
+            raise KeyError(f"cut {cut_id} is not in the hidden-state cache")
+        from safetensors.torch import load_file
+
+        item = load_file(str(self.cache_dir / _safe_name(cut_id)))["states"]
+        if self.memory:
+            self._mem[cut_id] = item
+        return item
+
+    # -- batches --------------------------------------------------------------------------------------------
+    def states(self, examples: Sequence[Example], crop_frames: int | None = None,
+               rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked, zero-padded states [L, B, T, D] and frames [B] for ``examples``.
+
+        ``crop_frames``: a random window of at most that many frames per utterance (training crops); ``rng``
+        picks its start.
+        """
+        rng = rng or np.random.default_rng()
+        if self.cache:
+            self.prepare([e for e in examples if not self._has(e.id)])
+            t0 = time.perf_counter()
+            items = []
+            for e in examples:
+                item = self._load(e.id)
+                if crop_frames and item.shape[1] > crop_frames:
+                    s = int(rng.integers(0, item.shape[1] - crop_frames + 1))
+                    item = item[:, s:s + crop_frames]
+                items.append(item)
+            frames = torch.tensor([it.shape[1] for it in items], dtype=torch.long)
+            L, _, D = items[0].shape
+            out = torch.zeros(L, len(items), int(frames.max()), D, dtype=items[0].dtype)
+            for i, it in enumerate(items):
+                out[:, i, : it.shape[1]] = it
+            self.load_s += time.perf_counter() - t0
+            self.frames_served += int(frames.sum())
+            return out.to(self.device, torch.float32), frames.to(self.device)
+        wavs = [e.load_audio() for e in examples]
+        if crop_frames:
+            n = crop_frames * self.upstream.downsample_rate
+            cropped = []
+            for w in wavs:
+                if len(w) > n:
+                    s = int(rng.integers(0, (len(w) - n) // self.upstream.downsample_rate + 1))
+                    w = w[s * self.upstream.downsample_rate: s * self.upstream.downsample_rate + n]
+                cropped.append(w)
+            wavs = cropped
+        wav, lens = pad_audio(wavs)
+        states, frames = self.run_upstream(wav, lens)
+        return torch.stack(states, 0), frames
+
+    def cache_stats(self) -> dict:
+        """What the cache cost and saved: ``saved_s`` = upstream time the served frames would have cost minus the
+        extraction and reading time actually spent."""
+        if not self.cache or self.frames_cached == 0:
+            return {"enabled": bool(self.cache)}
+        passes = self.frames_served / self.frames_cached
+        return {
+            "enabled": True, "extract_s": round(self.extract_s, 3), "load_s": round(self.load_s, 3),
+            "frames_cached": self.frames_cached, "frames_served": self.frames_served,
+            "passes": round(passes, 2), "saved_s": round(passes * self.extract_s - self.extract_s - self.load_s, 3),
+        }

@@ -1,0 +1,521 @@
+"""The SUPERB task loop: data from manifests, upstream -> featurizer -> head training, dev selection, test scoring.
+
+Protocol: duration-bucketed batches, gradient clipping, dev evaluation every ``optim.eval_every`` steps, the
+best-dev checkpoint of each trial is kept; over a learning-rate sweep (``optim.lrs``) the rate with the best dev
+score wins, and only the winner's best-dev checkpoints are scored on the test split(s). Test scores never take
+part in any choice. Writes ``EXP/results.json``, ``EXP/metrics.jsonl``, ``EXP/config.yaml`` and per-trial
+``EXP/trials/lr-LR[/fold-F]/{best.safetensors,summary.json}`` (``--resume`` reuses finished trials).
+
+The loop stands on its own (plain PyTorch on one device) rather than on the generic pretraining trainer: its
+unit of work is a small head over cached hidden states, trained many times per run (learning rates x folds).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from speechssl.config import ConfigError, save_config, to_dict
+from speechssl.superb.cache import Example, FeatureSource, upstream_fingerprint
+from speechssl.superb.featurizer import Featurizer
+from speechssl.superb.tasks import (TASKS, DecodingConfig, HeadConfig, SpecAugConfig, Task, build_task, make_trials,
+                                    read_trials)
+from speechssl.superb.upstream import MODES, Upstream, build_upstream
+from speechssl.utils.io import append_jsonl, atomic_write, atomic_write_json
+
+__all__ = ["SuperbConfig", "DataConfig", "OptimConfig", "CacheConfig", "AsvConfig", "run_superb", "bucket_batches",
+           "load_examples", "train_trial"]
+
+log = logging.getLogger(__name__)
+SR = 16000
+
+
+@dataclass
+class DataConfig:
+    manifest_dir: str = "data/mini"   # holds cuts_SPLIT.jsonl.gz
+    train_split: str = ""             # default: TASK_train
+    dev_split: str = ""               # default: TASK_dev; "none" carves dev_fraction of the training utterances
+    test_splits: list[str] = field(default_factory=list)  # default: [TASK_test]
+    dev_fraction: float = 0.1
+    trials: str = ""                  # ASV test trials file (lines `1|0 ENROLL TEST`)
+    max_duration: float = 60.0        # seconds of audio per training batch (padded)
+    eval_max_duration: float = 120.0
+    num_buckets: int = 10
+    train_crop: float = 0.0           # seconds; random training crops (SID: 8)
+    min_duration: float = 0.0         # drop shorter training utterances (ASV: 2)
+    max_utts: int = 0                 # use at most this many utterances per split (0 = all; quick checks)
+    folds: list[int] = field(default_factory=list)  # cross-validation fold ids (IEMOCAP sessions 1..5)
+    fold_field: str = "session"
+    fold_splits: list[str] = field(default_factory=list)  # splits pooled for cross-validation
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"                # adam | adamw
+    lr: float = 1e-4
+    lrs: list[float] = field(default_factory=list)  # learning-rate sweep; empty = [lr]
+    weight_decay: float = 0.0
+    steps: int = 1000
+    eval_every: int = 200
+    log_every: int = 50
+    grad_clip: float = 1.0
+    upstream_lr_scale: float = 1.0    # lr multiplier for trainable upstream parameters (fine-tune, adapters, LoRA)
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = True              # cache hidden states of a frozen upstream
+    dir: str = ""                     # on-disk cache root ("" = memory only)
+    memory: bool = True
+    dtype: str = "float32"            # float32 (exact) | float16
+    batch_seconds: float = 60.0
+
+
+@dataclass
+class AsvConfig:
+    p_target: float = 0.01
+    c_miss: float = 1.0
+    c_fa: float = 1.0
+    dev_trials: int = 2000
+
+
+@dataclass
+class SuperbConfig:
+    task: str = "sid"                 # asr | pr | sid | asv | er | ks
+    upstream: str = "fbank"           # fbank | mfcc | a model path for speechssl.load_pretrained
+    upstream_mode: str = "frozen"     # frozen | finetune | adapter | lora
+    layer: int | None = None          # a single hidden state instead of the weighted sum
+    layer_norm: bool = False
+    adapter_dim: int = 64
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=list)  # substrings of linear-layer names; empty = all
+    tokenizer: str = "char"           # asr: char | bpe
+    vocab_size: int = 300             # bpe
+    balanced: bool | None = None      # class-balanced batches (default: KS only)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    specaug: SpecAugConfig = field(default_factory=SpecAugConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    asv: AsvConfig = field(default_factory=AsvConfig)
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int = 0              # CPU threads while training heads (0 = leave torch's setting); small
+                                      # heads run fastest on 1, extraction keeps the default
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"config key 'task' must be one of {list(TASKS)}, got {self.task!r}")
+        if self.upstream_mode not in MODES:
+            raise ConfigError(f"config key 'upstream_mode' must be one of {list(MODES)}, got {self.upstream_mode!r}")
+        if self.optim.name not in ("adam", "adamw"):
+            raise ConfigError(f"config key 'optim.name' must be adam or adamw, got {self.optim.name!r}")
+        if self.cache.dtype not in ("float32", "float16"):
+            raise ConfigError(f"config key 'cache.dtype' must be float32 or float16, got {self.cache.dtype!r}")
+        if self.optim.steps < 1 or self.optim.eval_every < 1:
+            raise ConfigError("config keys 'optim.steps' and 'optim.eval_every' must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def load_examples(manifest_dir: str, split: str, field_name: str, *, max_utts: int = 0,
+                  min_duration: float = 0.0, fold_field: str | None = None) -> list[Example]:
+    """Examples of ``manifest_dir/cuts_SPLIT.jsonl.gz`` with their ``field_name`` label; a cut without it is an
+    error naming the cut."""
+    from lhotse import CutSet
+
+    from speechssl.data.audio import supervision_field
+
+    path = Path(manifest_dir) / f"cuts_{split}.jsonl.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} not found (config keys data.manifest_dir / split '{split}')")
+    out = []
+    for cut in CutSet.from_file(path):
+        if cut.duration < min_duration:
+            continue
+        label = supervision_field(cut, field_name)
+        if label is None or label == "":
+            raise ValueError(f"cut {cut.id} in {path} has no supervision field '{field_name}'")
+        session = supervision_field(cut, fold_field) if fold_field else None
+        out.append(Example(id=cut.id, num_samples=int(round(cut.duration * SR)), label=label, cut=cut,
+                           session=None if session is None else int(session)))
+        if max_utts and len(out) >= max_utts:
+            break
+    if not out:
+        raise ValueError(f"manifest {path} gives no usable utterances (min_duration={min_duration})")
+    return out
+
+
+def carve_dev(train: list[Example], fraction: float, seed: int, by_label: bool = False
+              ) -> tuple[list[Example], list[Example]]:
+    """Hold out ``fraction`` of the training utterances as dev (per label when ``by_label``: ASV speakers keep
+    utterances on both sides)."""
+    rng = np.random.default_rng(seed)
+    if not by_label:
+        idx = rng.permutation(len(train))
+        n = max(1, int(round(fraction * len(train))))
+        dev = set(idx[:n].tolist())
+        return [e for i, e in enumerate(train) if i not in dev], [e for i, e in enumerate(train) if i in dev]
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(train):
+        groups.setdefault(str(e.label), []).append(i)
+    dev = set()
+    for idx in groups.values():
+        if len(idx) >= 3:
+            pick = rng.permutation(idx)[: max(1, int(round(fraction * len(idx))))]
+            dev.update(int(i) for i in pick)
+    return [e for i, e in enumerate(train) if i not in dev], [e for i, e in enumerate(train) if i in dev]
+
+
+def bucket_batches(lengths: Sequence[int], max_samples: int, num_buckets: int = 10,
+                   rng: np.random.Generator | None = None, weights: Sequence[float] | None = None) -> list[list[int]]:
+    """Duration-bucketed batches of indices: similar lengths together, at most ``max_samples`` padded samples
+    per batch (a longer single utterance gets a batch of its own).
+
+    ``rng``: shuffle within buckets and the batch order (None = sorted, for evaluation). ``weights``: draw the
+    epoch's indices with replacement in proportion to them (class-balanced sampling).
+    """
+    n = len(lengths)
+    if rng is not None and weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        idx = rng.choice(n, size=n, replace=True, p=w / w.sum())
+    else:
+        idx = np.arange(n)
+    lens = np.asarray(lengths)[idx]
+    order = idx[np.argsort(lens, kind="stable")]
+    buckets = np.array_split(order, max(1, min(num_buckets, n))) if rng is not None else [order]
+    batches = []
+    for b in buckets:
+        b = list(b)
+        if rng is not None:
+            # shuffle inside the bucket but keep it sorted by length so batches stay tight
+            rng.shuffle(b)
+            b.sort(key=lambda i: lengths[i])
+        cur, cur_max = [], 0
+        for i in b:
+            m = max(cur_max, lengths[i])
+            if cur and m * (len(cur) + 1) > max_samples:
+                batches.append(cur)
+                cur, m = [], lengths[i]
+            cur.append(int(i))
+            cur_max = m
+        if cur:
+            batches.append(cur)
+    if rng is not None:
+        perm = rng.permutation(len(batches))
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+def class_weights(examples: Sequence[Example]) -> list[float]:
+    counts: dict[str, int] = {}
+    for e in examples:
+        counts[str(e.label)] = counts.get(str(e.label), 0) + 1
+    return [1.0 / counts[str(e.label)] for e in examples]
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+class Downstream(nn.Module):
+    """Featurizer + head (+ the upstream when it has trainable parameters)."""
+
+    def __init__(self, featurizer: Featurizer, head: nn.Module):
+        super().__init__()
+        self.featurizer, self.head = featurizer, head
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _trainable_state(model: Downstream, upstream: Upstream) -> dict[str, torch.Tensor]:
+    state = {f"downstream.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if not upstream.frozen:
+        trainable = {n for n, p in upstream.named_parameters() if p.requires_grad}
+        for k, v in upstream.state_dict().items():
+            if k in trainable:
+                state[f"upstream.{k}"] = v.detach().cpu().clone()
+    return state
+
+
+def _load_state(model: Downstream, upstream: Upstream, state: dict[str, torch.Tensor]) -> None:
+    model.load_state_dict({k[len("downstream."):]: v for k, v in state.items() if k.startswith("downstream.")})
+    up = {k[len("upstream."):]: v for k, v in state.items() if k.startswith("upstream.")}
+    if up:
+        missing = upstream.load_state_dict(up, strict=False)
+        if missing.unexpected_keys:
+            raise ValueError(f"checkpoint has unknown upstream keys {missing.unexpected_keys[:3]}")
+
+
+def evaluate(task: Task, model: Downstream, source: FeatureSource, examples: Sequence[Example],
+             max_samples: int, **context) -> dict:
+    """Score ``examples`` (sorted, padded batches) with the model in eval mode."""
+    model.eval()
+    source.upstream.eval()
+    batches = bucket_batches([e.num_samples for e in examples], max_samples)
+
+    def gen():
+        with torch.no_grad():
+            for b in batches:
+                ex = [examples[i] for i in b]
+                states, frames = source.states(ex)
+                yield ex, model.featurizer(states), frames
+
+    return task.evaluate(model.head, gen(), **context)
+
+
+def train_trial(task: Task, source: FeatureSource, train: Sequence[Example], dev: Sequence[Example],
+                cfg: SuperbConfig, lr: float, out_dir: Path, tag: dict, dev_context: dict | None = None,
+                metrics_path: Path | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Train one head at learning rate ``lr``; returns (summary, best-dev state) and writes
+    ``out_dir/best.safetensors`` and ``out_dir/summary.json``."""
+    from tqdm import tqdm
+
+    upstream, device = source.upstream, source.device
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = Downstream(Featurizer(upstream.num_states, cfg.layer, cfg.layer_norm),
+                       task.build_head(upstream.hidden_size)).to(device)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    up_params = [p for p in upstream.parameters() if p.requires_grad]
+    if up_params:
+        groups.append({"params": up_params, "lr": lr * cfg.optim.upstream_lr_scale})
+    opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
+    opt = opt_cls(groups, lr=lr, weight_decay=cfg.optim.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    max_samples = int(cfg.data.max_duration * SR)
+    eval_samples = int(cfg.data.eval_max_duration * SR)
+    weights = class_weights(train) if task.balanced else None
+    crop = int(cfg.data.train_crop * SR / upstream.downsample_rate) if cfg.data.train_crop > 0 else None
+    metrics_path = metrics_path or out_dir / "metrics.jsonl"
+    best, best_step, best_state, history = None, 0, None, []
+    step, t0, run_loss, n_loss, bad_steps = 0, time.perf_counter(), 0.0, 0, 0
+    bar = tqdm(total=cfg.optim.steps, desc=f"{task.name} lr={lr:g}", disable=not cfg.progress, leave=False)
+    while step < cfg.optim.steps:
+        for b in bucket_batches([e.num_samples for e in train], max_samples, cfg.data.num_buckets, rng, weights):
+            if step >= cfg.optim.steps:
+                break
+            model.train()
+            upstream.train(True)
+            ex = [train[i] for i in b]
+            states, frames = source.states(ex, crop_frames=crop, rng=rng)
+            loss, logs = task.loss(model.head, model.featurizer(states), frames, ex)
+            if not torch.isfinite(loss):
+                bad_steps += 1
+                log.warning("non-finite loss at step %d (batch %s); skipped", step, [e.id for e in ex[:3]])
+                if bad_steps > 10:
+                    raise RuntimeError(f"more than 10 non-finite losses at lr={lr}: lower optim.lr")
+                opt.zero_grad(set_to_none=True)
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+            opt.step()
+            step += 1
+            bar.update(1)
+            run_loss += float(loss.detach())
+            n_loss += 1
+            if step % cfg.optim.log_every == 0 or step == cfg.optim.steps:
+                append_jsonl(metrics_path, {**tag, "step": step, "loss": run_loss / n_loss, "grad_norm": gnorm,
+                                            **{k: v for k, v in logs.items() if k != "loss"}})
+                run_loss, n_loss = 0.0, 0
+            if step % cfg.optim.eval_every == 0 or step == cfg.optim.steps:
+                scores = evaluate(task, model, source, dev, eval_samples, **(dev_context or {}))
+                value = scores[task.metric]
+                history.append({"step": step, task.metric: value})
+                append_jsonl(metrics_path, {**tag, "step": step, "split": "dev",
+                                            **{k: v for k, v in scores.items() if not isinstance(v, list)}})
+                if task.better(value, best):
+                    best, best_step, best_state = value, step, _trainable_state(model, upstream)
+                    best_scores = scores
+                bar.set_postfix({task.metric: f"{value:.4f}", "best": f"{best:.4f}"})
+    bar.close()
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "best.safetensors",
+                 lambda tmp: save_file({k: v.contiguous() for k, v in best_state.items()}, tmp))
+    model.load_state_dict({k[len("downstream."):]: v for k, v in best_state.items() if k.startswith("downstream.")})
+    summary = {**tag, "lr": lr, "best_dev": best, "best_step": best_step, "steps": step,
+               "dev": {k: v for k, v in best_scores.items()}, "dev_history": history,
+               "layer_weights": model.featurizer.layer_weights().tolist(),
+               "train_s": round(time.perf_counter() - t0, 2)}
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary, best_state
+
+
+def _build_source(cfg: SuperbConfig, device: torch.device) -> FeatureSource:
+    up = build_upstream(cfg.upstream, mode=cfg.upstream_mode, adapter_dim=cfg.adapter_dim,
+                        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets) \
+        if cfg.upstream not in ("fbank", "mfcc") else build_upstream(cfg.upstream)
+    up = up.to(device)
+    cache_dir = None
+    if cfg.cache.dir:
+        cache_dir = Path(cfg.cache.dir) / upstream_fingerprint(cfg.upstream, cfg.upstream_mode, cfg.cache.dtype)
+    return FeatureSource(up, cache=cfg.cache.enabled, cache_dir=cache_dir, memory=cfg.cache.memory,
+                         dtype=getattr(torch, cfg.cache.dtype), device=device,
+                         batch_seconds=cfg.cache.batch_seconds, progress=cfg.progress)
+
+
+def _units(cfg: SuperbConfig, task: Task) -> list[dict]:
+    """The train/dev/test example sets: one unit, or one per cross-validation fold."""
+    d, t = cfg.data, cfg.task
+    kw = dict(max_utts=d.max_utts)
+    if d.folds:
+        pool = []
+        for split in d.fold_splits or [d.train_split or f"{t}_train"]:
+            pool += load_examples(d.manifest_dir, split, task.field, fold_field=d.fold_field, **kw)
+        units = []
+        for f in d.folds:
+            test = [e for e in pool if e.session == f]
+            rest = [e for e in pool if e.session != f]
+            if not test or not rest:
+                raise ValueError(f"fold {f}: {len(test)} test and {len(rest)} training utterances "
+                                 f"(field '{d.fold_field}', config key data.folds)")
+            train, dev = carve_dev(rest, d.dev_fraction, cfg.seed + f)
+            units.append({"fold": f, "train": train, "dev": dev, "tests": {"test": test}})
+        return units
+    train = load_examples(d.manifest_dir, d.train_split or f"{t}_train", task.field, min_duration=d.min_duration,
+                          **kw)
+    dev_split = d.dev_split or f"{t}_dev"
+    if dev_split == "none" or (not d.dev_split and not (Path(d.manifest_dir) / f"cuts_{dev_split}.jsonl.gz").exists()):
+        train, dev = carve_dev(train, d.dev_fraction, cfg.seed, by_label=(t == "asv"))
+        log.info("dev = %d utterances held out of the training split", len(dev))
+    else:
+        dev = load_examples(d.manifest_dir, dev_split, task.field, **kw)
+    tests = {s: load_examples(d.manifest_dir, s, task.field, **kw) for s in (d.test_splits or [f"{t}_test"])}
+    return [{"fold": None, "train": train, "dev": dev, "tests": tests}]
+
+
+def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = False) -> dict | list[dict]:
+    """Run one task on one upstream with an optional learning-rate sweep; returns what results.json holds."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    if not resume and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    device = _device(cfg.device)
+    task = build_task(cfg.task, cfg.head, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, specaug=cfg.specaug,
+                      decoding=cfg.decoding, balanced=cfg.balanced, p_target=cfg.asv.p_target,
+                      c_miss=cfg.asv.c_miss, c_fa=cfg.asv.c_fa)
+    units = _units(cfg, task)
+    trials = read_trials(cfg.data.trials) if cfg.task == "asv" else None
+    if cfg.task == "asv" and not cfg.data.trials:
+        raise ConfigError("task asv needs config key data.trials (the test trial list)")
+    lrs = list(cfg.optim.lrs) or [cfg.optim.lr]
+    source = _build_source(cfg, device)
+    upstream_params = source.upstream.upstream_params()
+    log.info("superb %s: upstream %s (%s, %d params, %d states x %d dims), %d fold(s), lrs %s", cfg.task,
+             cfg.upstream, cfg.upstream_mode, upstream_params, source.upstream.num_states,
+             source.upstream.hidden_size, len(units), lrs)
+    for u in units:
+        u["work"] = out / ("labels" if u["fold"] is None else f"labels/fold-{u['fold']}")
+        task.fit(u["train"], u["work"])
+        u["dev_context"] = {}
+        if cfg.task == "asv":
+            u["dev_context"] = {"trials": make_trials(u["dev"], cfg.asv.dev_trials, cfg.seed)}
+        if source.cache:
+            for name, exs in [("train", u["train"]), ("dev", u["dev"])] + list(u["tests"].items()):
+                source.prepare(exs, desc=f"caching {name}")
+    t_start = time.perf_counter()
+    threads = torch.get_num_threads()
+    if cfg.num_threads > 0 and device.type == "cpu":
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume, upstream_params,
+                                t_start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume, upstream_params, t_start):
+    # sweep: every lr on every fold, scored on dev only
+    summaries: dict[float, list[dict]] = {}
+    for lr in lrs:
+        summaries[lr] = []
+        for u in units:
+            tag = {"lr": lr} if u["fold"] is None else {"lr": lr, "fold": u["fold"]}
+            tdir = out / "trials" / f"lr-{lr:g}"
+            if u["fold"] is not None:
+                tdir = tdir / f"fold-{u['fold']}"
+            if resume and (tdir / "summary.json").exists() and (tdir / "best.safetensors").exists():
+                import json
+
+                summaries[lr].append(json.loads((tdir / "summary.json").read_text()))
+                log.info("resume: reusing finished trial %s", tdir)
+                continue
+            if not source.upstream.frozen and len(lrs) * len(units) > 1:
+                source = _build_source(cfg, device)  # fresh upstream weights / adapters for every trial
+            task.fit(u["train"], u["work"])
+            s, _ = train_trial(task, source, u["train"], u["dev"], cfg, lr, tdir, tag, u["dev_context"],
+                               metrics_path=out / "metrics.jsonl")
+            summaries[lr].append(s)
+            log.info("lr %g%s: best dev %s = %.4f at step %d", lr, "" if u["fold"] is None else f" fold {u['fold']}",
+                     task.metric, s["best_dev"], s["best_step"])
+    mean_dev = {lr: float(np.mean([s["best_dev"] for s in ss])) for lr, ss in summaries.items()}
+    best_lr = None
+    for lr in lrs:
+        if task.better(mean_dev[lr], None if best_lr is None else mean_dev[best_lr]):
+            best_lr = lr
+    log.info("learning-rate sweep: %s -> best lr %g (dev %s %.4f)",
+             {f"{k:g}": round(v, 4) for k, v in mean_dev.items()}, best_lr, task.metric, mean_dev[best_lr])
+    # score the winner's best-dev checkpoints on test
+    from safetensors.torch import load_file
+
+    test_scores: dict[str, list[dict]] = {}
+    for u, s in zip(units, summaries[best_lr]):
+        tdir = out / "trials" / f"lr-{best_lr:g}"
+        if u["fold"] is not None:
+            tdir = tdir / f"fold-{u['fold']}"
+        if not source.upstream.frozen:
+            source = _build_source(cfg, device)
+        task.fit(u["train"], u["work"])
+        model = Downstream(Featurizer(source.upstream.num_states, cfg.layer, cfg.layer_norm),
+                           task.build_head(source.upstream.hidden_size)).to(device)
+        _load_state(model, source.upstream, load_file(str(tdir / "best.safetensors")))
+        for split, exs in u["tests"].items():
+            ctx = {"trials": trials} if trials is not None else {}
+            sc = evaluate(task, model, source, exs, int(cfg.data.eval_max_duration * SR), **ctx)
+            sc["fold"] = u["fold"]
+            test_scores.setdefault(split, []).append(sc)
+            append_jsonl(out / "metrics.jsonl", {"lr": best_lr, "fold": u["fold"], "split": split,
+                                                 **{k: v for k, v in sc.items() if not isinstance(v, list)}})
+    layer_weights = np.mean([s["layer_weights"] for s in summaries[best_lr]], axis=0).tolist()
+    common = {
+        "task": cfg.task, "upstream": cfg.upstream, "upstream_mode": cfg.upstream_mode,
+        "upstream_params": upstream_params, "metric": task.metric, "higher_better": task.higher_better,
+        "best_lr": best_lr, "lr_sweep": {f"{k:g}": v for k, v in mean_dev.items()},
+        "dev": {task.metric: mean_dev[best_lr], **({} if len(units) > 1 else summaries[best_lr][0]["dev"])},
+        "layer_weights": layer_weights, "num_states": source.upstream.num_states,
+        "layer": cfg.layer, "steps": cfg.optim.steps, "train_s": round(time.perf_counter() - t_start, 2),
+        "cache": source.cache_stats(),
+    }
+    results = []
+    for split, scs in test_scores.items():
+        r = {**common, "split": split, "value": float(np.mean([sc[task.metric] for sc in scs]))}
+        if len(scs) > 1:
+            r["folds"] = [{"fold": sc["fold"], "value": sc[task.metric]} for sc in scs]
+        else:
+            r["scores"] = {k: v for k, v in scs[0].items() if k != "fold"}
+        results.append(r)
+    final = results[0] if len(results) == 1 else results
+    atomic_write_json(out / "results.json", final)
+    for r in results:
+        log.info("%s on %s (%s): %s = %.4f (best lr %g)", cfg.task, r["split"], cfg.upstream, task.metric,
+                 r["value"], best_lr)
+    return final

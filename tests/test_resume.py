@@ -1,0 +1,106 @@
+"""Exact resume: N steps straight == K steps, crash, resume, N-K steps (workers, dropout and layer-drop on);
+a crash while a checkpoint is written leaves the previous one loadable."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _train_toys import ToyLoader, ToyModel
+
+from speechssl.train import OptimConfig, ScheduleConfig, Trainer, TrainerConfig
+from speechssl.train import checkpoint as ckpt_lib
+
+N_STEPS = 14
+
+
+class Crash(Exception):
+    pass
+
+
+def _run(out, *, resume=False, crash_at_call=None, model_seed=0, workers=2, **cfg_kw):
+    model = ToyModel(dropout=0.2, layerdrop=0.3, seed=model_seed)
+    if crash_at_call is not None:
+        orig = model.forward
+
+        def forward(batch):
+            if model.training and model.calls == crash_at_call:
+                raise Crash("simulated kill")
+            return orig(batch)
+
+        model.forward = forward
+    cfg = TrainerConfig(**{"max_steps": N_STEPS, "log_every": 1, "ckpt_every": 5, "keep_last": 5,
+                           "progress": False, "grad_accum": 2, "clip_norm": 1.0, **cfg_kw})
+    tr = Trainer(cfg, model, out, optim=OptimConfig(lr=2e-2, weight_decay=0.01),
+                 schedule=ScheduleConfig(name="polynomial", warmup_steps=3, power=2.0),
+                 make_train_loader=lambda: ToyLoader(num_workers=workers, n=48))
+    tr.fit(resume=resume)
+    return tr
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    tr = _run(out)
+    return out, tr
+
+
+def test_resume_after_crash_is_exact(straight, tmp_path):
+    ref_out, ref = straight
+    out = tmp_path / "exp"
+    with pytest.raises(Crash):
+        _run(out, crash_at_call=2 * 7 + 1)  # dies inside step 8; the last checkpoint is step 5
+    assert [s for s, _ in ckpt_lib.list_checkpoints(out / "checkpoints")] == [5]
+    tr = _run(out, resume=True, model_seed=123)  # a different init: everything must come from the checkpoint
+    ref_losses, losses = _losses(ref_out), _losses(out)
+    assert sorted(losses) == list(range(1, N_STEPS + 1))  # steps 6-7 of the crashed run were dropped
+    assert ref_losses == losses  # bit-identical
+    for (n, p), q in zip(ref.model.named_parameters(), tr.model.parameters()):
+        assert torch.equal(p, q), n
+    # the loader crossed an epoch boundary: 48 items in ~9 batches / epoch, 28 micro-batches
+    assert json.loads((out / "checkpoints" / f"step-{N_STEPS}" / "trainer_state.json").read_text())["epoch"] >= 2
+
+
+def test_resume_without_workers_matches_workers(straight, tmp_path):
+    ref_out, _ = straight
+    out = tmp_path / "exp"
+    with pytest.raises(Crash):
+        _run(out, crash_at_call=2 * 11, workers=0)
+    _run(out, resume=True, workers=0)
+    assert _losses(ref_out) == _losses(out)
+
+
+def test_crash_while_writing_checkpoint_keeps_previous(straight, tmp_path, monkeypatch):
+    ref_out, ref = straight
+    out = tmp_path / "exp"
+    real = ckpt_lib.save_checkpoint_dir
+    calls = []
+
+    def flaky(tmp, **kw):
+        calls.append(tmp)
+        if len(calls) == 2:  # the step-10 checkpoint: write part of it, then die
+            (tmp / "model.safetensors").write_bytes(b"half")
+            raise Crash("killed while writing")
+        real(tmp, **kw)
+
+    monkeypatch.setattr(ckpt_lib, "save_checkpoint_dir", flaky)
+    with pytest.raises(Crash):
+        _run(out)
+    monkeypatch.setattr(ckpt_lib, "save_checkpoint_dir", real)
+    root = out / "checkpoints"
+    assert (root / ".tmp-step-10").is_dir()
+    latest = ckpt_lib.latest_checkpoint(root)
+    assert latest == root / "step-5"
+    m = ToyModel()
+    ckpt_lib.load_model_weights(m, latest)  # loadable, complete
+    assert ckpt_lib.load_torch(latest / "optimizer.pt")["state"]
+    tr = _run(out, resume=True)
+    assert not (root / ".tmp-step-10").exists()
+    assert _losses(ref_out) == _losses(out)
+    for p, q in zip(ref.model.parameters(), tr.model.parameters()):
+        assert torch.equal(p, q)

@@ -1,0 +1,191 @@
+"""Featurizer, upstream wrappers (frozen / adapter / LoRA / FBANK / MFCC) and the hidden-state cache."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from speechssl.superb.cache import Example, FeatureSource
+from speechssl.superb.featurizer import Featurizer, cut_to_frames, expected_frames
+from speechssl.superb.upstream import (BottleneckAdapter, EncoderUpstream, FbankUpstream, LoRALinear, MfccUpstream,
+                                       build_upstream)
+
+
+class FakeEncoder(nn.Module):
+    """The Encoder interface in miniature: strided conv front end, a `layers` stack, dropout."""
+
+    num_layers, hidden_size, downsample_rate = 2, 8, 160
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 8, 400, stride=160)
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2)])
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, wav, lengths=None):
+        h = self.drop(self.conv(wav[:, None]).transpose(1, 2))
+        states = [h]
+        for layer in self.layers:
+            h = layer(h)
+            states.append(h)
+        return SimpleNamespace(hidden_states=states, lengths=None)
+
+
+def test_featurizer_weights_sum_to_one_and_get_gradients_frozen_upstream_none():
+    torch.manual_seed(0)
+    up = EncoderUpstream(FakeEncoder(), mode="frozen")
+    feat = Featurizer(up.num_states)
+    assert torch.equal(feat.weights.detach(), torch.zeros(3))
+    assert float(feat.layer_weights().detach().sum()) == pytest.approx(1.0)
+    up.train(True)
+    wav, lens = torch.randn(2, 8000), torch.tensor([8000, 6001])
+    states, frames = up(wav, lens)
+    out = feat(states)
+    (out ** 2).mean().backward()
+    assert feat.weights.grad is not None and float(feat.weights.grad.abs().sum()) > 0
+    assert all(p.grad is None and not p.requires_grad for p in up.encoder.parameters())
+    # frozen = eval mode even when the downstream trains: dropout off, identical outputs
+    s2, _ = up(wav, lens)
+    assert all(torch.equal(a, b) for a, b in zip(states, s2))
+    assert up.upstream_params() == sum(p.numel() for p in up.encoder.parameters())
+
+
+def test_single_layer_option():
+    f = Featurizer(3, layer=1)
+    states = [torch.full((1, 4, 2), float(i)) for i in range(3)]
+    assert torch.equal(f(states), states[1])
+    assert f.layer_weights().tolist() == [0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="layer"):
+        Featurizer(3, layer=5)
+
+
+def test_weighted_sum_is_the_average_at_init():
+    f = Featurizer(3)
+    states = [torch.full((1, 2, 2), float(i)) for i in range(3)]
+    assert torch.allclose(f(states), torch.full((1, 2, 2), 1.0))
+
+
+@pytest.mark.parametrize("lengths", [[16001, 12345], [7777, 3201]])
+def test_frame_cutting_odd_lengths_real_encoder(lengths):
+    from speechssl.models.encoder import build_encoder
+
+    enc = build_encoder("tiny_hubert").eval()
+    up = EncoderUpstream(enc)
+    wav = torch.randn(2, max(lengths)) * 0.1
+    states, frames = up(wav, torch.tensor(lengths))
+    expect = [n // enc.downsample_rate for n in lengths]
+    assert frames.tolist() == expect
+    assert all(s.shape == (2, max(expect), enc.hidden_size) for s in states)
+    assert len(states) == enc.num_layers + 1
+
+
+def test_cut_to_frames_rules():
+    h = torch.randn(2, 10, 3)
+    (cut,) = cut_to_frames([h], torch.tensor([8, 5]))
+    assert cut.shape == (2, 8, 3)
+    (pad,) = cut_to_frames([h], torch.tensor([11, 5]))
+    assert pad.shape == (2, 11, 3) and torch.equal(pad[:, 10], h[:, 9])
+    with pytest.raises(ValueError, match="downsample_rate"):
+        cut_to_frames([h], torch.tensor([20, 5]))
+    assert expected_frames(torch.tensor([16001, 159]), 160).tolist() == [100, 0]
+
+
+def test_fbank_and_mfcc_upstreams(synthetic_wav):
+    wavs = [synthetic_wav(16001, seed=1), synthetic_wav(9999, seed=2)]
+    wav = torch.zeros(2, 16001)
+    wav[0], wav[1, :9999] = torch.from_numpy(wavs[0]), torch.from_numpy(wavs[1])
+    lens = torch.tensor([16001, 9999])
+    fb = FbankUpstream()
+    (x,), frames = fb(wav, lens)
+    assert fb.hidden_size == 240 and x.shape == (2, 100, 240) and frames.tolist() == [100, 62]
+    assert fb.num_states == 1 and fb.downsample_rate == 160 and fb.upstream_params() == 0
+    # CMVN over the valid frames; padding stays zero
+    assert x[1, :62].mean(0).abs().max() < 1e-4
+    assert x[1, :62].std(0, unbiased=False).mean() == pytest.approx(1.0, abs=0.05)
+    assert float(x[1, 62:].abs().sum()) == 0.0
+    # batching does not change an item's features
+    (x1,), _ = fb(wav[1:, :9999], lens[1:])
+    assert torch.allclose(x1[0], x[1, :62], atol=1e-5)
+    mf = MfccUpstream()
+    (m,), mframes = mf(wav, lens)
+    assert m.shape == (2, 100, 39) and mf.hidden_size == 39 and mframes.tolist() == [100, 62]
+    assert isinstance(build_upstream("fbank"), FbankUpstream)
+    with pytest.raises(FileNotFoundError, match="upstream"):
+        build_upstream("/no/such/model")
+
+
+@pytest.mark.parametrize("mode", ["adapter", "lora"])
+def test_parameter_efficient_modes(mode):
+    torch.manual_seed(0)
+    enc = FakeEncoder()
+    ref = EncoderUpstream(FakeEncoder(), mode="frozen")
+    ref.encoder.load_state_dict(enc.state_dict())
+    up = EncoderUpstream(enc, mode=mode, adapter_dim=4, lora_rank=2)
+    wav, lens = torch.randn(2, 4000), torch.tensor([4000, 3000])
+    a, _ = ref(wav, lens)
+    b, _ = up(wav, lens)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))  # zero-initialised: starts as frozen
+    trainable = [n for n, p in up.named_parameters() if p.requires_grad]
+    kind = BottleneckAdapter if mode == "adapter" else LoRALinear
+    assert trainable and any(isinstance(m, kind) for m in up.modules())
+    assert all(("adapters" in n) if mode == "adapter" else ("lora_" in n) for n in trainable)
+    up.train(True)
+    assert not up.encoder.drop.training  # the encoder itself stays in eval mode
+    states, _ = up(wav, lens)
+    states[-1].pow(2).mean().backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in up.parameters() if p.requires_grad)
+    assert all(p.grad is None for n, p in up.named_parameters() if not p.requires_grad)
+
+
+def test_finetune_mode_trains_encoder():
+    up = EncoderUpstream(FakeEncoder(), mode="finetune")
+    up.train(True)
+    assert up.encoder.training and all(p.requires_grad for p in up.encoder.parameters())
+    with pytest.raises(ValueError, match="upstream_mode"):
+        EncoderUpstream(FakeEncoder(), mode="bogus")
+
+
+def _examples(synthetic_wav, n=5):
+    return [Example(id=f"u{i}", num_samples=4000 + 997 * i, audio=synthetic_wav(4000 + 997 * i, seed=i))
+            for i in range(n)]
+
+
+def test_cache_identical_to_no_cache(synthetic_wav, tmp_path):
+    ex = _examples(synthetic_wav)
+    up = FbankUpstream()
+    direct = FeatureSource(up, cache=False)
+    mem = FeatureSource(up, cache=True, batch_seconds=0.6)
+    disk = FeatureSource(up, cache=True, memory=False, cache_dir=tmp_path / "c")
+    mem.prepare(ex)
+    disk.prepare(ex)
+    batch = [ex[3], ex[0], ex[4]]
+    s0, f0 = direct.states(batch)
+    for src in (mem, disk):
+        s, f = src.states(batch)
+        assert torch.equal(f, f0) and torch.equal(s, s0)
+    # a fresh source over the same directory reads the stored states back without the upstream
+    again = FeatureSource(up, cache=True, memory=False, cache_dir=tmp_path / "c")
+    assert torch.equal(again.states(batch)[0], s0) and again.frames_cached == 0
+    for _ in range(3):
+        mem.states(ex)
+    stats = mem.cache_stats()
+    assert stats["enabled"] and stats["passes"] > 3 and stats["frames_cached"] == sum(
+        int(e.num_samples // 160) for e in ex)
+
+
+def test_cache_training_crop(synthetic_wav):
+    ex = _examples(synthetic_wav, 2)
+    src = FeatureSource(FbankUpstream(), cache=True)
+    s, f = src.states(ex, crop_frames=20, rng=np.random.default_rng(0))
+    assert f.tolist() == [20, 20] and s.shape[2] == 20
+    nc = FeatureSource(FbankUpstream(), cache=False)
+    s2, f2 = nc.states(ex, crop_frames=20, rng=np.random.default_rng(0))
+    assert f2.tolist() == [20, 20]
+
+
+def test_cache_disabled_for_trainable_upstream():
+    src = FeatureSource(EncoderUpstream(FakeEncoder(), mode="finetune"), cache=True)
+    assert not src.cache

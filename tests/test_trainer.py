@@ -1,0 +1,163 @@
+"""The generic trainer on a toy model: schedules, weight-decay groups, logging, checkpoints, NaN handling."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from _train_toys import ToyLoader, ToyModel
+
+from speechssl.config import ConfigError, from_dict
+from speechssl.train import OptimConfig, ScheduleConfig, Trainer, TrainerConfig, TrainingDiverged
+from speechssl.train import checkpoint as ckpt_lib
+from speechssl.train.optim import build_optimizer, build_scheduler, default_param_groups, lr_factor
+
+
+def _trainer(tmp_path, model=None, loader_kw=None, **cfg_kw):
+    cfg = TrainerConfig(**{"max_steps": 6, "log_every": 1, "ckpt_every": 3, "progress": False, **cfg_kw})
+    model = model or ToyModel(dropout=0.0)
+    return Trainer(cfg, model, tmp_path / "exp", optim=OptimConfig(lr=1e-2, weight_decay=0.0),
+                   schedule=ScheduleConfig(name="constant"),
+                   make_train_loader=lambda: ToyLoader(**(loader_kw or {})))
+
+
+def test_polynomial_warmup_and_decay():
+    cfg = ScheduleConfig(name="polynomial", warmup_steps=10, power=1.0, end_lr_ratio=0.0)
+    f = [lr_factor(cfg, s, 110) for s in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[59] == pytest.approx(0.5)          # update 60: halfway through the 100 decay updates
+    assert f[109] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))
+
+
+def test_tri_stage_and_constant():
+    cfg = ScheduleConfig(name="tri_stage", phase_ratio=[0.1, 0.4, 0.5], init_lr_scale=0.01, final_lr_scale=0.05)
+    assert lr_factor(cfg, 0, 100) == pytest.approx(0.01)
+    assert lr_factor(cfg, 10, 100) == pytest.approx(1.0) and lr_factor(cfg, 49, 100) == pytest.approx(1.0)
+    assert lr_factor(cfg, 100, 100) == pytest.approx(0.05)
+    assert lr_factor(cfg, 75, 100) == pytest.approx(math.sqrt(0.05))
+    const = ScheduleConfig(name="constant", warmup_steps=4)
+    assert [lr_factor(const, s, 10) for s in (0, 3, 9)] == [0.25, 1.0, 1.0]
+
+
+def test_scheduler_drives_optimizer_lr():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = build_optimizer([{"params": [p], "lr_scale": 0.5}], OptimConfig(lr=1.0))
+    sched = build_scheduler(opt, ScheduleConfig(name="linear", warmup_steps=2), total_steps=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.25, 0.5, 0.375, 0.25, 0.125, 0.0])
+
+
+def test_weight_decay_groups():
+    model = ToyModel()
+    model.mask_emb = torch.nn.Parameter(torch.zeros(4, 4))
+    groups = default_param_groups(model, OptimConfig(weight_decay=0.1, lr_scale={"inp.": 0.1}))
+    by_name = {n: (g["weight_decay"], g["lr_scale"]) for g in groups for n in g["names"]}
+    assert by_name["mid.weight"] == (0.1, 1.0)
+    assert by_name["mid.bias"] == (0.0, 1.0)
+    assert by_name["mask_emb"] == (0.0, 1.0)
+    assert by_name["inp.weight"] == (0.1, 0.1)
+
+
+def test_config_validation_names_key():
+    with pytest.raises(ConfigError, match="trainer.precision"):
+        from_dict(TrainerConfig, {"precision": "fp8"})
+    with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
+        from_dict(TrainerConfig, {"max_step": 3})
+    with pytest.raises(ConfigError, match="schedule.name"):
+        from_dict(ScheduleConfig, {"name": "poly"})
+
+
+def test_fit_logs_checkpoints_and_learns(tmp_path):
+    tr = _trainer(tmp_path, max_steps=30, ckpt_every=10, keep_last=2, log_every=5)
+    finals = []
+    tr.save_final = lambda m, d: (d.mkdir(parents=True), (d / "w.txt").write_text("ok"), finals.append(d))
+    out = tr.fit()
+    exp = tmp_path / "exp"
+    recs = [json.loads(x) for x in (exp / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [5, 10, 15, 20, 25, 30]
+    for k in ("loss", "lr", "grad_norm", "acc", "audio_sec_per_sec"):
+        assert k in recs[0]
+    assert recs[-1]["loss"] < 0.5 * recs[0]["loss"]
+    assert recs[0]["audio_sec_per_sec"] > 0
+    assert [s for s, _ in ckpt_lib.list_checkpoints(exp / "checkpoints")] == [20, 30]
+    ck = exp / "checkpoints" / "step-30"
+    for f in ("model.safetensors", "optimizer.pt", "scheduler.pt", "loader-0.pt", "rng-0.pt", "trainer_state.json"):
+        assert (ck / f).is_file(), f
+    assert ckpt_lib.load_trainer_state(ck)["step"] == 30
+    assert (exp / "final" / "w.txt").read_text() == "ok"
+    assert out["step"] == 30 and out["loss"] == pytest.approx(recs[-1]["loss"])
+
+
+def test_best_checkpoint_is_kept(tmp_path):
+    values = iter([3.0, 1.0, 2.0, 2.5, 2.7, 2.9])
+    tr = _trainer(tmp_path, max_steps=6, ckpt_every=100, eval_every=1, keep_last=1)
+    tr.evaluate = lambda m: {"err": next(values)}
+    tr.best_metric = "err"
+    out = tr.fit()
+    steps = [s for s, _ in ckpt_lib.list_checkpoints(tmp_path / "exp" / "checkpoints")]
+    assert steps == [2, 6]  # best (step 2) kept beside the last one
+    assert out["best_step"] == 2 and out["best_value"] == 1.0
+    valid = [json.loads(x) for x in (tmp_path / "exp" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["split"] == "valid"]
+    assert [v["err"] for v in valid] == [3.0, 1.0, 2.0, 2.5, 2.7, 2.9]
+
+
+def test_nan_step_is_skipped_then_training_continues(tmp_path, caplog):
+    model = ToyModel(dropout=0.0)
+    model.poison_calls = {2}
+    tr = _trainer(tmp_path, model=model, max_steps=5, max_bad_steps=3)
+    out = tr.fit()
+    assert out["bad_steps_total"] == 1
+    assert out["step"] == 5 and math.isfinite(out["loss"])
+    assert any("non-finite" in r.message for r in caplog.records)
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_too_many_bad_steps_stop(tmp_path):
+    model = ToyModel(dropout=0.0)
+    model.poison_calls = {1, 2, 3}
+    tr = _trainer(tmp_path, model=model, max_steps=5, max_bad_steps=3)
+    with pytest.raises(TrainingDiverged, match="3 consecutive"):
+        tr.fit()
+
+
+def test_grad_accum_equals_big_batch(tmp_path):
+    """2 micro-batches with sample-size normalisation == one batch holding both."""
+    a = _trainer(tmp_path / "a", max_steps=4, grad_accum=2)
+    a.fit()
+    b = _trainer(tmp_path / "b", max_steps=4, loader_kw={"merge": 2})
+    b.fit()
+    for (n, pa), pb in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_bf16_cpu_runs(tmp_path):
+    tr = _trainer(tmp_path, max_steps=3, precision="bf16")
+    out = tr.fit()
+    assert math.isfinite(out["loss"])
+
+
+def test_report_draws_curves(tmp_path, capsys):
+    from speechssl.cli.main import main
+    from speechssl.train.plots import summarize
+
+    tr = _trainer(tmp_path, max_steps=4, eval_every=2)
+    tr.evaluate = lambda m: {"loss": 1.0, "acc": 0.5}
+    tr.fit()
+    exp = tmp_path / "exp"
+    with open(exp / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "los')  # a line cut short by a kill is ignored
+    assert main(["report", str(exp)]) == 0
+    png = exp / "curves.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+    s = summarize(exp)
+    assert s["step"] == 4 and s["valid_loss"] == 1.0 and "acc" in s
+    assert "curves:" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "nope")]) == 2
