@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from lhotse import CutSet, Recording, SupervisionSegment
 
 from speechssl.data.audio import BadCutError, load_cut_audio, validate_cuts
@@ -111,3 +110,15 @@ def test_missing_units_is_bad(bad_cuts):
     ds = SpeechDataset(None, units=["kmeans"])
     with pytest.raises(BadCutError, match="kmeans"):
         ds[CutSet.from_cuts([bad_cuts["good"]])]
+
+
+def test_unreadable_units_file_is_bad(tmp_path):
+    from speechssl.data.synthetic import write_synthetic_cuts
+
+    cuts = write_synthetic_cuts(tmp_path, 2, 1.0, 1.0, units={"kmeans": 0.02})
+    arr = cuts[0].custom["kmeans"].array
+    (tmp_path / "units_kmeans" / arr.storage_key).unlink()
+    with pytest.raises(BadCutError, match="units 'kmeans'"):
+        SpeechDataset(None, units=["kmeans"])[cuts]
+    b = SpeechDataset(None, units=["kmeans"], skip_bad=True)[cuts]
+    assert b["cut_ids"] == [cuts[1].id] and b["skipped"] == [(cuts[0].id, "missing_field")]

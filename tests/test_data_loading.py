@@ -7,7 +7,7 @@ import torch
 
 from speechssl.data.features import add_deltas, compute_fbank, compute_mfcc, num_feature_frames
 from speechssl.data.labels import PAD_ID, align_units, label_rate, load_units
-from speechssl.data.sampler import ResumableLoader, make_loader, make_sampler
+from speechssl.data.sampler import make_loader, make_sampler
 from speechssl.data.dataset import SpeechDataset
 from speechssl.data.synthetic import write_synthetic_cuts
 
@@ -167,3 +167,33 @@ def test_set_epoch_after_restore_keeps_position(cuts):
     b.load_state_dict(state)
     b.set_epoch(0)  # a trainer re-announcing the restored epoch must not restart it
     assert first + _ids(b) == ref
+
+
+def test_snip_edges_frames_match_kaldi_default(synthetic_wav):
+    w = torch.from_numpy(np.stack([synthetic_wav(16000, 0), synthetic_wav(16000, 1)]))
+    lens = torch.tensor([16000, 12345])
+    fb, fl = compute_fbank(w, lens, snip_edges=True)
+    assert fl.tolist() == [98, 75] and fb.shape == (2, 98, 80)  # 1 + (n - 400) // 160
+    mf, ml = compute_mfcc(w, lens, snip_edges=True)
+    assert ml.tolist() == [98, 75] and mf.shape[-1] == 39
+    # snip_edges frame t starts at sample 160 t: it equals the default extractor on audio shifted by 120 samples
+    ref, _ = compute_fbank(w[0, 120:])
+    assert torch.allclose(fb[0, 1:90], ref[1:90], atol=1e-4)
+
+
+def test_resume_in_second_epoch(cuts):
+    def build():
+        return make_loader(cuts, {}, {"max_duration": 4.0, "seed": 5, "num_buckets": 2})
+
+    ref = build()
+    _ids(ref)
+    ref_ep1 = _ids(ref)
+    a = build()
+    _ids(a)  # epoch 0 fully consumed: the loader moved to epoch 1 by itself
+    part = _ids(a, 3)
+    state = a.state_dict()
+    assert state["epoch"] == 1 and state["consumed"] == 3
+    b = build()
+    b.set_epoch(1)
+    b.load_state_dict(state)
+    assert part + _ids(b) == ref_ep1

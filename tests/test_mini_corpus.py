@@ -234,3 +234,20 @@ def _call_or_error(engine):
     except ESpeakError as e:
         return e
     return None
+
+
+def test_espeak_server_is_bit_exact():
+    from speechssl.data.corpora.espeak import ESpeakServer
+
+    p = Prosody(rate=190, pitch=60, pitch_range=70, volume=90)
+    with ESpeakServer() as server:
+        a, sr, words = server.speak("the old farmer sold a basket.", "en+f3", p, seed=7, phone_text="the old farmer")
+        server.speak("something else entirely?", "en-us+m2", Prosody(rate=120), seed=1)
+        b, _, _ = server.speak("the old farmer sold a basket.", "en+f3", p, seed=7)
+        with pytest.raises(ESpeakError, match="unknown eSpeak NG voice"):
+            server.speak("hello", "xx-nonexistent")
+        c, _, _ = server.speak("the old farmer sold a basket.", "en+f3", p, seed=7)  # still serving
+    assert sr == 22050 and a.dtype == np.int16 and a.size > 22050
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+    assert words == [["ð", "ɪ"], ["əʊ", "l", "d"], ["f", "ɑː", "m", "ə"]]  # "the" before a vowel

@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 stage=0
 stop_stage=100
 ngpu=0
-minutes=6          # size of the synthetic corpus
+minutes=15         # size of the synthetic corpus: minutes of read sentences (+ emotion and keyword clips)
 seed=0
 nj=2
 data=data

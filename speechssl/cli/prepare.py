@@ -1,8 +1,6 @@
 """``speechssl prepare``: corpora -> CutSet manifests, the mini corpus, and manifest validation."""
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -14,7 +12,7 @@ log = logging.getLogger("speechssl.prepare")
 CORPUS_NAMES = ("librispeech", "librilight", "voxceleb1", "iemocap", "speechcommands", "musan")
 
 EXAMPLES = """examples:
-  speechssl prepare mini data/mini --minutes 6 --seed 0
+  speechssl prepare mini data/mini --minutes 15 --seed 0
   speechssl prepare librispeech /corpora/LibriSpeech data/librispeech --num-jobs 8
   speechssl prepare librilight /corpora/librilight data/librilight --parts small
   speechssl prepare voxceleb1 /corpora/VoxCeleb1 data/voxceleb1      # needs veri_test2.txt, iden_split.txt there
@@ -43,7 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("corpus", choices=("mini", "validate") + CORPUS_NAMES, metavar="CORPUS",
                    help="one of: mini, validate, " + ", ".join(CORPUS_NAMES))
     p.add_argument("paths", nargs="+", metavar="DIR", help="CORPUS_DIR OUT_DIR (mini: OUT_DIR; validate: DIR)")
-    p.add_argument("--minutes", type=float, default=6.0, help="mini: minutes of audio to synthesise")
+    p.add_argument("--minutes", type=float, default=15.0,
+                   help="mini: minutes of read sentences (pretrain/ASR/SID/ASV pools); ER and KS clips grow with it")
     p.add_argument("--seed", type=int, default=0, help="mini: random seed; iemocap: dev split seed")
     p.add_argument("--num-jobs", type=int, default=2, help="parallel jobs")
     p.add_argument("--parts", default=None, help="librispeech/librilight/musan: comma-separated parts")

@@ -199,7 +199,8 @@ class KMeans:
         for _, x in self._chunks(X, device):
             lab, mind = self._assign(x, centers, c2)
             inertia += mind.sum(dtype=torch.float64)
-            sums.index_add_(0, lab, x.to(sums.dtype))
+            # per-chunk sums in fp32 (index_add_ is ~3x faster than in fp64), accumulated across chunks in fp64
+            sums += torch.zeros(K, D, dtype=x.dtype, device=device).index_add_(0, lab, x).to(sums.dtype)
             counts += torch.bincount(lab, minlength=K).to(counts.dtype)
             top = mind.topk(min(K, x.shape[0]))
             far_d.append(top.values)

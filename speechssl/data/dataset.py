@@ -83,6 +83,17 @@ class SpeechDataset(torch.utils.data.Dataset):
             return torch.as_tensor(self.num_frames(lens)).long()
         return torch.div(lens * int(round(self.frame_rate * 1000)), SAMPLING_RATE * 1000, rounding_mode="floor")
 
+    @staticmethod
+    def _load_units(cut, name: str):
+        """(units [T_label] int64, label rate) or BadCutError when the stored array cannot be read."""
+        try:
+            return load_units(cut, name), label_rate(cut, name)
+        except (OSError, KeyError, ValueError) as e:
+            from speechssl.data.audio import cut_audio_paths
+
+            raise BadCutError(cut.id, ", ".join(cut_audio_paths(cut)) or None, "missing_field",
+                              f"units '{name}' unreadable: {e}") from None
+
     def __getitem__(self, cuts) -> dict:
         from lhotse import CutSet
 
@@ -92,11 +103,12 @@ class SpeechDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             cuts = self.augment.transform_cuts(cuts, rng)
 
-        kept, wavs, scales, bad = [], [], [], []
+        kept, wavs, scales, labels, bad = [], [], [], [], []
         for cut in cuts:
             try:
                 check_fields(cut, self.fields + self.units)
                 wav = load_cut_audio(cut)
+                lab = {name: self._load_units(cut, name) for name in self.units}
             except BadCutError as e:
                 if not self.skip_bad:
                     raise
@@ -110,6 +122,7 @@ class SpeechDataset(torch.utils.data.Dataset):
             kept.append(cut)
             wavs.append(wav)
             scales.append(scale)
+            labels.append(lab)
 
         # crops: start on the crop_multiple grid so unit labels keep their frame alignment
         lens = [w.shape[0] for w in wavs]
@@ -143,15 +156,16 @@ class SpeechDataset(torch.utils.data.Dataset):
             batch["features"], batch["features_lens"] = fn(audio, audio_lens)
 
         if self.units:
-            n_frames = self._frames(audio_lens) if B else torch.zeros(0, dtype=torch.long)
+            n_frames = self._frames(audio_lens).clamp(min=0) if B else torch.zeros(0, dtype=torch.long)
             Tp = int(n_frames.max()) if B else 0
             batch["units"] = {}
             for name in self.units:
                 out = torch.full((B, Tp), PAD_ID, dtype=torch.long)
                 for i, cut in enumerate(kept):
-                    rate = label_rate(cut, name) * scales[i]  # speed factor f: label period shrinks by f
-                    out[i, : int(n_frames[i])] = align_units(load_units(cut, name), rate, int(n_frames[i]),
-                                                             self.frame_rate, offset=starts[i] / SAMPLING_RATE)
+                    units, rate = labels[i][name]
+                    rate = rate * scales[i]  # speed factor f: the label period shrinks by f
+                    out[i, : int(n_frames[i])] = align_units(units, rate, int(n_frames[i]), self.frame_rate,
+                                                             offset=starts[i] / SAMPLING_RATE)
                 batch["units"][name] = out
 
         for f in SUPERVISION_FIELDS:

@@ -19,28 +19,41 @@ FRAME_LENGTH = 0.025
 HOP = int(SAMPLING_RATE * FRAME_SHIFT)
 
 
+WIN = int(SAMPLING_RATE * FRAME_LENGTH)
+
+
 @functools.lru_cache(maxsize=4)
-def _fbank_module(num_mel_bins: int):
+def _fbank_module(num_mel_bins: int, snip_edges: bool = False):
+    import warnings
+
     from lhotse.features.kaldi.layers import Wav2LogFilterBank
 
-    return Wav2LogFilterBank(sampling_rate=SAMPLING_RATE, frame_length=FRAME_LENGTH, frame_shift=FRAME_SHIFT,
-                             num_filters=num_mel_bins).eval()
+    with warnings.catch_warnings():  # Lhotse warns about snip_edges for stored features; ours are on the fly
+        warnings.simplefilter("ignore")
+        return Wav2LogFilterBank(sampling_rate=SAMPLING_RATE, frame_length=FRAME_LENGTH, frame_shift=FRAME_SHIFT,
+                                 num_filters=num_mel_bins, snip_edges=snip_edges).eval()
 
 
-@functools.lru_cache(maxsize=2)
-def _mfcc_module(num_ceps: int):
+@functools.lru_cache(maxsize=4)
+def _mfcc_module(num_ceps: int, snip_edges: bool = False):
+    import warnings
+
     from lhotse.features.kaldi.layers import Wav2MFCC
 
-    return Wav2MFCC(sampling_rate=SAMPLING_RATE, frame_length=FRAME_LENGTH, frame_shift=FRAME_SHIFT,
-                    num_ceps=num_ceps).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Wav2MFCC(sampling_rate=SAMPLING_RATE, frame_length=FRAME_LENGTH, frame_shift=FRAME_SHIFT,
+                        num_ceps=num_ceps, snip_edges=snip_edges).eval()
 
 
-def num_feature_frames(lengths: torch.Tensor) -> torch.Tensor:
-    """Feature frames for ``lengths`` samples (LongTensor [B] -> [B]), 10 ms shift, snip_edges=False."""
+def num_feature_frames(lengths: torch.Tensor, snip_edges: bool = False) -> torch.Tensor:
+    """Feature frames for ``lengths`` samples (LongTensor [B] -> [B]) at a 10 ms shift."""
+    if snip_edges:
+        return (torch.div(lengths - WIN, HOP, rounding_mode="floor") + 1).clamp(min=0)
     return torch.div(lengths + HOP // 2, HOP, rounding_mode="floor")
 
 
-def _apply(module, wav: torch.Tensor, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _apply(module, wav: torch.Tensor, lengths: torch.Tensor | None, snip_edges: bool = False):
     squeeze = wav.dim() == 1
     if squeeze:
         wav = wav[None]
@@ -49,10 +62,11 @@ def _apply(module, wav: torch.Tensor, lengths: torch.Tensor | None) -> tuple[tor
     if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.long, device=wav.device)
     lengths = lengths.to(wav.device).long()
-    if (lengths < 1).any():
-        raise ValueError(f"compute features: every length must be positive, got {lengths.tolist()}")
+    min_len = WIN if snip_edges else 1
+    if (lengths < min_len).any():
+        raise ValueError(f"compute features: every length must be >= {min_len} samples, got {lengths.tolist()}")
     module = module.to(wav.device)
-    n_frames = num_feature_frames(lengths)
+    n_frames = num_feature_frames(lengths, snip_edges)
     with torch.no_grad():
         if bool((lengths == T).all()):
             feats = module(wav)
@@ -66,12 +80,13 @@ def _apply(module, wav: torch.Tensor, lengths: torch.Tensor | None) -> tuple[tor
     return feats, n_frames
 
 
-def compute_fbank(wav: torch.Tensor, lengths: torch.Tensor | None = None, num_mel_bins: int = 80):
+def compute_fbank(wav: torch.Tensor, lengths: torch.Tensor | None = None, num_mel_bins: int = 80,
+                  snip_edges: bool = False):
     """80-dim log-mel fbank. ``wav`` [B, T] (or [T]) at 16 kHz, ``lengths`` [B] valid samples.
 
     Returns ``(feats [B, F, 80], feats_lens [B])``; frames past an item's length are zero.
     """
-    return _apply(_fbank_module(num_mel_bins), wav, lengths)
+    return _apply(_fbank_module(num_mel_bins, snip_edges), wav, lengths, snip_edges)
 
 
 def add_deltas(x: torch.Tensor, window: int = 2) -> torch.Tensor:
@@ -96,12 +111,13 @@ def add_deltas(x: torch.Tensor, window: int = 2) -> torch.Tensor:
     return torch.cat([x, d1, delta(d1)], dim=-1)
 
 
-def compute_mfcc(wav: torch.Tensor, lengths: torch.Tensor | None = None, num_ceps: int = 13, deltas: bool = True):
+def compute_mfcc(wav: torch.Tensor, lengths: torch.Tensor | None = None, num_ceps: int = 13, deltas: bool = True,
+                 snip_edges: bool = False):
     """MFCC (13 cepstra, + deltas + delta-deltas = 39 dims). ``wav`` [B, T] (or [T]) at 16 kHz.
 
     Returns ``(feats [B, F, 39], feats_lens [B])``; deltas are computed per item over its valid frames.
     """
-    feats, n = _apply(_mfcc_module(num_ceps), wav, lengths)
+    feats, n = _apply(_mfcc_module(num_ceps, snip_edges), wav, lengths, snip_edges)
     if not deltas:
         return feats, n
     if feats.dim() == 2:

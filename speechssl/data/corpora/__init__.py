@@ -4,4 +4,6 @@
 :mod:`speechssl.data.corpora.prepare`; ``prepare_iemocap`` (Lhotse has no IEMOCAP recipe) lives in
 :mod:`speechssl.data.corpora.iemocap`; the synthetic mini corpus in :mod:`speechssl.data.corpora.mini`.
 """
-from speechssl.data.corpora.prepare import CORPORA, prepare_corpus  # noqa: F401
+from speechssl.data.corpora.prepare import CORPORA, prepare_corpus
+
+__all__ = ["CORPORA", "prepare_corpus"]

@@ -1,25 +1,32 @@
 """A small ctypes binding to eSpeak NG (the library shipped by the ``espeakng-loader`` wheel).
 
-It synthesises text to memory and converts text to phonemes, with no audio device and no subprocess.
+It synthesises text to memory and converts text to phonemes, with no audio device.
 eSpeak NG keeps all its state in globals and is not thread-safe: use one engine per *process*
 (``get_engine()`` does that and refuses calls from other threads); parallelise with processes.
 
 eSpeak's wave generator also carries state from one utterance to the next (pitch flutter phase,
-resonator and echo buffers), so the same call gives slightly different samples depending on what
-was spoken before. For bit-exact output, synthesise every utterance in a freshly forked copy of a
-process whose engine has never spoken (``ESpeakNG.synth_calls == 0``); the mini corpus does that.
+automatic gain, echo buffer, ``rand()`` for breathy voices), so the same call gives slightly different
+samples depending on what was spoken before. ``ESpeakServer`` gives bit-exact output: a lean helper
+process that loads eSpeak once, never speaks itself, and answers each request from a freshly forked
+copy of itself (needs ``os.fork``; elsewhere it speaks in-process, not bit-exact).
 
 Phones come from ``espeak_TextToPhonemes`` in IPA mode with a space between phonemes; stress marks
 (ˈ ˌ) are dropped and the length mark stays attached to its vowel (``ɑː``), so one phone is one
 whitespace-free token. The inventory is eSpeak's English IPA set for the voice's accent.
+
+This module imports only the standard library at load time (numpy lazily), so the helper process
+stays small and forks fast.
 """
 from __future__ import annotations
 
 import ctypes
+import json
+import os
+import struct
+import subprocess
+import sys
 import threading
-from dataclasses import dataclass
-
-import numpy as np
+from dataclasses import astuple, dataclass
 
 # Values from eSpeak NG's speak_lib.h.
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -101,7 +108,7 @@ class ESpeakNG:
             raise ESpeakError(f"espeak_Initialize failed (data path {data_path})")
         self._lib = lib
         self.sample_rate: int = sr  # 22050 for the standard voices
-        self._chunks: list[np.ndarray] = []
+        self._chunks: list[bytes] = []
         # Keep the ctypes callback object alive as long as the engine: the library holds a raw pointer to it.
         self._callback = _SynthCallback(self._collect)
         lib.espeak_SetSynthCallback(self._callback)
@@ -111,7 +118,7 @@ class ESpeakNG:
 
     def _collect(self, wav, num_samples, events) -> int:
         if num_samples > 0 and wav:
-            self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+            self._chunks.append(ctypes.string_at(wav, num_samples * 2))
         return 0  # 0 = continue synthesis
 
     def _check_owner(self) -> None:
@@ -136,11 +143,8 @@ class ESpeakNG:
             if self._lib.espeak_SetParameter(_PARAM[name], int(min(hi, max(lo, round(value)))), 0) != 0:
                 raise ESpeakError(f"espeak_SetParameter({name}={value}) failed")
 
-    def synthesize(self, text: str, voice: str = "en-us", prosody: Prosody = Prosody(), seed: int = 0) -> np.ndarray:
-        """Speak ``text``; returns int16 samples [T] at ``self.sample_rate`` (22050 Hz).
-
-        ``seed`` fixes eSpeak's internal random generator so the same call gives the same samples.
-        """
+    def synthesize_bytes(self, text: str, voice: str = "en-us", prosody: Prosody = Prosody(), seed: int = 0) -> bytes:
+        """Speak ``text``: little-endian int16 PCM at ``self.sample_rate`` (22050 Hz), as bytes."""
         self._check_owner()
         if not text.strip():
             raise ValueError("eSpeak NG: empty text")
@@ -154,7 +158,16 @@ class ESpeakNG:
         if err != 0:
             raise ESpeakError(f"espeak_Synth failed with code {err} for text {text!r}")
         chunks, self._chunks = self._chunks, []
-        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+        return b"".join(chunks)
+
+    def synthesize(self, text: str, voice: str = "en-us", prosody: Prosody = Prosody(), seed: int = 0):
+        """Speak ``text``; returns a numpy int16 array [T] at ``self.sample_rate`` (22050 Hz).
+
+        Not bit-exact across calls in one process (see the module docstring); ``ESpeakServer`` is.
+        """
+        import numpy as np
+
+        return np.frombuffer(self.synthesize_bytes(text, voice, prosody, seed), dtype="<i2").astype(np.int16)
 
     def phonemize(self, text: str, voice: str = "en-us") -> list[list[str]]:
         """IPA phones per word for ``text`` spoken by ``voice``: ``[["ð", "ə"], ["k", "æ", "t"]]``.
@@ -196,10 +209,128 @@ def get_engine() -> ESpeakNG:
         return _ENGINE
 
 
-def resample_to_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
+# ------------------------------------------------------------------------------------------ helper process
+# Messages on the pipes: 8-byte header (JSON length, body length, little-endian uint32) + JSON + body.
+
+def _send(f, header: dict, body: bytes = b"") -> None:
+    head = json.dumps(header).encode("utf-8")
+    f.write(struct.pack("<II", len(head), len(body)) + head + body)
+    f.flush()
+
+
+def _read_exact(f, n: int) -> bytes | None:
+    parts, left = [], n
+    while left:
+        b = f.read(left)
+        if not b:
+            return None
+        parts.append(b)
+        left -= len(b)
+    return b"".join(parts)
+
+
+def _recv(f) -> tuple[dict, bytes] | None:
+    size = _read_exact(f, 8)
+    if size is None:
+        return None
+    nh, nb = struct.unpack("<II", size)
+    head, body = _read_exact(f, nh), _read_exact(f, nb) if nb else b""
+    if head is None or body is None:
+        return None
+    return json.loads(head), body
+
+
+def _answer(engine: ESpeakNG, req: dict) -> tuple[dict, bytes]:
+    try:
+        raw = engine.synthesize_bytes(req["text"], req["voice"], Prosody(*req["prosody"]), req["seed"])
+        words = engine.phonemize(req["phone_text"], req["voice"]) if req.get("phone_text") else []
+        return {"sr": engine.sample_rate, "words": words}, raw
+    except Exception as e:  # reported to the client, which raises
+        return {"error": f"{type(e).__name__}: {e}"}, b""
+
+
+def serve(stdin=None, stdout=None) -> None:
+    """Helper-process loop: answer speak requests until stdin closes, each from a pristine fork."""
+    stdin = stdin or sys.stdin.buffer
+    stdout = stdout or sys.stdout.buffer
+    engine = ESpeakNG()  # never speaks in this process: every fork starts from the same state
+    while (msg := _recv(stdin)) is not None:
+        req = msg[0]
+        if not hasattr(os, "fork"):
+            _send(stdout, *_answer(engine, req))
+            continue
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: speak once, reply to the server through the private pipe, exit
+            try:
+                os.close(r)
+                with os.fdopen(w, "wb") as f:
+                    _send(f, *_answer(engine, req))
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            reply = _recv(f)
+        _, status = os.waitpid(pid, 0)
+        _send(stdout, *(reply or ({"error": f"the eSpeak process died (wait status {status})"}, b"")))
+
+
+class ESpeakServer:
+    """Client of a helper process (``serve``) that gives bit-exact eSpeak output for the same request.
+
+    ``with ESpeakServer() as s: samples, sr, words = s.speak("hello.", "en-us+f2", Prosody(), seed=1)``.
+    The helper exits when the client closes or its process ends (stdin EOF).
+    """
+
+    def __init__(self):
+        _library_paths()  # fail here, with the install hint, if eSpeak is missing
+        # Run this file as a script: only the standard library and espeakng-loader get imported there.
+        self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def speak(self, text: str, voice: str, prosody: Prosody = Prosody(), seed: int = 0,
+              phone_text: str | None = None):
+        """Returns (int16 numpy samples [T], sample rate, IPA phones per word of ``phone_text``)."""
+        import numpy as np
+
+        if self._proc.poll() is not None:
+            raise ESpeakError(f"the eSpeak helper process exited with status {self._proc.returncode}")
+        _send(self._proc.stdin, {"text": text, "voice": voice, "prosody": list(astuple(prosody)),
+                                 "seed": int(seed), "phone_text": phone_text})
+        reply = _recv(self._proc.stdout)
+        if reply is None:
+            raise ESpeakError(f"the eSpeak helper process died while speaking {text!r}")
+        header, body = reply
+        if "error" in header:
+            raise ESpeakError(header["error"])
+        return np.frombuffer(body, dtype="<i2").astype(np.int16), header["sr"], header["words"]
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc.stdout:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> ESpeakServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def resample_to_16k(samples, sample_rate: int):
     """int16 or float samples [T] at ``sample_rate`` -> float32 [T'] at 16 kHz in [-1, 1]."""
     from math import gcd
 
+    import numpy as np
     from scipy.signal import resample_poly
 
     x = samples.astype(np.float32)
@@ -209,3 +340,11 @@ def resample_to_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
         return x
     g = gcd(16000, sample_rate)
     return resample_poly(x, 16000 // g, sample_rate // g).astype(np.float32)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    import signal
+
+    # Ctrl-C reaches the whole process group: let the client side handle it; this helper exits at stdin EOF.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    serve()

@@ -1,8 +1,8 @@
 """The mini corpus: synthetic English speech from eSpeak NG covering every SUPERB-style task.
 
 ``prepare_mini(out_dir, minutes, seed, num_jobs)`` plans every utterance from the seed (text, voice,
-prosody, silences, noise), renders them in ``num_jobs`` processes (one eSpeak NG engine per process),
-writes 16 kHz 16-bit wav files under ``OUT_DIR/audio/`` and one Lhotse manifest per split,
+prosody, silences, noise), renders them in ``num_jobs`` worker processes (each with its own eSpeak NG
+helper process, ``espeak.ESpeakServer``), writes 16 kHz 16-bit wav files under ``OUT_DIR/audio/`` and one Lhotse manifest per split,
 ``OUT_DIR/cuts_<split>.jsonl.gz``, plus ``OUT_DIR/asv_trials.txt``. Same seed and minutes -> same cut ids
 and the same audio bytes, whatever ``num_jobs`` is.
 
@@ -32,9 +32,9 @@ SAMPLE_RATE = 16000
 SPLITS = ("pretrain", "asr_train", "asr_dev", "asr_test", "sid_train", "sid_dev", "sid_test",
           "asv_train", "asv_test", "er_train", "er_dev", "er_test", "ks_train", "ks_dev", "ks_test")
 EMOTIONS = ("neutral", "happy", "sad", "angry")
-DEFAULT_MINUTES = 15.0  # ~330 ASR utterances, 50 clips per emotion and 32 per keyword class in training
+DEFAULT_MINUTES = 15.0  # ~380 ASR utterances; 50 clips per emotion and 32 per keyword class in training
 FORMAT_VERSION = 1  # bump when the generated corpus changes for the same seed
-_SENTENCE_SECONDS = 2.7  # average length of a read sentence with its silences, to turn minutes into counts
+_SENTENCE_SECONDS = 2.4  # average length of a read sentence with its silences, to turn minutes into counts
 
 
 @dataclass(frozen=True)
@@ -217,15 +217,16 @@ def plan_mini(minutes: float = DEFAULT_MINUTES, seed: int = 0) -> MiniPlan:
             for label in KEYWORDS + (UNKNOWN, SILENCE):
                 s = _seed_for(seed, 4, k)
                 k += 1
-                name = label.strip("_")
-                uid = f"mini-ks-{spk.id}-{name}-{i:02d}"
-                path = f"audio/ks/{spk.id}/{uid}.wav"
                 if label == SILENCE:
-                    # Background-noise clips; keyed by the speaker slot only to keep class counts balanced.
+                    # Background noise only; drawn once per speaker slot so every split has balanced classes.
+                    uid = f"mini-ks-silence-{k:04d}"
+                    path = f"audio/ks/silence/{uid}.wav"
                     r = np.random.default_rng(s)
                     specs.append(UttSpec(id=uid, path=path, kind="silence", seed=s, clip_s=1.0,
                                          noise_dbfs=float(r.uniform(-55, -28)), keyword=SILENCE))
                 else:
+                    uid = f"mini-ks-{spk.id}-{label.strip('_')}-{i:02d}"
+                    path = f"audio/ks/{spk.id}/{uid}.wav"
                     word = label if label != UNKNOWN else UNKNOWN_WORDS[int(rng.integers(len(UNKNOWN_WORDS)))]
                     spec = _speech_spec(uid, path, spk, word + ".", s, keyword=label)
                     r = np.random.default_rng(s + 1)
@@ -305,8 +306,8 @@ def speak(spec: UttSpec) -> tuple[np.ndarray, int, list[list[str]]]:
 def render(spec: UttSpec, speak_fn=speak) -> tuple[np.ndarray, list[list[str]]]:
     """Audio float32 [T] at 16 kHz and IPA phones per word for one planned utterance.
 
-    ``speak_fn`` runs eSpeak (``speak`` here, or ``_speak_forked`` for bit-exact output); the rest
-    (resampling, silences, noise) is plain numpy and deterministic.
+    ``speak_fn`` runs eSpeak: ``speak`` in this process (not bit-exact after earlier calls), or an
+    ``ESpeakServer``'s (bit-exact); the rest (resampling, silences, noise) is plain numpy.
     """
     from scipy.signal import resample_poly
 
@@ -340,59 +341,31 @@ def _write_wav(path: Path, wav: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _speak_forked(spec: UttSpec) -> tuple[np.ndarray, int, list[list[str]]]:
-    """``speak`` in a forked child of this (never-speaking) process, so eSpeak's wave generator starts
-    pristine for every utterance. The child only speaks and sends the samples back through a pipe."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into the caller's code (the pool machinery), always _exit
-        status = 1
-        try:
-            os.close(r)
-            try:
-                raw, sr, words = speak(spec)
-                header, body = {"sr": sr, "words": words}, raw.astype("<i2").tobytes()
-            except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
-                header, body = {"error": f"{type(e).__name__}: {e}"}, b""
-            with os.fdopen(w, "wb") as f:
-                f.write(json.dumps(header).encode("utf-8") + b"\n" + body)
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, code = os.waitpid(pid, 0)
-    head, sep, body = data.partition(b"\n")
-    if code != 0 or not sep:
-        raise RuntimeError(f"the eSpeak process for {spec.id} died (wait status {code})")
-    header = json.loads(head)
-    if "error" in header:
-        raise RuntimeError(header["error"])
-    return np.frombuffer(body, dtype="<i2").astype(np.int16), header["sr"], header["words"]
+_SERVER = None  # this worker's eSpeak helper process
+
+
+def _server_speak(spec: UttSpec) -> tuple[np.ndarray, int, list[list[str]]]:
+    return _SERVER.speak(spec.text, spec.voice, spec.prosody, spec.seed, phone_text=spec.text.rstrip(".?!"))
 
 
 def _worker_init() -> None:
-    # Load eSpeak and every module rendering needs once per worker: the worker never speaks, its forked
-    # children do, and whatever a child imports or loads is lost when it exits.
-    import scipy.signal  # noqa: F401
-    import soundfile  # noqa: F401
+    # One eSpeak helper per worker (bit-exact output, see espeak.ESpeakServer); closed when the worker exits.
+    global _SERVER
+    from multiprocessing.util import Finalize
 
-    from speechssl.data.corpora.espeak import get_engine
+    from speechssl.data.corpora.espeak import ESpeakServer
 
-    get_engine()
+    _SERVER = ESpeakServer()
+    Finalize(_SERVER, _SERVER.close, exitpriority=10)
 
 
 def _render_chunk(args: tuple[str, list[UttSpec]]) -> list[tuple[str, int, str]]:
     """Worker: render and write a chunk of utterances; returns (cut id, num samples, phones)."""
-    from speechssl.data.corpora.espeak import get_engine
-
     out_dir, specs = args
-    isolate = hasattr(os, "fork") and get_engine().synth_calls == 0
     results = []
     for spec in specs:
         try:
-            wav, words = render(spec, _speak_forked if isolate else speak)
+            wav, words = render(spec, _server_speak)
             _write_wav(Path(out_dir) / spec.path, wav)
         except Exception as e:
             raise RuntimeError(f"mini corpus: failed to synthesise {spec.id} ({spec.text!r}, voice {spec.voice}): "
@@ -405,8 +378,8 @@ def synthesize_specs(specs: list[UttSpec], out_dir, num_jobs: int = 2, progress:
                      ) -> dict[str, tuple[int, str]]:
     """Render ``specs`` to wav files under ``out_dir`` with ``num_jobs`` worker processes.
 
-    Returns ``{cut id: (num samples, phones)}``. Each utterance is synthesised in a fresh fork of a worker
-    whose eSpeak engine has never spoken, so the bytes depend only on the spec (not on jobs or order).
+    Returns ``{cut id: (num samples, phones)}``. Each worker has an ``ESpeakServer`` helper that speaks every
+    utterance from a pristine fork, so the bytes depend only on the spec (not on jobs or order).
     """
     import multiprocessing as mp
 
@@ -414,14 +387,9 @@ def synthesize_specs(specs: list[UttSpec], out_dir, num_jobs: int = 2, progress:
 
     if num_jobs < 1:
         raise ValueError(f"num_jobs must be >= 1, got {num_jobs}")
-    from speechssl.data.corpora import espeak
-
-    # Workers fork one child per utterance, so they must be small and their eSpeak unused. Fork them from
-    # this process when it is light (the CLI: no torch loaded) and its eSpeak never spoke: fast, and scripts
-    # need no __main__ guard. Otherwise spawn fresh interpreters (callers then need the usual guard).
-    parent_used = espeak._ENGINE is not None and espeak._ENGINE.synth_calls > 0
-    light = "torch" not in sys.modules
-    method = "fork" if "fork" in mp.get_all_start_methods() and light and not parent_used else "spawn"
+    # Workers only run numpy/scipy and talk to their eSpeak helper; fork them where possible (fast, and
+    # scripts need no __main__ guard).
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     chunk = 24
     jobs = [(str(out_dir), specs[i: i + chunk]) for i in range(0, len(specs), chunk)]
     results: dict[str, tuple[int, str]] = {}
@@ -502,7 +470,7 @@ def prepare_mini(out_dir, minutes: float = DEFAULT_MINUTES, seed: int = 0, num_j
 
     plan = plan_mini(minutes, seed)
     results = synthesize_specs(plan.specs, out_dir, num_jobs=num_jobs)
-    from lhotse import CutSet  # only now: the synthesis workers fork faster from a process without torch
+    from lhotse import CutSet  # imported after synthesis: the forked workers stay small
 
     by_id = {s.id: s for s in plan.specs}
     cuts_by_id = {cid: _make_cut(by_id[cid], out_dir, *results[cid]) for cid in by_id}

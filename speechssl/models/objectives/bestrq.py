@@ -54,17 +54,20 @@ class BestRQObjective(Objective):
         self.head = nn.Linear(encoder.hidden_size, num_codebooks * codebook_size)
 
     def _features(self, batch: dict) -> tuple[Tensor, Tensor]:
-        """(log-mel [B, F, n_mels], valid frames [B]) from the batch's fbank, or computed from its audio."""
+        """(log-mel [B, F, n_mels], valid frames [B]): computed from the batch's audio with the encoder's own
+        filterbank (what it computes at inference), or the batch's ``features`` when it has no audio."""
+        if "audio" in batch:
+            audio, alens = self.audio_of(batch)
+            with torch.no_grad():
+                feats = log_mel_fbank(audio, self.n_mels, filters=self.encoder.feature_extractor.mel_filters)
+            return feats, torch.div(alens, FBANK_HOP, rounding_mode="floor").clamp_max(feats.shape[1])
         feats = batch.get("features")
-        if feats is not None and feats.shape[-1] == self.n_mels:
-            lens = batch.get("features_lens")
-            if lens is None:
-                lens = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long, device=feats.device)
-            return feats.float(), lens.to(feats.device).long()
-        audio, alens = self.audio_of(batch)
-        with torch.no_grad():
-            feats = log_mel_fbank(audio, self.n_mels, filters=self.encoder.feature_extractor.mel_filters)
-        return feats, torch.div(alens, FBANK_HOP, rounding_mode="floor").clamp_max(feats.shape[1])
+        if feats is None or feats.dim() != 3 or feats.shape[-1] != self.n_mels:
+            raise KeyError(f"BEST-RQ needs 'audio' or {self.n_mels}-dim 'features' [B, F, {self.n_mels}] in the batch")
+        lens = batch.get("features_lens")
+        if lens is None:
+            lens = torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long, device=feats.device)
+        return feats.float(), lens.to(feats.device).long()
 
     def _block_mask(self, frames: Tensor, T: int) -> Tensor:
         # same expected start density per second as on input frames: p_enc = 1 - (1 - p)^stack

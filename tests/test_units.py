@@ -1,0 +1,116 @@
+"""Units end to end: features from cuts -> KMeans -> labels on cuts, aligned to encoder frames at 100 and 50 Hz."""
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from speechssl.cli.main import main
+from speechssl.cluster import KMeans
+from speechssl.train.units import fit_kmeans, label_cuts
+
+
+@pytest.fixture
+def cuts_file(tmp_path, synthetic_wav):
+    from lhotse import CutSet, Recording
+
+    cuts = []
+    for i, n in enumerate([16000, 12345, 8000, 20160]):
+        p = tmp_path / f"utt{i}.wav"
+        sf.write(p, synthetic_wav(n, seed=i), 16000)
+        cuts.append(Recording.from_file(p, recording_id=f"utt{i}").to_cut())
+    path = tmp_path / "cuts.jsonl.gz"
+    CutSet.from_cuts(cuts).to_file(path)
+    return path
+
+
+def _load(path):
+    from lhotse import CutSet
+
+    return list(CutSet.from_file(path))
+
+
+def test_mfcc_units_100hz_align_to_50hz_frames(tmp_path, cuts_file):
+    from speechssl.data.audio import load_cut_audio
+    from speechssl.data.dataset import SpeechDataset
+    from speechssl.data.features import compute_mfcc
+
+    km = fit_kmeans(cuts_file, tmp_path / "km", feature="mfcc", n_clusters=6, fraction=1.0, progress=False)
+    info = json.loads((tmp_path / "km" / "kmeans.json").read_text())
+    assert info["meta"]["features"] == {"feature": "mfcc", "layer": None, "frame_shift": 0.01, "dim": 39}
+    out = tmp_path / "cuts_mfcc.jsonl.gz"
+    assert label_cuts(cuts_file, tmp_path / "km", out, name="mfcc", progress=False) == 4
+    cuts = _load(out)
+    for cut in cuts:
+        wav = load_cut_audio(cut)
+        feats, n = compute_mfcc(torch.from_numpy(wav))
+        units = np.asarray(cut.load_custom("mfcc"))
+        assert units.shape == ((len(wav) + 80) // 160,) == (int(n),)
+        np.testing.assert_array_equal(units, km.predict(feats.numpy()))
+    # a 50 Hz encoder frame i takes the 100 Hz label 2i (fairseq's rule); padding is -100
+    ds = SpeechDataset(units=["mfcc"], frame_rate=50.0, num_frames=lambda n: torch.div(n, 320, rounding_mode="floor"))
+    from lhotse import CutSet
+
+    batch = ds[CutSet.from_cuts(cuts)]
+    for i, cut in enumerate(cuts):
+        units = np.asarray(cut.load_custom("mfcc"))
+        nf = int(batch["audio_lens"][i]) // 320
+        assert batch["units"]["mfcc"][i, :nf].tolist() == units[0 : 2 * nf : 2].tolist()
+        assert (batch["units"]["mfcc"][i, nf:] == -100).all()
+
+
+def test_model_layer_units_50hz(tmp_path, cuts_file):
+    from speechssl import export_pretrained, load_pretrained
+    from speechssl.data.audio import load_cut_audio
+    from speechssl.data.dataset import SpeechDataset
+    from speechssl.models import build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder("tiny_hubert", num_layers=2)
+    export_pretrained(enc, tmp_path / "model", format="speechssl")
+    km = fit_kmeans(cuts_file, tmp_path / "km", feature=str(tmp_path / "model"), layer=1, n_clusters=5,
+                    fraction=0.5, seed=1, progress=False)
+    assert km.cluster_centers_.shape == (5, 256)
+    out = tmp_path / "cuts_l1.jsonl.gz"
+    label_cuts(cuts_file, tmp_path / "km", out, name="hubert_l1", progress=False)
+    model = load_pretrained(tmp_path / "model")
+    cuts = _load(out)
+    from lhotse import CutSet
+
+    ds = SpeechDataset(units=["hubert_l1"], num_frames=model.num_frames, frame_rate=50.0)
+    batch = ds[CutSet.from_cuts(cuts)]
+    for i, cut in enumerate(cuts):
+        wav = torch.from_numpy(load_cut_audio(cut))[None]
+        with torch.no_grad():
+            h = model(wav).hidden_states[1][0]
+        units = np.asarray(cut.load_custom("hubert_l1"))
+        assert units.shape == (int(model.num_frames(torch.tensor([wav.shape[1]]))),) == (h.shape[0],)
+        np.testing.assert_array_equal(units, km.predict(h.numpy()))
+        assert cut.custom["hubert_l1"].frame_shift == pytest.approx(0.02)
+        nf = units.shape[0]
+        assert batch["units"]["hubert_l1"][i, :nf].tolist() == units.tolist()  # 50 Hz on 50 Hz: identity
+
+
+def test_cli_kmeans_and_label(tmp_path, cuts_file, capsys):
+    km_dir, out = tmp_path / "km", tmp_path / "cuts_km.jsonl.gz"
+    assert main(["kmeans", "--cuts", str(cuts_file), "--out", str(km_dir), "--feature", "mfcc",
+                 "--n-clusters", "8", "--fraction", "0.5", "--seed", "0", "--store", "disk"]) == 0
+    assert not (km_dir / "features.f32").exists()  # the temporary feature file is removed
+    km = KMeans.load(km_dir)
+    assert km.n_clusters == 8 and km.meta["num_cuts"] == 2
+    assert main(["label", "--cuts", str(cuts_file), "--kmeans", str(km_dir), "--out", str(out)]) == 0
+    cuts = _load(out)
+    assert len(cuts) == 4 and all(c.custom["kmeans"].frame_shift == 0.01 for c in cuts)
+    assert all(0 <= np.asarray(c.load_custom("kmeans")).max() < 8 for c in cuts)
+    # clear errors
+    assert main(["kmeans", "--cuts", str(cuts_file), "--out", str(km_dir), "--n-clusters", "100000",
+                 "--fraction", "0.5"]) == 2
+    assert "raise --fraction or lower --n-clusters" in capsys.readouterr().err
+    assert main(["kmeans", "--cuts", str(cuts_file), "--out", str(km_dir), "--n-clusters", "4",
+                 "--layer", "3"]) == 2
+    assert "--layer applies to model features" in capsys.readouterr().err
+    assert main(["kmeans", "--cuts", str(tmp_path / "nope.jsonl.gz"), "--out", str(km_dir), "--n-clusters", "4"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["label", "--cuts", str(cuts_file), "--kmeans", str(tmp_path), "--out", str(out)]) == 2
+    assert "not a k-means directory" in capsys.readouterr().err
