@@ -5,7 +5,8 @@ machinery: HardConcrete gates on CNN channels, heads and FFN units get random sc
 searched so that the exact parameter count of the materialised model (``PruningGates.count_from_gates``) reaches
 the target sparsity, the gates are set to keep exactly the units above it, and ``materialize`` builds the dense
 pruned encoder. No training is needed to measure speed. Both run in the same process under the same protocol
-(CPU, --threads threads, batch 1, --seconds of audio, warm-up, median of --repeats, float32).
+(CPU, --threads threads, batch 1, --seconds of audio, warm-up, float32), timed in alternation (teacher, student,
+teacher, ...) so that load changes hit both alike; the median of --repeats runs each is reported.
 
     python bench/compress.py                 # 10 s input, 2 threads, 5 timed runs
     python bench/compress.py --quick         # 4 s input, 1 timed run: a correctness check
@@ -14,6 +15,7 @@ Targets: student RTF at least 2.5x lower than the teacher's, student at most 26M
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -54,6 +56,28 @@ def sparse_student(teacher, sparsity: float, seed: int = 0):
     return student
 
 
+def cpu_seconds(encoder, seconds: float, repeats: int) -> float:
+    """Median process CPU time of one batch-1 forward on 1 thread (unaffected by waiting for a busy CPU)."""
+    import time
+
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        wav = 0.1 * torch.randn(1, int(seconds * 16000), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            encoder(wav)
+            times = []
+            for _ in range(repeats):
+                t0 = time.process_time()
+                encoder(wav)
+                times.append(time.process_time() - t0)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(prev)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="hubert_base", help="preset name of the teacher (default hubert_base)")
@@ -69,7 +93,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from speechssl.compress.profile import format_table, profile_models
+    from speechssl.compress.profile import format_table, measure_rtf, profile_models
     from speechssl.models import build_encoder
 
     torch.manual_seed(0)
@@ -78,8 +102,17 @@ def main(argv=None) -> int:
     print(f"student heads per layer {student.prunable_units()['heads']}")
     print(f"student FFN units per layer {student.prunable_units()['ffn_units']}")
     print(f"student CNN channels {student.prunable_units()['conv']}")
-    results = profile_models({f"teacher ({args.teacher})": teacher, f"student (sparsity {args.sparsity})": student},
-                             seconds=args.seconds, threads=args.threads, warmup=args.warmup, repeats=args.repeats)
+    models = {f"teacher ({args.teacher})": teacher, f"student (sparsity {args.sparsity})": student}
+    results = profile_models(models, seconds=args.seconds, timing=False)
+    # time the two models in alternation, so a load change on the machine hits both alike
+    for enc in models.values():
+        measure_rtf(enc, args.seconds, args.threads, warmup=args.warmup, repeats=1)
+    rounds: list[list[float]] = [[], []]
+    for _ in range(args.repeats):
+        for i, enc in enumerate(models.values()):
+            rounds[i].append(measure_rtf(enc, args.seconds, args.threads, warmup=0, repeats=1))
+    for r, times in zip(results, rounds):
+        r.rtf, r.threads = statistics.median(times), args.threads
     print(format_table(results))
     t, s = results
     speedup = t.rtf / s.rtf
@@ -88,6 +121,12 @@ def main(argv=None) -> int:
     print(f"student params: {s.params / 1e6:.2f}M = {s.params / t.params:.3f} of the teacher "
           f"(target <= {TARGET_PARAMS / 1e6:.0f}M) {'PASS' if s.params <= TARGET_PARAMS else 'FAIL'}")
     print(f"MACs ratio student/teacher: {s.macs / t.macs:.3f}")
+    # supplementary, robust to other processes on the machine: single-thread CPU seconds per forward
+    cpu = [cpu_seconds(enc, args.seconds, max(1, args.repeats)) for enc in models.values()]
+    print(f"single-thread CPU time per {args.seconds:g} s forward: teacher {cpu[0]:.3f} s, student {cpu[1]:.3f} s, "
+          f"ratio {cpu[0] / cpu[1]:.2f}x")
+    if args.quick:
+        print("(--quick: one short timed run each, a correctness check; judge the speed target on a full run)")
     return 0
 
 

@@ -1,10 +1,11 @@
 """Encoder speed and memory against transformers, same config and same weights, measured in the same run.
 
-For each model (HuBERT Base, WavLM Base by default) a random-init transformers model is saved once; then one
-subprocess per implementation loads it (ours through ``speechssl.load_pretrained``), runs forward+backward on a
-batch of 4 x 4 s in train mode (layer-drop off on both sides so both run every layer) and an eval forward, and
-reports seconds per iteration and peak memory (CPU: ru_maxrss growth during the timed loop; CUDA:
-max_memory_allocated). The parent checks both gave the same eval output and prints ours/HF ratios.
+For each model (HuBERT Base, WavLM Base by default) a random-init transformers model is saved once and loaded
+by both implementations (ours through ``speechssl.load_pretrained``). Timing: forward+backward on a batch of
+4 x 4 s in train mode (layer-drop off on both sides so both run every layer) and an eval forward, iterations of
+the two implementations interleaved in one process, median reported. Memory: one forward+backward per
+implementation in a fresh subprocess (CPU: ru_maxrss growth above the loaded model; CUDA: max_memory_allocated).
+Also checks that both gave the same eval output, and prints ours/HF ratios.
 
     python bench/encoder.py                       # CPU, 2 threads, HuBERT Base + WavLM Base
     python bench/encoder.py --quick               # 1 iteration, for a correctness check
@@ -42,71 +43,123 @@ def make_checkpoint(preset: str, out: Path) -> None:
     model.save_pretrained(out)
 
 
-def child(args) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    if args.impl == "hf":
+def load_model(impl: str, ckpt: str, dev):
+    if impl == "hf":
         import transformers
 
-        model = transformers.AutoModel.from_pretrained(args.ckpt)
-    else:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from speechssl import load_pretrained
+        return transformers.AutoModel.from_pretrained(ckpt).to(dev)
+    from speechssl import load_pretrained
 
-        model = load_pretrained(args.ckpt)
-    model.to(dev)
-    g = torch.Generator().manual_seed(0)
-    n = int(args.seconds * 16000)
-    wav = (0.1 * torch.randn(args.batch, n, generator=g)).to(dev)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if args.dtype == "bf16" else torch.autocast(dev.type, enabled=False)
+    return load_pretrained(ckpt).to(dev)
 
-    def last(out):
-        return out.last_hidden_state
+
+def make_steps(model, wav, dev, dtype: str):
+    import torch
+
+    amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16"
+           else torch.autocast(dev.type, enabled=False))
 
     def fwd_bwd():
         model.train()
         with amp:
             out = model(wav)
-        loss = last(out).float().pow(2).mean()
-        loss.backward()
+        out.last_hidden_state.float().pow(2).mean().backward()
         model.zero_grad(set_to_none=True)
 
     def fwd():
         model.eval()
         with torch.no_grad(), amp:
-            return last(model(wav))
+            return model(wav).last_hidden_state
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    return fwd_bwd, fwd
 
-    for _ in range(args.warmup):
-        fwd_bwd()
-    sync()
+
+def batch_wav(args, dev):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return (0.1 * torch.randn(args.batch, int(args.seconds * 16000), generator=g)).to(dev)
+
+
+def sync(dev):
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def child_memory(args) -> None:
+    """One implementation alone in a fresh process: peak memory of one fwd+bwd above the loaded model."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    model = load_model(args.impl, args.ckpt, dev)
+    wav = batch_wav(args, dev)
+    fwd_bwd, _ = make_steps(model, wav, dev, args.dtype)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        fwd_bwd()
-    sync()
-    t_train = (time.perf_counter() - t0) / args.iters
+        base = torch.cuda.memory_allocated()
+    # Linux: reset the peak-RSS mark (VmHWM) after loading so that loading's own peak does not hide the step's
+    hwm_reset = _reset_peak_rss()
+    rss0 = _status_kib("VmRSS") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fwd_bwd()
+    sync(dev)
     if dev.type == "cuda":
-        peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # KiB -> MiB
-    fwd()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        y = fwd()
-    sync()
-    t_eval = (time.perf_counter() - t0) / args.iters
-    torch.save(y[:, :50].float().cpu(), args.out + ".pt")
-    json.dump({"train_s": t_train, "eval_s": t_eval, "peak_mib": peak}, open(args.out, "w"))
+        after = _status_kib("VmHWM") if hwm_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = (after - rss0) / 1024  # KiB -> MiB
+    json.dump({"peak_mib": peak}, open(args.out, "w"))
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def time_pair(args, ckpt: Path) -> dict:
+    """Both implementations in this process, iterations interleaved (HF, ours, ours, HF, ...) so that a
+    changing machine load hits both alike; the median per-iteration time is reported."""
+    import statistics
+
+    import torch
+
+    dev = torch.device(args.device)
+    wav = batch_wav(args, dev)
+    steps = {impl: make_steps(load_model(impl, str(ckpt), dev), wav, dev, args.dtype) for impl in ("hf", "ours")}
+    times = {impl: {"train": [], "eval": []} for impl in steps}
+    outs = {}
+    for it in range(args.warmup + args.iters):
+        order = ("hf", "ours") if it % 2 == 0 else ("ours", "hf")
+        for impl in order:
+            fwd_bwd, fwd = steps[impl]
+            t0 = time.perf_counter()
+            fwd_bwd()
+            sync(dev)
+            t1 = time.perf_counter()
+            outs[impl] = fwd()
+            sync(dev)
+            t2 = time.perf_counter()
+            if it >= args.warmup:
+                times[impl]["train"].append(t1 - t0)
+                times[impl]["eval"].append(t2 - t1)
+    res = {impl: {k: statistics.median(v) for k, v in times[impl].items()} for impl in times}
+    res["diff"] = (outs["hf"].float() - outs["ours"].float()).abs().max().item()
+    return res
 
 
 def main() -> None:
@@ -125,47 +178,47 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.impl:
-        return child(args)
+        return child_memory(args)
     if args.quick:
         args.iters, args.warmup = 1, 1
     import torch
 
+    torch.set_num_threads(args.threads)
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": str(args.threads), "TRANSFORMERS_VERBOSITY": "error"}
-    print(f"encoder bench: batch {args.batch} x {args.seconds:g} s, {args.threads} threads, device {args.device}, "
-          f"{args.dtype}, {args.iters} iters (+{args.warmup} warm-up), train mode fwd+bwd, layer-drop off")
     sys.path.insert(0, str(repo))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": str(args.threads)}
+    print(f"encoder bench: batch {args.batch} x {args.seconds:g} s, {args.threads} threads, device {args.device}, "
+          f"{args.dtype}, median of {args.iters} interleaved iters (+{args.warmup} warm-up), train-mode fwd+bwd "
+          f"(layer-drop off) and eval fwd; peak memory of one fwd+bwd in a fresh process per implementation")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.models:
             ckpt = Path(tmp) / preset
             make_checkpoint(preset, ckpt)
-            res = {}
+            res = time_pair(args, ckpt)
             for impl in ("hf", "ours"):
                 out = str(Path(tmp) / f"{preset}.{impl}.json")
                 cmd = [sys.executable, __file__, "--impl", impl, "--ckpt", str(ckpt), "--out", out,
-                       "--batch", str(args.batch), "--seconds", str(args.seconds), "--iters", str(args.iters),
-                       "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
-                       "--dtype", args.dtype]
+                       "--batch", str(args.batch), "--seconds", str(args.seconds), "--threads", str(args.threads),
+                       "--device", args.device, "--dtype", args.dtype]
                 subprocess.run(cmd, check=True, env=env)
-                res[impl] = json.load(open(out))
-                res[impl]["y"] = torch.load(out + ".pt")
-            diff = (res["hf"]["y"] - res["ours"]["y"]).abs().max().item()
-            r_train = res["ours"]["train_s"] / res["hf"]["train_s"]
-            r_eval = res["ours"]["eval_s"] / res["hf"]["eval_s"]
-            r_mem = res["ours"]["peak_mib"] / max(res["hf"]["peak_mib"], 1e-9)
-            rows.append((preset, res, r_train, r_eval, r_mem, diff))
+                res[impl].update(json.load(open(out)))
+            rows.append((preset, res))
     print(f"{'model':<12} {'impl':<5} {'fwd+bwd s':>10} {'eval fwd s':>10} {'peak MiB':>9}")
-    for preset, res, *_ in rows:
+    for preset, res in rows:
         for impl in ("hf", "ours"):
             r = res[impl]
-            print(f"{preset:<12} {impl:<5} {r['train_s']:>10.3f} {r['eval_s']:>10.3f} {r['peak_mib']:>9.0f}")
-    for preset, _, r_train, r_eval, r_mem, diff in rows:
-        target = TARGETS.get(preset)
+            print(f"{preset:<12} {impl:<5} {r['train']:>10.3f} {r['eval']:>10.3f} {r['peak_mib']:>9.0f}")
+    for preset, res in rows:
+        r_train = res["ours"]["train"] / res["hf"]["train"]
+        r_eval = res["ours"]["eval"] / res["hf"]["eval"]
+        r_mem = res["ours"]["peak_mib"] / max(res["hf"]["peak_mib"], 1e-9)
+        target = TARGETS.get(preset) if args.device == "cpu" else None
         verdict = "" if target is None else f" (target <= {target}: {'met' if r_train <= target else 'NOT met'})"
         print(f"{preset}: ratio ours/HF fwd+bwd time {r_train:.2f}{verdict}, eval fwd time {r_eval:.2f}, "
-              f"peak memory {r_mem:.2f}; max |diff| of eval outputs {diff:.2e}")
+              f"peak memory {r_mem:.2f}; max |diff| of eval outputs {res['diff']:.2e}")
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     else:
         cases = [("mfcc", 200000, 100), ("mfcc", 200000, 500), ("hidden", 100000, 500)]
     print(f"threads={args.threads} device={args.device} baseline=MiniBatchKMeans({', '.join(f'{k}={v}' for k, v in dict(SK_SETTINGS, n_init=args.sk_n_init).items())})")
-    print(f"ours=KMeans(mode='lloyd', max_iter=100, tol=1e-4, n_init=3, init_iter=20, init_size=max(10000, 20K))")
+    print(f"ours=KMeans(mode='lloyd', max_iter=100, tol=1e-3, n_init=3, init_iter=20, init_size=max(10000, 20K))")
     rows = []
     for kind, n, k in cases:
         if threadpool_limits is not None:

@@ -159,3 +159,95 @@ def test_prune_cli_end_to_end_and_resume(tmp_path):
     before = (out / "final" / "model.safetensors").read_bytes()
     assert main(args + ["--resume"]) == 0
     assert (out / "final" / "model.safetensors").read_bytes() == before
+    # finetune.max_steps=0: the materialised model is the final one
+    out0 = tmp_path / "prune0"
+    args0 = [a if a != str(out) else str(out0) for a in args] + ["--set", "finetune.max_steps=0"]
+    assert main(args0) == 0
+    assert (out0 / "final" / "model.safetensors").read_bytes() == (out0 / "pruned" / "model.safetensors").read_bytes()
+
+
+def test_hf_teacher_distils_and_prunes(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from speechssl.compress.distill import load_teacher
+    from speechssl.compress.materialize import materialize
+    from speechssl.compress.prune import PruningGates
+
+    cfg = transformers.HubertConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                                    conv_dim=[32] * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    torch.manual_seed(0)
+    transformers.HubertModel(cfg).save_pretrained(tmp_path / "hf")
+    teacher = load_teacher(str(tmp_path / "hf"))
+    assert teacher.num_layers == 3 and not teacher.training
+    model = HeadDistiller(build_distilhubert_student(teacher, 1), teacher, target_layers=[1, 3])
+    loss, logs = model({"audio": 0.1 * torch.randn(2, 8000), "audio_lens": torch.tensor([8000, 7000])})
+    assert torch.isfinite(loss) and "l1_3" in logs
+    g = PruningGates(teacher)
+    with torch.no_grad():
+        for p in g.log_alpha_parameters():
+            p.normal_(0.0, 3.0)
+    gates = g.eval()()
+    small = materialize(teacher, gates)
+    wav = 0.1 * torch.randn(1, 8000)
+    with torch.no_grad():
+        assert (teacher(wav, gates=gates).hidden_states[-1] - small(wav).hidden_states[-1]).abs().max() < 1e-5
+
+
+def test_configs_validate_and_name_keys():
+    from speechssl.compress.distill import DistillConfig
+    from speechssl.compress.prune import PruneConfig
+    from speechssl.config import ConfigError, load_config
+
+    for cls in (DistillConfig, PruneConfig):
+        with pytest.raises(ConfigError, match="teacher"):
+            load_config(cls, None, [])
+    with pytest.raises(ConfigError, match="prune.target"):
+        load_config(PruneConfig, None, ["teacher=x", "prune.target=1.5"])
+    with pytest.raises(ConfigError, match="prune.groups"):
+        load_config(PruneConfig, None, ["teacher=x", "prune.groups=[heads,channels]"])
+    with pytest.raises(ConfigError, match="loss.method"):
+        load_config(DistillConfig, None, ["teacher=x", "loss.method=attention"])
+    for path in ("conf/distill/distilhubert.yaml", "conf/distill/mini_distilhubert.yaml"):
+        assert load_config(DistillConfig, path, ["teacher=x"]).loss.method == "heads"
+    ref = load_config(PruneConfig, "conf/prune/dphubert.yaml", ["teacher=x"])
+    assert (ref.prune.target, ref.prune.warmup_steps, ref.trainer.max_steps, ref.finetune.max_steps) == (
+        0.75, 5000, 50000, 25000)
+    assert load_config(PruneConfig, "conf/prune/mini_dphubert.yaml", ["teacher=x"]).prune.target == 0.5
+
+
+def test_head_distillation_reduces_loss():
+    teacher = micro("hubert")
+    torch.manual_seed(0)
+    model = HeadDistiller(build_distilhubert_student(teacher, 2), teacher, target_layers=[2, 4]).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    batch = {"audio": 0.1 * torch.randn(2, 8000), "audio_lens": torch.tensor([8000, 6400])}
+    losses = []
+    for _ in range(25):
+        loss, _ = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_prune_stage1_resume_is_exact(tmp_path):
+    """2 steps + resume + 2 steps == 4 steps straight: gates are sampled from the restored RNG state."""
+    import shutil
+
+    from speechssl.cli.main import main
+
+    common = _tiny_setup(tmp_path)
+    base = [*common, "--set", "prune.warmup_steps=2", "--set", "prune.gate_lr=0.5", "--set", "finetune.max_steps=0",
+            "--set", "trainer.ckpt_every=2"]
+    assert main(["prune", "--out", str(tmp_path / "a"), *base, "--set", "trainer.max_steps=4"]) == 0
+    assert main(["prune", "--out", str(tmp_path / "b"), *base, "--set", "trainer.max_steps=2"]) == 0
+    shutil.rmtree(tmp_path / "b" / "pruned")  # as if stopped inside stage 1
+    assert main(["prune", "--out", str(tmp_path / "b"), *base, "--set", "trainer.max_steps=4", "--resume"]) == 0
+
+    def losses(d):
+        rows = [json.loads(l) for l in (d / "stage1" / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], round(r["loss"], 5), round(r["sparsity"], 6)) for r in rows if r.get("split") == "train"]
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert (tmp_path / "a" / "final" / "model.safetensors").read_bytes() == \
+        (tmp_path / "b" / "final" / "model.safetensors").read_bytes()

@@ -300,3 +300,19 @@ def test_fbank_features_input_equals_waveform_path():
     # normalised input features: zero mean / unit variance over valid frames
     valid = b.input_features[0].reshape(-1, 80)
     torch.testing.assert_close(valid.mean(0), torch.zeros(80), atol=1e-4, rtol=0)
+
+
+def test_wavlm_training_attention_path_matches_eval_kernel():
+    """In grad mode WavLM uses an explicit baddbmm attention; with dropout off it must equal the SDPA path."""
+    torch.manual_seed(0)
+    enc = build_encoder(small_cfg(relative_position=True, model_type="wavlm", num_buckets=32, max_distance=64))
+    wav, lens = torch.randn(2, 7000), torch.tensor([7000, 5200])
+    enc.train()  # all dropouts are 0 in small_cfg, so train == eval numerically
+    out = enc(wav, lens)
+    out.last_hidden_state.sum().backward()
+    assert enc.rel_pos.rel_attn_embed.weight.grad.abs().sum() > 0
+    assert enc.layers[1].attention.gru_rel_pos_const.grad.abs().sum() > 0
+    with torch.no_grad():
+        ref = enc.eval()(wav, lens)
+    for x, y in zip(out.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(x.detach(), y, atol=1e-5, rtol=1e-5)

@@ -11,7 +11,11 @@ from speechssl.models.objectives import build_objective, utterance_mix
 from speechssl.models.objectives.wav2vec2 import sample_negatives
 from speechssl.models.quantizers import GumbelVectorQuantizer, RandomProjectionQuantizer
 
-NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0, feature_dropout=0.0, num_layers=2)
+# the tiny presets narrowed further (2 layers, 64 dims, 32-channel front end) so that 50 steps take seconds
+NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0, feature_dropout=0.0, num_layers=2, hidden_size=64, num_heads=4,
+                  ffn_dim=128, conv_layers=[[32, 10, 5]] + [[32, 3, 2]] * 4 + [[32, 2, 2]] * 2, conv_pos=16,
+                  conv_pos_groups=8)
+FBANK_SMALL = dict(NO_DROPOUT, conv_layers=[[32, 3, 2], [32, 3, 2]])
 
 
 def make_batch(synthetic_wav, lens=(9600, 8000), seed=0):
@@ -31,7 +35,7 @@ def random_units(enc, batch, K, seed=0):
     return u
 
 
-def train(obj, batch, steps, lr=2e-3):
+def train(obj, batch, steps, lr=3e-3):
     torch.manual_seed(0)
     opt = torch.optim.AdamW(obj.parameters(), lr=lr)
     hist = []
@@ -124,12 +128,12 @@ def test_sample_negatives_same_utterance_never_self():
 def test_hubert_overfits_and_logs(synthetic_wav):
     torch.manual_seed(0)
     enc = build_encoder("tiny_hubert", **NO_DROPOUT)
-    obj = build_objective("hubert", enc, num_classes={"km": 16}, final_dim=64)
+    obj = build_objective("hubert", enc, num_classes={"km": 16}, final_dim=32)
     batch = make_batch(synthetic_wav)
     batch["units"] = {"km": random_units(enc, batch, 16)}
-    hist = train(obj, batch, 40)
-    assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
-    assert max(h["acc_masked"] for h in hist[-5:]) > 0.8
+    hist = train(obj, batch, 50)
+    assert hist[-1]["loss"] < 0.4 * hist[0]["loss"]
+    assert max(h["acc_masked"] for h in hist[-5:]) > 0.75
     assert {"acc_masked", "acc_unmasked", "loss", "features_pen"} <= set(hist[-1])
     assert obj.sample_size(batch) == int(hist[-1]["masked_frames"]) > 0
 
@@ -138,7 +142,7 @@ def test_hubert_logits_are_cosine_over_all_units(synthetic_wav):
     torch.manual_seed(0)
     enc = build_encoder("tiny_hubert", **NO_DROPOUT)
     obj = build_objective("hubert", enc, num_classes=[7, 5], untie_final_proj=True, final_dim=32)
-    x = torch.randn(6, 256)
+    x = torch.randn(6, 64)
     lg = obj.logits(x, 1)
     assert lg.shape == (6, 5)
     proj = obj.final_proj(x).view(6, 2, 32)[:, 1]
@@ -217,14 +221,14 @@ def test_utterance_mix_bounds_and_targets(synthetic_wav):
 def test_wavlm_mixes_in_training_only_and_learns(synthetic_wav):
     torch.manual_seed(0)
     enc = build_encoder("tiny_wavlm", **NO_DROPOUT)
-    obj = build_objective("wavlm", enc, num_classes=16, final_dim=64, mix_prob=1.0)
+    obj = build_objective("wavlm", enc, num_classes=16, final_dim=32, mix_prob=1.0)
     batch = make_batch(synthetic_wav)
     units = random_units(enc, batch, 16)
     batch["units"] = {"kmeans": units}
-    hist = train(obj, batch, 30)
+    hist = train(obj, batch, 40)
     assert obj.last_mix is not None and obj.last_mix.mixed.all()
     assert torch.equal(batch["units"]["kmeans"], units)  # targets stay the primary's
-    assert hist[-1]["loss"] < 0.7 * hist[0]["loss"]
+    assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
     obj.eval()
     obj(batch)
     assert obj.last_mix is None
@@ -233,13 +237,14 @@ def test_wavlm_mixes_in_training_only_and_learns(synthetic_wav):
 def test_wav2vec2_overfits(synthetic_wav):
     torch.manual_seed(0)
     enc = build_encoder("tiny_wav2vec2", **NO_DROPOUT)
-    obj = build_objective("wav2vec2", enc, final_dim=64, latent_vars=16, num_negatives=10, mask_length=5,
+    obj = build_objective("wav2vec2", enc, final_dim=32, latent_vars=16, num_negatives=10, mask_length=5,
                           latent_temp=(2.0, 0.5, 0.99))
     batch = make_batch(synthetic_wav)
-    hist = train(obj, batch, 40)
-    assert hist[-1]["contrastive"] < 0.6 * hist[0]["contrastive"]
-    assert max(h["acc"] for h in hist[-5:]) > max(0.5, hist[0]["acc"] + 0.3)
-    assert hist[-1]["temp"] == pytest.approx(2.0 * 0.99 ** 39)
+    hist = train(obj, batch, 60)
+    mean = lambda key, hs: sum(h[key] for h in hs) / len(hs)  # noqa: E731  (masks change every step)
+    assert mean("contrastive", hist[-5:]) < 0.65 * mean("contrastive", hist[:5])
+    assert mean("acc", hist[-5:]) > max(0.45, mean("acc", hist[:5]) + 0.25)
+    assert hist[-1]["temp"] == pytest.approx(2.0 * 0.99 ** 59)
     for h in hist:
         assert 1.0 <= h["prob_perplexity"] <= 32 and 1.0 <= h["code_perplexity"] <= 32
         assert h["loss"] == pytest.approx(h["contrastive"] + 0.1 * h["diversity"] + 10 * h["features_pen"], rel=1e-4)
@@ -248,10 +253,10 @@ def test_wav2vec2_overfits(synthetic_wav):
 
 def test_bestrq_overfits(synthetic_wav):
     torch.manual_seed(0)
-    enc = build_encoder("tiny_bestrq", **NO_DROPOUT)
+    enc = build_encoder("tiny_bestrq", **FBANK_SMALL)
     obj = build_objective("bestrq", enc, codebook_size=64, mask_prob=0.02, mask_length=20)
-    batch = make_batch(synthetic_wav, lens=(16000, 12800))
-    hist = train(obj, batch, 40)
+    batch = make_batch(synthetic_wav, lens=(9600, 8000))
+    hist = train(obj, batch, 50)
     assert hist[-1]["loss"] < 0.3 * hist[0]["loss"]
     assert max(h["acc_masked"] for h in hist[-5:]) > 0.8
     assert list(obj.quantizer.parameters()) == []
@@ -260,5 +265,7 @@ def test_bestrq_overfits(synthetic_wav):
 
     feats = log_mel_fbank(batch["audio"], 80)
     norm = FbankFrontend.normalize(feats, batch["audio_lens"] // 160)
-    codes = obj.targets(norm, 25)
-    assert codes.shape == (2, 25, 1) and codes.max() < 64
+    codes = obj.targets(norm, 15)
+    assert codes.shape == (2, 15, 1) and codes.max() < 64
+    stacked = torch.nn.functional.pad(norm, (0, 0, 0, 60 - norm.shape[1])).reshape(2, 15, 320)
+    assert torch.equal(codes, obj.quantizer(stacked))

@@ -9,7 +9,7 @@ import torch
 
 from speechssl.superb.cache import Example, FeatureSource
 from speechssl.superb.tasks import HeadConfig, build_task, make_trials
-from speechssl.superb.train import SuperbConfig, bucket_batches, class_weights, train_trial
+from speechssl.superb.train import SuperbConfig, bucket_batches, carve_dev, class_weights, train_trial
 from speechssl.superb.upstream import FbankUpstream
 
 SR = 16000
@@ -160,3 +160,14 @@ def test_class_balanced_sampling():
                 counts[ex[i].label] += 1
     frac_b = counts["b"] / sum(counts.values())
     assert 0.4 < frac_b < 0.6  # balanced, although b is only 10% of the data
+
+
+def test_carve_dev():
+    ex = [Example(id=f"{s}-{i}", num_samples=1000, label=f"spk{s}") for s in range(10) for i in range(4)]
+    train, dev = carve_dev(ex, 0.2, seed=0, by_label=True)
+    assert len({e.label for e in dev}) == 2 and not ({e.label for e in dev} & {e.label for e in train})
+    assert len(train) + len(dev) == len(ex)
+    train, dev = carve_dev(ex, 0.25, seed=0)
+    assert len(dev) == 10 and not ({e.id for e in dev} & {e.id for e in train})
+    with pytest.raises(ValueError, match="dev_fraction"):
+        carve_dev(ex[:12], 0.5, seed=0, by_label=True)

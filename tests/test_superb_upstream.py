@@ -189,3 +189,28 @@ def test_cache_training_crop(synthetic_wav):
 def test_cache_disabled_for_trainable_upstream():
     src = FeatureSource(EncoderUpstream(FakeEncoder(), mode="finetune"), cache=True)
     assert not src.cache
+
+
+@pytest.mark.parametrize("mode", ["adapter", "lora"])
+def test_parameter_efficient_modes_real_encoder(mode):
+    from speechssl.models.encoder import build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder("tiny_hubert").eval()
+    ref = build_encoder("tiny_hubert").eval()
+    ref.load_state_dict(enc.state_dict())
+    up = EncoderUpstream(enc, mode=mode, adapter_dim=8, lora_rank=4)
+    wav, lens = torch.randn(2, 8000) * 0.1, torch.tensor([8000, 6500])
+    with torch.no_grad():
+        a = ref(wav, lens).hidden_states
+    b, frames = up(wav, lens)
+    assert all(torch.allclose(x, y[:, : x.shape[1]], atol=1e-5) for x, y in zip(a, b))
+    up.train(True)
+    feat = Featurizer(up.num_states)
+    b, _ = up(wav, lens)
+    feat(b).pow(2).mean().backward()
+    trainable = {n for n, p in up.named_parameters() if p.requires_grad}
+    assert trainable and all(("adapters" in n) or ("lora_" in n) for n in trainable)
+    assert sum(1 for n, p in up.named_parameters() if p.requires_grad and p.grad is not None) > 0
+    assert all(p.grad is None for n, p in up.named_parameters() if not p.requires_grad)
+    assert up.upstream_params() == sum(p.numel() for p in ref.parameters())

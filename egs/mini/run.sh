@@ -88,3 +88,16 @@ if stage_in 9; then
   speechssl profile "$exp/hubert_iter2/final" "$exp/distilhubert/final" "$exp/dphubert/final" \
     --names hubert_iter2 distilhubert dphubert --threads 2 --repeats 3 --out "$exp/compress_profile"
 fi
+
+if stage_in 10; then
+  log "Stage 10: SUPERB (asr pr sid asv er ks, mini configs) on fbank and the mini encoders -> $exp/superb"
+  # the recipe skips, with a log line, an encoder whose directory is missing (its stage was not run)
+  bash ../../recipes/superb/run.sh --stage 1 --stop-stage 1 --conf-prefix mini_ \
+    --upstreams "fbank $exp/hubert_iter2/final $exp/distilhubert/final $exp/dphubert/final" \
+    --data "$data/mini" --trials "$data/mini/asv_trials.txt" --exp "$exp/superb" --overrides "progress=false"
+fi
+
+if stage_in 11; then
+  log "Stage 11: SUPERB table (Markdown + CSV) and layer-weight plots -> $exp/superb/report"
+  speechssl report $(ls -d "$exp"/superb/*/ | grep -v -e '/report/$' -e '/cache/$') --out "$exp/superb/report"
+fi

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Generic SUPERB recipe: score upstreams on a list of tasks, then write the table and layer-weight plots.
 #   bash recipes/superb/run.sh --upstreams "fbank exp/hubert/final" --tasks "sid ks" --data data/voxceleb1
-# Stage 1: `speechssl superb` per upstream x task -> EXP/NAME/TASK/results.json (NAME: fbank, or the model
-#          directory's name; ".../final" takes its parent's name). Model paths that do not exist are skipped.
+# Stage 1: `speechssl superb` per upstream (all tasks in one process) -> EXP/NAME/TASK/results.json (NAME:
+#          fbank, or the model directory's name; ".../final" takes its parent's name). Model paths that do not
+#          exist are skipped with a log line.
 # Stage 2: `speechssl report EXP/* --out EXP/report` (Markdown + CSV table, PNG plots).
 set -euo pipefail
 
@@ -39,18 +40,23 @@ if stage_in 1; then
       continue
     fi
     name=$(name_of "$up")
+    # one process per upstream: the model loads once and utterances shared by tasks are encoded once
+    args=(--out "$exp/$name" --set "upstream=$up" --set "upstream_mode=$mode")
+    n=0
     for task in $tasks; do
       conf="$conf_dir/${conf_prefix}${task}.yaml"
       [ -f "$conf" ] || { log "Stage 1: no config $conf"; exit 1; }
-      args=(--config "$conf" --out "$exp/$name/$task" --set "upstream=$up" --set "upstream_mode=$mode")
-      [ -n "$data" ] && args+=(--set "data.manifest_dir=$data")
-      [ -n "$trials" ] && [ "$task" = asv ] && args+=(--set "data.trials=$trials")
-      [ -n "$lrs" ] && args+=(--set "optim.lrs=$lrs")
-      for o in $overrides; do args+=(--set "$o"); done
-      [ "$resume" = true ] && args+=(--resume)
-      log "Stage 1: SUPERB $task on $name"
-      speechssl superb "${args[@]}"
+      args+=(--config "$conf")
+      n=$((n + 1))
     done
+    [ "$n" -gt 1 ] || args[1]="$exp/$name/$tasks"   # a single config writes straight into --out
+    [ -n "$data" ] && args+=(--set "data.manifest_dir=$data")
+    [ -n "$trials" ] && args+=(--set "data.trials=$trials")
+    [ -n "$lrs" ] && args+=(--set "optim.lrs=$lrs")
+    for o in $overrides; do args+=(--set "$o"); done
+    [ "$resume" = true ] && args+=(--resume)
+    log "Stage 1: SUPERB ($tasks) on $name"
+    speechssl superb "${args[@]}"
   done
 fi
 

@@ -1,7 +1,6 @@
 """``speechssl profile``: parameters, analytic MACs and CPU real-time factor of one or more models."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 

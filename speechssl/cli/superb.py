@@ -1,9 +1,10 @@
-"""``speechssl superb``: score an upstream on one SUPERB task (ASR, PR, SID, ASV, ER, KS)."""
+"""``speechssl superb``: score an upstream on SUPERB tasks (ASR, PR, SID, ASV, ER, KS)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from speechssl.cli.common import EXAMPLES_FORMATTER, add_experiment_args, experiment_config
+from speechssl.cli.common import EXAMPLES_FORMATTER
 
 EXAMPLES = """examples:
   # speaker identification with a pretrained encoder (frozen, weighted sum of all layers)
@@ -15,8 +16,10 @@ EXAMPLES = """examples:
   # ASR with LoRA inside the frozen encoder and prefix beam search at test time
   speechssl superb --config conf/superb/asr.yaml --out exp/superb/hubert_lora/asr \\
       --set upstream=exp/hubert_iter2/final --set upstream_mode=lora --set decoding.name=beam
-  # the mini demo's emotion task on one layer only
-  speechssl superb --config conf/superb/mini_er.yaml --out exp/superb/fbank/er --set layer=0
+  # several tasks in one process (the upstream loads once, shared utterances are encoded once):
+  # with more than one --config, each task writes to OUT/TASK
+  speechssl superb --config conf/superb/mini_sid.yaml --config conf/superb/mini_ks.yaml \\
+      --out exp/superb/fbank --set upstream=fbank
 
 outputs: EXP/results.json (task, upstream, upstream_params, split, metric, value, best_lr, dev, layer_weights),
 EXP/metrics.jsonl, EXP/config.yaml, EXP/trials/lr-LR/{best.safetensors,summary.json}
@@ -30,16 +33,29 @@ def register(subparsers) -> None:
                     "best-dev checkpoint (and learning rate, with optim.lrs) and score it on the test split(s).",
         epilog=EXAMPLES, formatter_class=EXAMPLES_FORMATTER,
     )
-    add_experiment_args(p)
+    p.add_argument("--config", required=True, action="append",
+                   help="YAML config (conf/superb/TASK.yaml); repeat it to run several tasks, each into OUT/TASK")
+    p.add_argument("--out", required=True, help="experiment directory to write")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value for every config, e.g. --set upstream=exp/x/final (repeatable)")
+    p.add_argument("--resume", action="store_true", help="reuse the finished learning-rate trials in --out")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from speechssl.config import load_config
     from speechssl.superb.train import SuperbConfig, run_superb
 
-    cfg = experiment_config(SuperbConfig, args)
-    results = run_superb(cfg, args.out, resume=args.resume)
-    for r in results if isinstance(results, list) else [results]:
-        print(f"{r['task']} {r['split']} {r['metric']}={r['value']:.4f} upstream={r['upstream']} "
-              f"best_lr={r['best_lr']:g}")
+    cfgs = [load_config(SuperbConfig, c, args.overrides) for c in args.config]  # all config errors up front
+    tasks = [c.task for c in cfgs]
+    if len(cfgs) > 1 and len(set(tasks)) != len(tasks):
+        print(f"speechssl superb: several configs for the same task ({tasks}); run them separately")
+        return 2
+    pool: dict = {}
+    for cfg in cfgs:
+        out = Path(args.out) / cfg.task if len(cfgs) > 1 else Path(args.out)
+        results = run_superb(cfg, out, resume=args.resume, source_pool=pool)
+        for r in results if isinstance(results, list) else [results]:
+            print(f"{r['task']} {r['split']} {r['metric']}={r['value']:.4f} upstream={r['upstream']} "
+                  f"best_lr={r['best_lr']:g}")
     return 0

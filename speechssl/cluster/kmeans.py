@@ -45,7 +45,8 @@ class KMeans:
         n_clusters: K.
         mode: "lloyd" (exact passes over all data, default) or "minibatch" (random batches of ``batch_size``).
         max_iter: Lloyd passes, or mini-batch epochs over the data.
-        tol: stop when the relative inertia improvement of a pass falls below ``tol`` (Lloyd), or the smoothed
+        tol: Lloyd stops when a pass lowers the inertia by less than ``tol`` (relative) or no row changes
+            cluster; mini-batch stops when the smoothed
             mini-batch inertia stops improving for ``max_no_improvement`` batches (mini-batch).
         n_init: candidate k-means++ inits, each refined on the init sample by up to ``init_iter`` Lloyd passes;
             the one with the lowest sample inertia seeds the fit on all of X.
@@ -64,7 +65,7 @@ class KMeans:
         *,
         mode: str = "lloyd",
         max_iter: int = 100,
-        tol: float = 1e-4,
+        tol: float = 1e-3,
         n_init: int = 3,
         init_iter: int = 20,
         init="k-means++",
@@ -143,8 +144,8 @@ class KMeans:
     def _assign(x: Tensor, centers: Tensor, c2: Tensor) -> tuple[Tensor, Tensor]:
         """Nearest centre for each row: x [n, D], centers [K, D], c2 [K] -> (labels [n] long, sq. dist [n])."""
         d = torch.addmm(c2.unsqueeze(0), x, centers.t(), beta=1.0, alpha=-2.0)  # |c|^2 - 2 x.c  [n, K]
-        mind, lab = d.min(dim=1)
-        mind = (mind + (x * x).sum(1)).clamp_min_(0.0)
+        lab = d.argmin(dim=1)
+        mind = (d.gather(1, lab.unsqueeze(1)).squeeze(1) + (x * x).sum(1)).clamp_min_(0.0)
         return lab, mind
 
     # ------------------------------------------------------------------ init
@@ -187,48 +188,129 @@ class KMeans:
         return self._kmeanspp(x, K, gen)
 
     # ------------------------------------------------------------------ fitting
-    def _lloyd_pass(self, X, centers: Tensor, device, want_labels: bool = False):
-        """One exact pass: returns (new centres, inertia under the old centres, labels or None)."""
-        K, D = centers.shape
-        sums = torch.zeros(K, D, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-        counts = torch.zeros(K, dtype=torch.float64, device=device)
-        inertia = torch.zeros((), dtype=torch.float64, device=device)
-        c2 = (centers * centers).sum(1)
-        labels = [] if want_labels else None
-        far_d, far_x = [], []  # a few far-away points per chunk to re-seed empty clusters
-        for _, x in self._chunks(X, device):
-            lab, mind = self._assign(x, centers, c2)
-            inertia += mind.sum(dtype=torch.float64)
-            # per-chunk sums in fp32 (index_add_ is ~3x faster than in fp64), accumulated across chunks in fp64
-            sums += torch.zeros(K, D, dtype=x.dtype, device=device).index_add_(0, lab, x).to(sums.dtype)
-            counts += torch.bincount(lab, minlength=K).to(counts.dtype)
-            top = mind.topk(min(K, x.shape[0]))
-            far_d.append(top.values)
-            far_x.append(x[top.indices])
-            if want_labels:
-                labels.append(lab)
-        new = (sums / counts.clamp_min(1).unsqueeze(1)).float()
-        empty = (counts == 0).nonzero().flatten()
-        if empty.numel():
-            # scikit-learn's rule: move empty clusters onto the points farthest from their centre
-            fd, fx = torch.cat(far_d), torch.cat(far_x)
-            order = fd.argsort(descending=True)[: empty.numel()]
-            new[empty[: order.numel()]] = fx[order]
-        return new, float(inertia.item()), (torch.cat(labels) if want_labels else None)
+    def _fit_lloyd(self, X, centers: Tensor, device, max_iter: int | None = None) -> tuple[Tensor, int]:
+        """Exact Lloyd iterations with Hamerly's bounds: per row an upper bound on the distance to its centre and
+        a lower bound on the distance to any other. After each update the bounds move by the centres' shifts, and
+        only rows whose bounds overlap are re-assigned (one GEMM on that subset); sums are updated incrementally
+        for the rows that change cluster. Late passes touch a few percent of the rows.
 
-    def _fit_lloyd(self, X, centers: Tensor, device) -> tuple[Tensor, float, int]:
-        prev = math.inf
-        it = 0
-        for it in range(1, self.max_iter + 1):
-            centers_new, inertia, _ = self._lloyd_pass(X, centers, device)
-            if self.verbose:
-                log.info("k-means pass %d: inertia %.6g", it, inertia)
-            improved = (prev - inertia) / max(abs(inertia), 1e-12)
-            centers = centers_new
-            if improved < self.tol:
+        Stops when no row changes cluster or a pass lowers the inertia by less than ``tol`` (relative); the
+        inertia of each pass is exact and free: sum |x|^2 - sum_k |S_k|^2 / n_k. Returns (centres, passes).
+        """
+        max_iter = self.max_iter if max_iter is None else max_iter
+        n, K = _num_rows(X), centers.shape[0]
+        D = centers.shape[1]
+        acc = torch.float64 if device.type == "cpu" else torch.float32
+        lab = torch.empty(n, dtype=torch.long, device=device)
+        upper = torch.empty(n, dtype=torch.float32, device=device)
+        lower = torch.empty(n, dtype=torch.float32, device=device)
+        sums = torch.zeros(K, D, dtype=acc, device=device)
+        counts = torch.zeros(K, dtype=acc, device=device)
+        sq_total = torch.zeros((), dtype=torch.float64, device=device)
+        # first pass: full assignment with the two nearest centres
+        c2 = (centers * centers).sum(1)
+        for s0, x in self._chunks(X, device):
+            a, d1, d2 = self._assign2(x, centers, c2)
+            e = s0 + x.shape[0]
+            lab[s0:e], upper[s0:e], lower[s0:e] = a, d1, d2
+            sums += torch.zeros(K, D, dtype=x.dtype, device=device).index_add_(0, a, x).to(acc)
+            counts += torch.bincount(a, minlength=K).to(acc)
+            sq_total += (x.double() ** 2).sum()
+        # exact inertia of an assignment with centres at the means, from the sums alone:
+        # sum_i |x_i|^2 - sum_k |S_k|^2 / n_k  (float64), so every pass knows its inertia at O(K D) cost
+        def inertia_now() -> float:
+            return float(sq_total - ((sums.double() ** 2).sum(1) / counts.double().clamp_min(1)).sum())
+
+        prev = inertia_now()
+        it = 1
+        for it in range(1, max_iter + 1):
+            new = self._reseed_empty((sums / counts.clamp_min(1).unsqueeze(1)).float(), counts, X, upper, lab, device)
+            shift = (new - centers).norm(dim=1)  # [K]
+            centers = new
+            if it == max_iter:
                 break
-            prev = inertia
+            # move the bounds: own centre moved by shift[lab]; any other by at most the largest other shift
+            top2 = shift.topk(min(2, K)).values
+            m1 = top2[0]
+            m2 = top2[1] if K > 1 else top2[0]
+            upper += shift[lab]
+            lower -= torch.where(shift[lab] == m1, m2, m1)
+            c2 = (centers * centers).sum(1)
+            cc = torch.cdist(centers, centers)
+            cc.fill_diagonal_(float("inf"))
+            half = 0.5 * cc.min(1).values  # a row closer than this to its centre cannot change cluster
+            changed_total = 0
+            for s0 in range(0, n, self.chunk_size):
+                e = min(n, s0 + self.chunk_size)
+                z = torch.maximum(lower[s0:e], half[lab[s0:e]])
+                idx = (upper[s0:e] > z).nonzero().flatten()
+                if idx.numel() == 0:
+                    continue
+                x = self._rows_at(X, s0, idx, device)
+                own = lab[s0 + idx]
+                d_own = (x - centers[own]).norm(dim=1)  # tighten the upper bound first
+                upper[s0 + idx] = d_own
+                still = d_own > z[idx]
+                if not bool(still.any()):
+                    continue
+                idx, x, own = idx[still], x[still], own[still]
+                a, d1, d2 = self._assign2(x, centers, c2)
+                rows = s0 + idx
+                upper[rows], lower[rows] = d1, d2
+                moved = a != own
+                if bool(moved.any()):
+                    xm = x[moved].to(acc)
+                    sums.index_add_(0, own[moved], -xm)
+                    sums.index_add_(0, a[moved], xm)
+                    counts.index_add_(0, own[moved], -torch.ones_like(xm[:, 0]))
+                    counts.index_add_(0, a[moved], torch.ones_like(xm[:, 0]))
+                    lab[rows] = a
+                    changed_total += int(moved.sum())
+            cur = inertia_now()
+            if self.verbose:
+                log.info("k-means pass %d: %d rows changed cluster, inertia %.8g", it + 1, changed_total, cur)
+            improved = (prev - cur) / max(abs(cur), 1e-30)
+            prev = cur
+            if changed_total == 0 or improved < self.tol:
+                # the assignment is stable: the centres are the means of their rows
+                centers = (sums / counts.clamp_min(1).unsqueeze(1)).float()
+                it += 1
+                break
         return centers, it
+
+    @staticmethod
+    def _assign2(x: Tensor, centers: Tensor, c2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Nearest and second-nearest centre distances: x [n, D] -> (labels [n], d1 [n], d2 [n]) (Euclidean)."""
+        d = torch.addmm(c2.unsqueeze(0), x, centers.t(), alpha=-2.0)
+        if centers.shape[0] == 1:
+            v, a = d.min(1)
+            d1 = (v + (x * x).sum(1)).clamp_min_(0).sqrt_()
+            return a, d1, torch.full_like(d1, float("inf"))
+        # argmin + gather + amin: several times faster on CPU than topk(2) or min(dim) with indices
+        a = d.argmin(1)
+        v1 = d.gather(1, a.unsqueeze(1)).squeeze(1)
+        v2 = d.scatter_(1, a.unsqueeze(1), float("inf")).amin(1)
+        x2 = (x * x).sum(1)
+        return a, (v1 + x2).clamp_min_(0).sqrt_(), (v2 + x2).clamp_min_(0).sqrt_()
+
+    def _rows_at(self, X, start: int, idx: Tensor, device) -> Tensor:
+        """Rows ``start + idx`` of X as float32 on ``device``."""
+        if isinstance(X, Tensor):
+            return X[start + idx.to(X.device)].to(device=device, dtype=torch.float32)
+        a = np.asarray(X[start + idx.cpu().numpy()], dtype=np.float32)
+        return torch.from_numpy(a).to(device)
+
+    def _reseed_empty(self, new: Tensor, counts: Tensor, X, upper: Tensor, lab: Tensor, device) -> Tensor:
+        """Move empty clusters onto the rows farthest from their centre (scikit-learn's rule); the bounds of all
+        rows are then reset so that the next pass re-assigns everything against the moved centres."""
+        empty = (counts <= 0).nonzero().flatten()
+        if empty.numel() == 0:
+            return new
+        far = upper.topk(min(empty.numel(), upper.numel())).indices
+        for k, r in zip(empty.tolist(), far.tolist()):
+            new[k] = self._rows(X, r, r + 1, device)[0]
+        upper.fill_(float("inf"))  # force a full re-assignment; sums/counts are rebuilt from the moved rows
+        return new
 
     def _minibatch_step(self, x: Tensor, centers: Tensor, counts: Tensor) -> float:
         """Count-weighted update (centre = running mean of the points ever assigned to it), in place."""
@@ -278,12 +360,8 @@ class KMeans:
         best, best_inertia = None, math.inf
         for run in range(self.n_init):
             centers = self._init_centers(sample, device, gen)
-            prev = math.inf
-            for _ in range(self.init_iter):
-                new, inertia, _ = self._lloyd_pass(sample, centers, device)
-                if inertia >= prev * (1 - self.tol):
-                    break
-                centers, prev = new, inertia
+            if self.init_iter > 0:
+                centers, _ = self._fit_lloyd(sample, centers, device, max_iter=self.init_iter)
             _, inertia = self._predict_with_inertia(sample, device, centers)
             if self.verbose:
                 log.info("k-means init %d/%d: sample inertia %.6g", run + 1, self.n_init, inertia)
@@ -428,7 +506,7 @@ class KMeans:
         info = json.loads((km_dir / _META_FILE).read_text())
         tensors = load_file(str(km_dir / _STATE_FILE))
         km = cls(info["n_clusters"], mode=info.get("mode", "lloyd"), max_iter=info.get("max_iter", 100),
-                 tol=info.get("tol", 1e-4), n_init=info.get("n_init", 1), batch_size=info.get("batch_size", 10000),
+                 tol=info.get("tol", 1e-3), n_init=info.get("n_init", 1), batch_size=info.get("batch_size", 10000),
                  seed=info.get("seed", 0), device=device)
         centers = tensors["cluster_centers"]
         if tuple(centers.shape) != (info["n_clusters"], info["dim"]):

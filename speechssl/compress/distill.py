@@ -196,7 +196,9 @@ class HeadDistiller(nn.Module):
         t_out = self.teacher(wav, lens)
         s_out = self.student(wav, lens)
         valid = _check_frames(s_out, t_out)
-        preds = self.heads(s_out.hidden_states[-1])
+        # pre-LN students: the final LayerNorm belongs to the student's output (last_hidden_state)
+        last = s_out.last_hidden_state if s_out.last_hidden_state is not None else s_out.hidden_states[-1]
+        preds = self.heads(last)
         total = wav.new_zeros(())
         logs: dict[str, float] = {}
         for j, pred in zip(self.target_layers, preds):

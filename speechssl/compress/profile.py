@@ -216,11 +216,14 @@ def plot_structure(results: Sequence[ProfileResult], path: str | Path) -> Path:
             ax.bar(xs, vals, width=width, label=r.name)
     axes[0].set_title("attention heads kept per layer")
     axes[1].set_title("FFN units kept per layer")
+    n_layers = max((len(r.heads) for r in results), default=0)
     for ax in axes:
         ax.set_xlabel("layer")
+        ax.set_xticks(range(1, n_layers + 1))
         ax.grid(axis="y", alpha=0.3)
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(results)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     from speechssl.utils.io import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

@@ -373,6 +373,19 @@ def prune_summary(teacher: nn.Module, pruned: nn.Module) -> dict:
             "ffn_units": u["ffn_units"], "conv_channels": u["conv"], "layer_heads": pruned.config.layer_heads}
 
 
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def run_prune(cfg: PruneConfig, out_dir: str | Path, resume: bool = False) -> dict:
     """DPHuBERT: stage 1 (distil + prune) -> materialise -> stage 2 (distil) -> ``out_dir/final``.
 
@@ -400,25 +413,30 @@ def run_prune(cfg: PruneConfig, out_dir: str | Path, resume: bool = False) -> di
                                cos_weight=cfg.loss.cos_weight, cos_type=cfg.loss.cos_type, target=cfg.prune.target,
                                warmup_steps=cfg.prune.warmup_steps, groups=cfg.prune.groups,
                                init_drop=cfg.prune.init_drop, ffn_units_init_drop=cfg.prune.ffn_units_init_drop)
-        logger.info("prune stage 1: %d gates groups, teacher %.2fM params, target sparsity %.2f",
+        logger.info("prune stage 1: %d gate groups, teacher %.2fM params, target sparsity %.2f",
                     sum(1 for _ in model.gates.log_alpha_parameters()), model.teacher_params / 1e6, cfg.prune.target)
         trainer = Trainer(cfg.trainer, model, out_dir / "stage1", optim=cfg.optim, schedule=cfg.schedule,
                           make_train_loader=loader,
                           param_groups=lambda m: prune_param_groups(m, cfg.optim, cfg.prune), run_config=cfg)
         stage1 = trainer.fit(resume=resume)
-        model = model.cpu().eval()
-        pruned = materialize(model.student, model.gates())
-        summary = prune_summary(teacher, pruned)
-        logger.info("materialised: %.2fM params (sparsity %.3f), heads %s, FFN %s", summary["params"] / 1e6,
-                    summary["sparsity"], summary["heads"], summary["ffn_units"])
-        export_pretrained(pruned, pruned_dir, format="speechssl", meta={**meta, "stage": 1},
-                          parts={"distill_maps": {k: v.detach().cpu() for k, v in model.maps.state_dict().items()}})
-        atomic_write_json(pruned_dir / "prune_summary.json", summary)
+        if _is_main_process():  # the gates are deterministic at eval: every rank would write the same model
+            model = model.cpu().eval()
+            pruned = materialize(model.student, model.gates())
+            summary = prune_summary(teacher, pruned)
+            logger.info("materialised: %.2fM params (sparsity %.3f), heads %s, FFN %s", summary["params"] / 1e6,
+                        summary["sparsity"], summary["heads"], summary["ffn_units"])
+            maps = {k: v.detach().cpu() for k, v in model.maps.state_dict().items()}
+            export_pretrained(pruned, pruned_dir, format="speechssl", meta={**meta, "stage": 1},
+                              parts={"distill_maps": maps})
+            atomic_write_json(pruned_dir / "prune_summary.json", summary)
+        _barrier()
     # stage 2: distil the dense pruned model (no sparsity term)
     pruned = load_pretrained(pruned_dir)
     summary = prune_summary(teacher, pruned)
     if cfg.finetune.max_steps <= 0:
-        export_student(pruned, out_dir / "final", {**meta, "sparsity": summary["sparsity"]})
+        if _is_main_process():
+            export_student(pruned, out_dir / "final", {**meta, "sparsity": summary["sparsity"]})
+        _barrier()
         return {**stage1, **{f"pruned_{k}": v for k, v in summary.items() if k in ("params", "sparsity")}}
     student = pruned.train()
     for p in student.parameters():

@@ -324,12 +324,21 @@ class SelfAttention(nn.Module):
             mask = key_mask[:, None, None, :]
         p = self.dropout if self.training else 0.0
         probs = None
-        if output_attentions:
-            scores = (q @ k.transpose(-1, -2)) * (Dh ** -0.5)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-            probs = scores.softmax(-1)
-            out = F.dropout(probs, p, self.training) @ v
+        # a trainable float bias (WavLM in training) sends SDPA to its generic math path with extra -inf
+        # bookkeeping; one baddbmm (bias + scaled QK^T) -> softmax -> bmm is the same math with fewer passes
+        trainable_bias = mask is not None and mask.dtype != torch.bool and mask.requires_grad
+        if output_attentions or (trainable_bias and torch.is_grad_enabled()):
+            if mask is None or mask.dtype == torch.bool:
+                base = torch.zeros(B * H, T, T, dtype=q.dtype, device=q.device)
+                if mask is not None:
+                    base = base.view(B, H, T, T).masked_fill(~mask, float("-inf")).view(B * H, T, T)
+            else:
+                base = mask.reshape(B * H, T, T)
+            scores = torch.baddbmm(base, q.reshape(B * H, T, Dh), k.reshape(B * H, T, Dh).transpose(1, 2),
+                                   alpha=Dh ** -0.5)
+            attn = scores.softmax(-1)
+            out = torch.bmm(F.dropout(attn, p, self.training), v.reshape(B * H, T, Dh)).view(B, H, T, Dh)
+            probs = attn.view(B, H, T, T) if output_attentions else None
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         out = out.transpose(1, 2)  # [B, T, H, Dh]

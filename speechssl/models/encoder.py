@@ -245,6 +245,8 @@ class Encoder(nn.Module):
         cfg = self.config
         stacked = None
         if cfg.frontend == "cnn":
+            if features is not None:
+                raise ValueError("features= is for the fbank front end; this encoder has frontend 'cnn' (pass wav)")
             if wav is None or wav.dim() != 2:
                 raise ValueError(f"encoder expects wav of shape [B, T], got "
                                  f"{None if wav is None else tuple(wav.shape)}")

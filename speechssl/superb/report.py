@@ -67,9 +67,9 @@ class SuperbReport:
         return f"\n{self.markdown}\nwritten: {files}"
 
 
-def _column(r: dict) -> str:
-    split = r.get("split", "test")
-    return r["task"] if split in ("test", f"{r['task']}_test") else f"{r['task']}:{split}"
+def _column(r: dict, splits_of_task: dict[str, set]) -> str:
+    """The task name, or ``task:split`` when results for that task come from several test splits."""
+    return r["task"] if len(splits_of_task[r["task"]]) == 1 else f"{r['task']}:{r.get('split', 'test')}"
 
 
 def _fmt(metric: str, value: float) -> str:
@@ -89,10 +89,13 @@ def make_report(exp_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     out.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict] = {}
     columns: dict[str, tuple[str, str]] = {}  # column -> (task, metric)
+    splits_of_task: dict[str, set] = {}
+    for r in results:
+        splits_of_task.setdefault(r["task"], set()).add(r.get("split", "test"))
     for r in results:
         name = upstream_label(r["upstream"])
         row = rows.setdefault(name, {"upstream": name, "params": r.get("upstream_params"), "cells": {}})
-        col = _column(r)
+        col = _column(r, splits_of_task)
         if col in row["cells"]:
             log.warning("duplicate result for %s / %s (%s); keeping the first", name, col, r["_path"])
             continue
@@ -156,6 +159,7 @@ def _plot_layer_weights(rows, order, columns, out: Path, atomic_write) -> list[P
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
         for n, w in series:
             ax.plot(range(len(w)), w, marker="o", label=n)
+        ax.set_xticks(range(max(len(w) for _, w in series)))
         ax.set_xlabel("hidden state (0 = input of the first layer)")
         ax.set_ylabel("softmax weight")
         ax.set_title(f"{c}: learned layer weights")

@@ -160,23 +160,21 @@ def load_examples(manifest_dir: str, split: str, field_name: str, *, max_utts: i
 
 def carve_dev(train: list[Example], fraction: float, seed: int, by_label: bool = False
               ) -> tuple[list[Example], list[Example]]:
-    """Hold out ``fraction`` of the training utterances as dev (per label when ``by_label``: ASV speakers keep
-    utterances on both sides)."""
+    """Hold out ``fraction`` of the training utterances as dev. ``by_label`` (ASV) holds out whole speakers
+    instead (at least two), so dev trials, like the test trials, compare speakers the head never trained on."""
     rng = np.random.default_rng(seed)
     if not by_label:
         idx = rng.permutation(len(train))
         n = max(1, int(round(fraction * len(train))))
         dev = set(idx[:n].tolist())
         return [e for i, e in enumerate(train) if i not in dev], [e for i, e in enumerate(train) if i in dev]
-    groups: dict[str, list[int]] = {}
-    for i, e in enumerate(train):
-        groups.setdefault(str(e.label), []).append(i)
-    dev = set()
-    for idx in groups.values():
-        if len(idx) >= 3:
-            pick = rng.permutation(idx)[: max(1, int(round(fraction * len(idx))))]
-            dev.update(int(i) for i in pick)
-    return [e for i, e in enumerate(train) if i not in dev], [e for i, e in enumerate(train) if i in dev]
+    labels = sorted({str(e.label) for e in train})
+    n = max(2, int(round(fraction * len(labels))))
+    if len(labels) - n < 2:
+        raise ValueError(f"cannot hold out {n} of {len(labels)} training speakers as dev and keep two for "
+                         f"training (config keys data.dev_fraction / data.dev_split)")
+    held = set(rng.permutation(labels)[:n].tolist())
+    return [e for e in train if str(e.label) not in held], [e for e in train if str(e.label) in held]
 
 
 def bucket_batches(lengths: Sequence[int], max_samples: int, num_buckets: int = 10,
@@ -402,8 +400,13 @@ def _units(cfg: SuperbConfig, task: Task) -> list[dict]:
     return [{"fold": None, "train": train, "dev": dev, "tests": tests}]
 
 
-def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = False) -> dict | list[dict]:
-    """Run one task on one upstream with an optional learning-rate sweep; returns what results.json holds."""
+def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = False,
+               source_pool: dict | None = None) -> dict | list[dict]:
+    """Run one task on one upstream with an optional learning-rate sweep; returns what results.json holds.
+
+    ``source_pool``: a dict shared by several calls in one process (several tasks on one upstream): a frozen,
+    cached upstream is then loaded once and utterances shared between tasks are encoded once.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -418,7 +421,14 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
     if cfg.task == "asv" and not cfg.data.trials:
         raise ConfigError("task asv needs config key data.trials (the test trial list)")
     lrs = list(cfg.optim.lrs) or [cfg.optim.lr]
-    source = _build_source(cfg, device)
+    shareable = source_pool is not None and cfg.upstream_mode == "frozen" and cfg.cache.enabled
+    key = (cfg.upstream, cfg.cache.dir, cfg.cache.dtype, cfg.cache.memory, str(device))
+    if shareable and key in source_pool:
+        source = source_pool[key]
+    else:
+        source = _build_source(cfg, device)
+        if shareable:
+            source_pool[key] = source
     upstream_params = source.upstream.upstream_params()
     log.info("superb %s: upstream %s (%s, %d params, %d states x %d dims), %d fold(s), lrs %s", cfg.task,
              cfg.upstream, cfg.upstream_mode, upstream_params, source.upstream.num_states,
