@@ -136,3 +136,19 @@ def test_trains_from_shar(manifest, tmp_path):
     logs = run_pretrain(cfg, tmp_path / "exp")
     assert logs["step"] == 2 and np.isfinite(logs["loss"])
     assert (tmp_path / "exp" / "final" / "model.safetensors").is_file()
+
+
+def test_cli_pretrain_and_resume(manifest, tmp_path, capsys):
+    from speechssl.cli.main import main
+
+    out = tmp_path / "w2v"
+    args = ["pretrain", "--config", str(ROOT / "conf/pretrain/mini_wav2vec2.yaml"), "--out", str(out),
+            "--set", f"data.train=[{manifest}]", "--set", "trainer.max_steps=2", "--set", "trainer.num_workers=0",
+            "--set", "model.overrides={num_layers: 1}", "--set", "optim.lr=1e-3", "--set", "trainer.progress=false"]
+    assert main(args) == 0
+    assert "step=2" in capsys.readouterr().out
+    assert main(args + ["--set", "trainer.max_steps=3", "--resume"]) == 0  # continues from step 2
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 3]  # logged at the last step of each run (log_every 5)
+    assert main(args + ["--set", "trainer.max_stepz=3"]) == 2  # config error: exit code 2
+    assert "did you mean 'max_steps'" in capsys.readouterr().err

@@ -1,7 +1,6 @@
 """Every SUPERB head trains on a tiny synthetic set (FBANK upstream) and beats chance by a clear margin."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -55,6 +55,8 @@ class KMeans:
         init_size: rows sampled for the k-means++ init (default ``max(10000, 20 * K)``, at most N).
         batch_size: mini-batch size (mini-batch mode and the default init sample).
         chunk_size: rows per distance chunk (bounds memory at ``chunk_size * K`` floats).
+        neighbours: re-assigned rows are first compared with this many centres nearest their own (exactness is
+            checked with the triangle inequality; rows that fail it are compared with all K).
         device: where to compute ("cpu", "cuda"); default: X's device for tensors, else CPU.
         seed: seeds the init, sampling and batch order.
     """
@@ -73,6 +75,7 @@ class KMeans:
         batch_size: int = 10000,
         max_no_improvement: int = 10,
         chunk_size: int = 65536,
+        neighbours: int = 32,
         device: str | torch.device | None = None,
         seed: int = 0,
         verbose: bool = False,
@@ -90,6 +93,7 @@ class KMeans:
         self.init_iter = int(init_iter)
         self.init, self.init_size, self.batch_size = init, init_size, int(batch_size)
         self.max_no_improvement, self.chunk_size = int(max_no_improvement), int(chunk_size)
+        self.neighbours = max(1, int(neighbours))
         self.device = torch.device(device) if device is not None else None
         self.seed, self.verbose = int(seed), verbose
         self._centers: Tensor | None = None  # [K, D] float32 on the compute device
@@ -188,14 +192,19 @@ class KMeans:
         return self._kmeanspp(x, K, gen)
 
     # ------------------------------------------------------------------ fitting
-    def _fit_lloyd(self, X, centers: Tensor, device, max_iter: int | None = None) -> tuple[Tensor, int]:
-        """Exact Lloyd iterations with Hamerly's bounds: per row an upper bound on the distance to its centre and
-        a lower bound on the distance to any other. After each update the bounds move by the centres' shifts, and
-        only rows whose bounds overlap are re-assigned (one GEMM on that subset); sums are updated incrementally
-        for the rows that change cluster. Late passes touch a few percent of the rows.
+    def _fit_lloyd(self, X, centers: Tensor, device, max_iter: int | None = None):
+        """Exact Lloyd iterations with Hamerly's bounds and neighbour-restricted re-assignment.
 
-        Stops when no row changes cluster or a pass lowers the inertia by less than ``tol`` (relative); the
-        inertia of each pass is exact and free: sum |x|^2 - sum_k |S_k|^2 / n_k. Returns (centres, passes).
+        Per row: an upper bound on the distance to its centre and a lower bound on the distance to any other.
+        After each centre update the bounds move by the centres' shifts and only rows whose bounds overlap are
+        re-assigned. Those rows are first compared with the ``M`` centres nearest to their own (one small GEMM per
+        centre); the triangle inequality proves the result exact when the nearest found is closer than
+        ``r_k - d(x, c_k)`` (``r_k`` = distance from c_k to its first non-neighbour), otherwise the row falls back to
+        all K centres. Sums are updated incrementally for the rows that move, and the inertia of every pass is
+        exact at O(K D): ``sum |x|^2 - 2 sum_k c_k.S_k + sum_k n_k |c_k|^2``.
+
+        Stops when no row moves, a pass lowers the inertia by less than ``tol`` (relative), or after ``max_iter``
+        passes. Returns (centres, passes, labels [N], inertia), the labels optimal for the returned centres.
         """
         max_iter = self.max_iter if max_iter is None else max_iter
         n, K = _num_rows(X), centers.shape[0]
@@ -216,19 +225,20 @@ class KMeans:
             sums += torch.zeros(K, D, dtype=x.dtype, device=device).index_add_(0, a, x).to(acc)
             counts += torch.bincount(a, minlength=K).to(acc)
             sq_total += (x.double() ** 2).sum()
-        # exact inertia of an assignment with centres at the means, from the sums alone:
-        # sum_i |x_i|^2 - sum_k |S_k|^2 / n_k  (float64), so every pass knows its inertia at O(K D) cost
-        def inertia_now() -> float:
-            return float(sq_total - ((sums.double() ** 2).sum(1) / counts.double().clamp_min(1)).sum())
 
-        prev = inertia_now()
+        def inertia_of(c: Tensor) -> float:
+            # sum_i |x_i - c_lab(i)|^2 from the per-cluster sums (float64)
+            c = c.double()
+            return float(sq_total - 2 * (c * sums.double()).sum() + (counts.double() * (c * c).sum(1)).sum())
+
+        prev = inertia_of(centers)
+        M = min(K - 1, self.neighbours)
+        use_nb_ok = True
         it = 1
-        for it in range(1, max_iter + 1):
+        while it < max_iter:
             new = self._reseed_empty((sums / counts.clamp_min(1).unsqueeze(1)).float(), counts, X, upper, lab, device)
             shift = (new - centers).norm(dim=1)  # [K]
             centers = new
-            if it == max_iter:
-                break
             # move the bounds: own centre moved by shift[lab]; any other by at most the largest other shift
             top2 = shift.topk(min(2, K)).values
             m1 = top2[0]
@@ -238,8 +248,13 @@ class KMeans:
             c2 = (centers * centers).sum(1)
             cc = torch.cdist(centers, centers)
             cc.fill_diagonal_(float("inf"))
-            half = 0.5 * cc.min(1).values  # a row closer than this to its centre cannot change cluster
-            changed_total = 0
+            near = cc.topk(min(K - 1, M + 1), dim=1, largest=False) if K > 1 else None
+            half = 0.5 * (near.values[:, 0] if near is not None else torch.full((K,), float("inf"), device=device))
+            use_nb = use_nb_ok and near is not None and M >= 1 and K > 2 * (M + 1)
+            if use_nb:
+                cand = torch.cat([torch.arange(K, device=device)[:, None], near.indices[:, :M]], 1)  # [K, M+1]
+                radius = near.values[:, M]  # first centre outside the neighbourhood
+            changed_total = checked = reassigned = fallback = 0
             for s0 in range(0, n, self.chunk_size):
                 e = min(n, s0 + self.chunk_size)
                 z = torch.maximum(lower[s0:e], half[lab[s0:e]])
@@ -253,8 +268,17 @@ class KMeans:
                 still = d_own > z[idx]
                 if not bool(still.any()):
                     continue
-                idx, x, own = idx[still], x[still], own[still]
-                a, d1, d2 = self._assign2(x, centers, c2)
+                idx, x, own, d_own = idx[still], x[still], own[still], d_own[still]
+                checked += int(still.numel())
+                reassigned += int(idx.numel())
+                if use_nb:
+                    a, d1, d2, ok = self._assign_nb(x, own, d_own, centers, c2, cand, radius)
+                    if not bool(ok.all()):
+                        bad = (~ok).nonzero().flatten()
+                        fallback += int(bad.numel())
+                        a[bad], d1[bad], d2[bad] = self._assign2(x[bad], centers, c2)
+                else:
+                    a, d1, d2 = self._assign2(x, centers, c2)
                 rows = s0 + idx
                 upper[rows], lower[rows] = d1, d2
                 moved = a != own
@@ -266,17 +290,49 @@ class KMeans:
                     counts.index_add_(0, a[moved], torch.ones_like(xm[:, 0]))
                     lab[rows] = a
                     changed_total += int(moved.sum())
-            cur = inertia_now()
+            if use_nb and reassigned and fallback > 0.3 * reassigned:
+                use_nb_ok = False  # overlapping clusters: the neighbourhood rarely proves exactness, stop trying
+            it += 1
+            cur = inertia_of(centers)
             if self.verbose:
-                log.info("k-means pass %d: %d rows changed cluster, inertia %.8g", it + 1, changed_total, cur)
+                log.info("k-means pass %d (%d rows): %d checked, %d re-assigned (%d against all centres), %d moved, "
+                         "inertia %.8g", it, n, checked, reassigned, fallback, changed_total, cur)
             improved = (prev - cur) / max(abs(cur), 1e-30)
             prev = cur
             if changed_total == 0 or improved < self.tol:
-                # the assignment is stable: the centres are the means of their rows
-                centers = (sums / counts.clamp_min(1).unsqueeze(1)).float()
-                it += 1
                 break
-        return centers, it
+        return centers, it, lab, inertia_of(centers)
+
+    @staticmethod
+    def _assign_nb(x: Tensor, own: Tensor, d_own: Tensor, centers: Tensor, c2: Tensor, cand: Tensor,
+                   radius: Tensor):
+        """Nearest / second-nearest among each row's own centre and its M neighbours, one GEMM per own centre.
+
+        Returns (labels, d1, d2 lower bound, ok) where ok marks rows whose result is provably exact: the nearest
+        candidate is within ``radius[own] - d_own``, a lower bound on the distance to any non-candidate centre.
+        """
+        n = x.shape[0]
+        a = torch.empty(n, dtype=torch.long, device=x.device)
+        d1 = torch.empty(n, dtype=torch.float32, device=x.device)
+        d2 = torch.empty(n, dtype=torch.float32, device=x.device)
+        order = own.argsort()
+        ks, cnt = torch.unique_consecutive(own[order], return_counts=True)
+        x2 = (x * x).sum(1)
+        start = 0
+        for k, c in zip(ks.tolist(), cnt.tolist()):
+            rows = order[start : start + c]
+            start += c
+            ci = cand[k]
+            d = torch.addmm(c2[ci].unsqueeze(0), x[rows], centers[ci].t(), alpha=-2.0)
+            j = d.argmin(1)
+            v1 = d.gather(1, j.unsqueeze(1)).squeeze(1)
+            v2 = d.scatter_(1, j.unsqueeze(1), float("inf")).amin(1)
+            a[rows] = ci[j]
+            d1[rows] = (v1 + x2[rows]).clamp_min_(0).sqrt_()
+            d2[rows] = (v2 + x2[rows]).clamp_min_(0).sqrt_()
+        outside = radius[own] - d_own  # no centre outside the neighbourhood is closer than this
+        ok = d1 <= outside
+        return a, d1, torch.minimum(d2, outside), ok
 
     @staticmethod
     def _assign2(x: Tensor, centers: Tensor, c2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -361,11 +417,13 @@ class KMeans:
         for run in range(self.n_init):
             centers = self._init_centers(sample, device, gen)
             if self.init_iter > 0:
-                centers, _ = self._fit_lloyd(sample, centers, device, max_iter=self.init_iter)
-            _, inertia = self._predict_with_inertia(sample, device, centers)
+                centers, _, _, inertia = self._fit_lloyd(sample, centers, device, max_iter=self.init_iter)
+            else:
+                _, inertia = self._predict_with_inertia(sample, device, centers)
             if self.verbose:
                 log.info("k-means init %d/%d: sample inertia %.6g", run + 1, self.n_init, inertia)
-            if inertia < best_inertia:
+            # a clear improvement only: candidates that reach the same optimum (permuted) differ by float noise
+            if best is None or inertia < best_inertia * (1 - 1e-4):
                 best, best_inertia = centers, inertia
         return best
 
@@ -381,12 +439,13 @@ class KMeans:
         self._rng = np.random.default_rng(self.seed)
         centers = self._best_init(X, device, gen)
         if self.mode == "lloyd":
-            centers, n_iter = self._fit_lloyd(X, centers, device)
+            # the last bounded pass leaves labels optimal for the returned centres and their exact inertia
+            centers, n_iter, labels, self.inertia_ = self._fit_lloyd(X, centers, device)
+            self._centers = centers
         else:
             centers, n_iter = self._fit_minibatch(X, centers, device, gen)
-        # a final assignment pass gives the labels and the inertia of the returned centres
-        self._centers = centers
-        labels, self.inertia_ = self._predict_with_inertia(X, device)
+            self._centers = centers
+            labels, self.inertia_ = self._predict_with_inertia(X, device)
         self.n_iter_ = n_iter
         if self.verbose:
             log.info("k-means: inertia %.6g after %d iterations", self.inertia_, n_iter)

@@ -204,14 +204,23 @@ class FeatureSource:
         states, frames = self.run_upstream(wav, lens)
         return torch.stack(states, 0), frames
 
-    def cache_stats(self) -> dict:
-        """What the cache cost and saved: ``saved_s`` = upstream time the served frames would have cost minus the
-        extraction and reading time actually spent."""
+    def counters(self) -> tuple[float, int, float, int]:
+        """(extract_s, frames_cached, load_s, frames_served) so far; pass to :meth:`cache_stats` as ``since``."""
+        return self.extract_s, self.frames_cached, self.load_s, self.frames_served
+
+    def cache_stats(self, since: tuple[float, int, float, int] | None = None) -> dict:
+        """What the cache cost and saved (since the ``since`` counters, e.g. for one task of several sharing this
+        source): ``saved_s`` = upstream time the served frames would have cost at the measured extraction speed,
+        minus the extraction and reading time actually spent."""
+        e0, c0, l0, s0 = since or (0.0, 0, 0.0, 0)
+        extract_s, cached, load_s, served = self.extract_s - e0, self.frames_cached - c0, self.load_s - l0, \
+            self.frames_served - s0
         if not self.cache or self.frames_cached == 0:
             return {"enabled": bool(self.cache)}
-        passes = self.frames_served / self.frames_cached
+        per_frame = self.extract_s / self.frames_cached  # extraction speed over everything this source encoded
         return {
-            "enabled": True, "extract_s": round(self.extract_s, 3), "load_s": round(self.load_s, 3),
-            "frames_cached": self.frames_cached, "frames_served": self.frames_served,
-            "passes": round(passes, 2), "saved_s": round(passes * self.extract_s - self.extract_s - self.load_s, 3),
+            "enabled": True, "extract_s": round(extract_s, 3), "load_s": round(load_s, 3),
+            "frames_cached": cached, "frames_served": served,
+            "passes": round(served / max(1, cached), 2) if cached else None,
+            "saved_s": round(served * per_frame - extract_s - load_s, 3),
         }

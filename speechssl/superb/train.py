@@ -12,7 +12,6 @@ unit of work is a small head over cached hidden states, trained many times per r
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from speechssl.config import ConfigError, save_config, to_dict
+from speechssl.config import ConfigError, save_config
 from speechssl.superb.cache import Example, FeatureSource, upstream_fingerprint
 from speechssl.superb.featurizer import Featurizer
 from speechssl.superb.tasks import (TASKS, DecodingConfig, HeadConfig, SpecAugConfig, Task, build_task, make_trials,
@@ -416,10 +415,16 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
     task = build_task(cfg.task, cfg.head, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, specaug=cfg.specaug,
                       decoding=cfg.decoding, balanced=cfg.balanced, p_target=cfg.asv.p_target,
                       c_miss=cfg.asv.c_miss, c_fa=cfg.asv.c_fa)
-    units = _units(cfg, task)
-    trials = read_trials(cfg.data.trials) if cfg.task == "asv" else None
     if cfg.task == "asv" and not cfg.data.trials:
         raise ConfigError("task asv needs config key data.trials (the test trial list)")
+    units = _units(cfg, task)
+    trials = read_trials(cfg.data.trials) if cfg.task == "asv" else None
+    if trials is not None:  # fail before training, not after it
+        ids = {e.id for u in units for exs in u["tests"].values() for e in exs}
+        missing = sorted({x for _, a, b in trials for x in (a, b) if x not in ids})
+        if missing:
+            raise ValueError(f"{cfg.data.trials}: {len(missing)} trial utterances are not in the test split(s) "
+                             f"{cfg.data.test_splits or ['asv_test']}, e.g. {missing[:3]}")
     lrs = list(cfg.optim.lrs) or [cfg.optim.lr]
     shareable = source_pool is not None and cfg.upstream_mode == "frozen" and cfg.cache.enabled
     key = (cfg.upstream, cfg.cache.dir, cfg.cache.dtype, cfg.cache.memory, str(device))
@@ -430,6 +435,7 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
         if shareable:
             source_pool[key] = source
     upstream_params = source.upstream.upstream_params()
+    cache_since = source.counters()
     log.info("superb %s: upstream %s (%s, %d params, %d states x %d dims), %d fold(s), lrs %s", cfg.task,
              cfg.upstream, cfg.upstream_mode, upstream_params, source.upstream.num_states,
              source.upstream.hidden_size, len(units), lrs)
@@ -448,12 +454,13 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
         torch.set_num_threads(cfg.num_threads)
     try:
         return _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume, upstream_params,
-                                t_start)
+                                t_start, cache_since)
     finally:
         torch.set_num_threads(threads)
 
 
-def _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume, upstream_params, t_start):
+def _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume, upstream_params, t_start,
+                     cache_since):
     # sweep: every lr on every fold, scored on dev only
     summaries: dict[float, list[dict]] = {}
     for lr in lrs:
@@ -513,7 +520,7 @@ def _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume,
         "dev": {task.metric: mean_dev[best_lr], **({} if len(units) > 1 else summaries[best_lr][0]["dev"])},
         "layer_weights": layer_weights, "num_states": source.upstream.num_states,
         "layer": cfg.layer, "steps": cfg.optim.steps, "train_s": round(time.perf_counter() - t_start, 2),
-        "cache": source.cache_stats(),
+        "cache": source.cache_stats(since=cache_since),
     }
     results = []
     for split, scs in test_scores.items():
