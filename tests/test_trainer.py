@@ -138,8 +138,9 @@ def test_grad_accum_equals_big_batch(tmp_path):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_bf16_cpu_runs(tmp_path):
-    tr = _trainer(tmp_path, max_steps=3, precision="bf16")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_cpu_runs(tmp_path, precision):
+    tr = _trainer(tmp_path, max_steps=3, precision=precision)
     out = tr.fit()
     assert math.isfinite(out["loss"])
 
@@ -161,3 +162,19 @@ def test_report_draws_curves(tmp_path, capsys):
     assert s["step"] == 4 and s["valid_loss"] == 1.0 and "acc" in s
     assert "curves:" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "nope")]) == 2
+
+
+def test_oom_names_the_batch(tmp_path):
+    from speechssl.train.trainer import _describe_batch
+
+    model = ToyModel(dropout=0.0)
+
+    def oom(batch):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    model.forward = oom
+    with pytest.raises(RuntimeError, match=r"out of memory at step 0 .*data.max_duration"):
+        _trainer(tmp_path, model=model).fit()
+    batch = {"audio": torch.zeros(3, 32000), "audio_lens": torch.tensor([32000, 16000, 8000]), "cut_ids": ["a"]}
+    assert _describe_batch(batch, 16000) == ("3 utterances, padded shape (3, 32000) = 6.0 s, 3.5 s of speech, "
+                                             "first cut a")

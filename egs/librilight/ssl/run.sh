@@ -6,7 +6,6 @@
 #         2 MFCC k-means + labels (hubert.sh 1-2); 3 Shar shards of the labelled cuts; 4 HuBERT iteration 1 from
 #         Shar; 5 layer-6 k-means + labels (hubert.sh 4-5); 6 Shar shards; 7 HuBERT iteration 2 from Shar.
 set -euo pipefail
-cd "$(dirname "$0")"
 
 stage=0
 stop_stage=7
@@ -23,7 +22,8 @@ km_fraction=0.01                # 1% of 60k h is still 600 h of features: plenty
 shard_size=2000
 seed=0
 
-. ../../../recipes/lib/stages.sh
+. "$(dirname "$0")/../../../recipes/lib/stages.sh"   # parses the options above
+cd "$(dirname "$0")"
 hubert=../../../recipes/ssl/hubert.sh
 common=(--data "$data" --train-split train --exp "$exp" --ngpu "$ngpu" --nnodes "$nnodes" --launcher "$launcher"
         --km-fraction "$km_fraction" --seed "$seed")

@@ -7,7 +7,6 @@
 # Fewer GPUs than the references (32 / 64) keep the global batch through gradient accumulation; multi-node:
 #   --nnodes 4 --launcher "torchrun --nnodes 4 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29500 --nproc-per-node 8"
 set -euo pipefail
-cd "$(dirname "$0")"
 
 stage=0
 stop_stage=6
@@ -23,7 +22,8 @@ hubert_stop_stage=6
 km_fraction=0.1
 seed=0
 
-. ../../../recipes/lib/stages.sh
+. "$(dirname "$0")/../../../recipes/lib/stages.sh"   # parses the options above
+cd "$(dirname "$0")"
 recipes=../../../recipes/ssl
 common=(--data "$data" --train-split train_960 --valid-split dev-clean --ngpu "$ngpu" --nnodes "$nnodes"
         --launcher "$launcher" --seed "$seed")
