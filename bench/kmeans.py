@@ -95,13 +95,17 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="device for ours (scikit-learn is CPU only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sk-n-init", type=int, default=SK_SETTINGS["n_init"], help="baseline n_init (fairseq: 20)")
+    ap.add_argument("--cases", default=None, metavar="KIND:N:K,...",
+                    help="override the cases, e.g. mfcc:200000:100,hidden:100000:500 (kinds: mfcc, hidden)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # scikit-learn depends on it; keep the script usable without
         threadpool_limits = None
-    if args.quick:
+    if args.cases:
+        cases = [(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2])) for c in args.cases.split(",")]
+    elif args.quick:
         cases = [("mfcc", 20000, 100), ("hidden", 12000, 100)]
     else:
         cases = [("mfcc", 200000, 100), ("mfcc", 200000, 500), ("hidden", 100000, 500)]

@@ -8,7 +8,9 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --help|-h)
       echo "Usage: $0 [--stage N] [--stop-stage M] [--OPTION VALUE ...]" >&2
-      sed -n 's/^\([a-z_][a-z_0-9]*\)=\(.*\)$/  --\1 (default: \2)/p' "$0" | tr '_' '-' | head -40 >&2
+      # Scripts may cd to their own folder before sourcing this file: find the script either way.
+      src="$0"; [ -f "$src" ] || src="$(basename "$0")"
+      sed -n 's/^\([a-z_][a-z_0-9]*\)=\(.*\)$/  --\1 (default: \2)/p' "$src" | tr '_' '-' | head -40 >&2
       exit 0 ;;
     --*=*) name="${1%%=*}"; name="${name#--}"; name="${name//-/_}"; value="${1#*=}"; shift ;;
     --*) name="${1#--}"; name="${name//-/_}"; [ $# -ge 2 ] || { echo "$0: option $1 needs a value" >&2; exit 1; }
