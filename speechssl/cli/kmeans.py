@@ -38,7 +38,7 @@ def register(subparsers) -> None:
                    help="exact chunked Lloyd passes (default) or mini-batch updates")
     p.add_argument("--batch-size", type=int, default=10000, help="mini-batch size (mode minibatch)")
     p.add_argument("--max-iter", type=int, default=100, help="Lloyd passes / mini-batch epochs")
-    p.add_argument("--n-init", type=int, default=3, help="candidate k-means++ inits compared on a sample")
+    p.add_argument("--n-init", type=int, default=1, help="candidate k-means++ inits compared on a sample")
     p.add_argument("--max-frames", type=int, default=None, help="fit on at most this many random frames")
     p.add_argument("--store", choices=["memory", "disk"], default="memory",
                    help="hold the frames in RAM or in a temporary float32 file in KM_DIR")

@@ -48,8 +48,8 @@ class KMeans:
         tol: Lloyd stops when a pass lowers the inertia by less than ``tol`` (relative) or no row changes
             cluster; mini-batch stops when the smoothed
             mini-batch inertia stops improving for ``max_no_improvement`` batches (mini-batch).
-        n_init: candidate k-means++ inits, each refined on the init sample by up to ``init_iter`` Lloyd passes;
-            the one with the lowest sample inertia seeds the fit on all of X.
+        n_init: candidate k-means++ inits (1, as scikit-learn's KMeans for k-means++), each refined on the init
+            sample by up to ``init_iter`` Lloyd passes; the one with the lowest sample inertia seeds the full fit.
         init_iter: Lloyd passes on the init sample per candidate (0 = compare raw inits, as MiniBatchKMeans).
         init: "k-means++" or "random" (K distinct random rows), or an array [K, D] of initial centres.
         init_size: rows sampled for the k-means++ init (default ``max(10000, 20 * K)``, at most N).
@@ -68,7 +68,7 @@ class KMeans:
         mode: str = "lloyd",
         max_iter: int = 100,
         tol: float = 1e-3,
-        n_init: int = 3,
+        n_init: int = 1,
         init_iter: int = 20,
         init="k-means++",
         init_size: int | None = None,

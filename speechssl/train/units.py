@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -176,7 +176,7 @@ def _sample_cuts(cuts, fraction: float, seed: int) -> list:
 
 def fit_kmeans(cuts, out_dir, *, feature="mfcc", layer: int | None = None, n_clusters: int = 100,
                fraction: float = 0.1, seed: int = 0, batch_size: int = 10000, max_iter: int = 100,
-               mode: str = "lloyd", n_init: int = 3, device: str = "cpu", store: str = "memory",
+               mode: str = "lloyd", n_init: int = 1, device: str = "cpu", store: str = "memory",
                max_frames: int | None = None, progress: bool = True) -> KMeans:
     """Fit k-means on features of a ``fraction`` of ``cuts`` and save it to ``out_dir``.
 
