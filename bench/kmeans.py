@@ -2,7 +2,7 @@
 
 The baseline uses the settings of fairseq's HuBERT k-means script (``learn_kmeans.py``): MiniBatchKMeans with
 k-means++ init, batch 10000, max_iter 100, n_init 20, tol 0, max_no_improvement 100, reassignment_ratio 0.
-Ours runs exact Lloyd passes in chunks (k-means++ on a 10k-row sample refined there by Lloyd, then bounded Lloyd passes on all rows).
+Ours runs exact Lloyd passes in chunks (k-means++ on a 30k-row sample refined there by Lloyd, then bounded Lloyd passes on all rows).
 
 Features are synthetic but shaped like the real ones, so the benchmark needs no data:
 - "mfcc": 39-dim, a 1000-component Gaussian mixture with Zipf-like weights and variances that decay with the
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     else:
         cases = [("mfcc", 200000, 100), ("mfcc", 200000, 500), ("hidden", 100000, 500)]
     print(f"threads={args.threads} device={args.device} baseline=MiniBatchKMeans({', '.join(f'{k}={v}' for k, v in dict(SK_SETTINGS, n_init=args.sk_n_init).items())})")
-    print(f"ours=KMeans(mode='lloyd', max_iter=100, tol=1e-3, n_init=1, init_iter=20, init_size=max(10000, 20K))")
+    print(f"ours=KMeans(mode='lloyd', max_iter=100, tol=1e-3, n_init=1, init_iter=20, init_size=30000)")
     rows = []
     for kind, n, k in cases:
         if threadpool_limits is not None:

@@ -52,7 +52,8 @@ class KMeans:
             sample by up to ``init_iter`` Lloyd passes; the one with the lowest sample inertia seeds the full fit.
         init_iter: Lloyd passes on the init sample per candidate (0 = compare raw inits, as MiniBatchKMeans).
         init: "k-means++" or "random" (K distinct random rows), or an array [K, D] of initial centres.
-        init_size: rows sampled for the k-means++ init (default ``max(10000, 20 * K)``, at most N).
+        init_size: rows sampled for the k-means++ init and its refinement (default ``max(3 * batch_size, 20 * K)``,
+            i.e. 30000 as MiniBatchKMeans; at most N).
         batch_size: mini-batch size (mini-batch mode and the default init sample).
         chunk_size: rows per distance chunk (bounds memory at ``chunk_size * K`` floats).
         neighbours: re-assigned rows are first compared with this many centres nearest their own (exactness is
@@ -410,7 +411,7 @@ class KMeans:
         n, K = _num_rows(X), self.n_clusters
         if not isinstance(self.init, str):
             return self._init_centers(X, device, gen)
-        size = min(n, max(self.init_size or max(10000, 20 * K), K))
+        size = min(n, max(self.init_size or max(3 * self.batch_size, 20 * K), K))
         idx = self._rng.choice(n, size=size, replace=False) if size < n else np.arange(n)
         sample = self._take(X, idx, device)
         best, best_inertia = None, math.inf
