@@ -177,7 +177,7 @@ def test_reference_and_mini_configs_load(name):
     mini = load_config(SuperbConfig, conf / f"mini_{name}.yaml")
     assert full.task == mini.task == name
     assert full.optim.grad_clip == 1.0 and full.optim.steps >= 30000
-    assert mini.optim.steps <= 300 and mini.cache.enabled
+    assert mini.optim.steps <= 1000 and mini.cache.enabled  # the demo budget: seconds per head on cached states
     if name == "asv":
         assert (full.head.am_scale, full.head.am_margin, full.asv.p_target) == (30.0, 0.4, 0.01)
     if name == "er":
