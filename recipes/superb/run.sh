@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Generic SUPERB recipe: score upstreams on a list of tasks, then write the table and layer-weight plots.
 #   bash recipes/superb/run.sh --upstreams "fbank exp/hubert/final" --tasks "sid ks" --data data/voxceleb1
+# Stage 0: `speechssl prepare CORPUS_NAME CORPUS DATA` unless DATA/PREPARED exists (per-corpus egs start here).
 # Stage 1: `speechssl superb` per upstream (all tasks in one process) -> EXP/NAME/TASK/results.json (NAME:
 #          fbank, or the model directory's name; ".../final" takes its parent's name). Model paths that do not
 #          exist are skipped with a log line.
@@ -9,6 +10,9 @@ set -euo pipefail
 
 stage=1
 stop_stage=2
+corpus_name=""         # stage 0: librispeech | voxceleb1 | iemocap | speechcommands ...
+corpus=""              # stage 0: the downloaded corpus directory
+prepared=""            # stage 0: a manifest under --data whose presence means the corpus is prepared
 upstreams="fbank"      # space-separated: fbank | mfcc | model directories / fairseq .pt files
 tasks="asr pr sid asv er ks"
 conf_dir=""            # default: <repo>/conf/superb
@@ -32,6 +36,17 @@ name_of() {
     *) d="${1%/}"; b="$(basename "$d")"; echo "${b%.pt}" ;;
   esac
 }
+
+if stage_in 0; then
+  if [ -n "$prepared" ] && [ -f "$data/$prepared" ]; then
+    log "Stage 0: manifests already in $data"
+  else
+    [ -n "$corpus" ] && [ -n "$corpus_name" ] && [ -n "$data" ] || {
+      log "Stage 0: pass --corpus /path/to/${corpus_name:-CORPUS} (with --corpus-name and --data)"; exit 1; }
+    log "Stage 0: prepare $corpus_name -> $data"
+    speechssl prepare "$corpus_name" "$corpus" "$data"
+  fi
+fi
 
 if stage_in 1; then
   for up in $upstreams; do
