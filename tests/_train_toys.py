@@ -125,3 +125,32 @@ class ToyModel(nn.Module):
 
     def sample_size(self, batch) -> int:
         return batch["y"].numel()
+
+
+class ToyStack(nn.Module):
+    """A residual stack with its blocks in ``self.layers`` (what FSDP shards one by one); deterministic (no
+    dropout) so that runs with different process counts can be compared."""
+
+    def __init__(self, dim: int = 8, hidden: int = 16, num_layers: int = 3, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(dim, hidden)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) for _ in range(num_layers))
+        self.out = nn.Linear(hidden, 1)
+        self.calls = 0
+        self.crash_at: int | None = None  # training forward call (0-based) that raises, to simulate a kill
+
+    def forward(self, batch):
+        if self.training:
+            if self.calls == self.crash_at:
+                raise RuntimeError("simulated kill")
+            self.calls += 1
+        h = torch.tanh(self.inp(batch["x"]))
+        for layer in self.layers:
+            h = h + layer(h)
+        err = (self.out(h) - batch["y"]) ** 2
+        loss = err.sum() / err.numel()
+        return loss, {"loss": float(loss.detach())}
+
+    def sample_size(self, batch) -> int:
+        return batch["y"].numel()

@@ -26,3 +26,47 @@ def test_unknown_option_is_an_error():
     out = subprocess.run(["bash", str(ROOT / "egs/mini/run.sh"), "--no-such-option", "1"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "unknown option --no-such-option" in out.stderr
+
+
+# ---------------------------------------------------------------------------------- multi-machine launching
+def _dry_run(*args):
+    import os
+
+    env = dict(os.environ, SPEECHSSL_LAUNCH_DRY_RUN="1")
+    return subprocess.run(["bash", str(ROOT / "recipes/ssl/pretrain.sh"), "--data", "/d", "--config", "c.yaml",
+                           *args], capture_output=True, text=True, timeout=30, env=env)
+
+
+def test_launch_multi_machine_uses_accelerate():
+    out = _dry_run("--ngpu", "8", "--nnodes", "2", "--machine-rank", "1", "--main-ip", "10.0.0.7",
+                   "--main-port", "29123", "--ref-gpus", "32")
+    assert out.returncode == 0, out.stderr
+    cmd = out.stdout.strip()
+    assert cmd.startswith("accelerate launch --multi_gpu --num_machines 2 --machine_rank 1 --main_process_ip "
+                          "10.0.0.7 --main_process_port 29123 --num_processes 16 -m speechssl.cli.main pretrain "), cmd
+    assert "--set trainer.grad_accum=2" in cmd  # 32 reference GPUs / 16 processes
+    assert "--set data.train=[/d/cuts_train.jsonl.gz]" in cmd
+
+
+def test_launch_single_machine_and_custom_launcher():
+    out = _dry_run("--ngpu", "4")
+    assert out.stdout.startswith("torchrun --standalone --nproc-per-node 4 -m speechssl.cli.main pretrain "), out
+    assert "--set trainer.grad_accum=8" in out.stdout
+    assert _dry_run().stdout.startswith("speechssl pretrain --config c.yaml ")
+    out = _dry_run("--launcher", "torchrun --nnodes 2 --node-rank 0", "--nnodes", "2")
+    assert out.stdout.startswith("torchrun --nnodes 2 --node-rank 0 -m speechssl.cli.main pretrain "), out
+
+
+def test_launch_multi_machine_errors():
+    out = _dry_run("--nnodes", "2")
+    assert out.returncode != 0 and "--main-ip" in out.stderr
+    out = _dry_run("--nnodes", "2", "--main-ip", "h", "--machine-rank", "2")
+    assert out.returncode != 0 and "--machine-rank must be in 0..1" in out.stderr
+
+
+def test_egs_pass_machine_options():
+    for eg in ("egs/librispeech/ssl/run.sh", "egs/librilight/ssl/run.sh"):
+        text = (ROOT / eg).read_text()
+        assert '--machine-rank "$machine_rank" --main-ip "$main_ip" --main-port "$main_port"' in text, eg
+    out = subprocess.run(["bash", str(ROOT / "recipes/ssl/hubert.sh"), "--help"], capture_output=True, text=True)
+    assert "--machine-rank" in out.stderr and "--main-ip" in out.stderr

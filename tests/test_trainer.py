@@ -178,3 +178,30 @@ def test_oom_names_the_batch(tmp_path):
     batch = {"audio": torch.zeros(3, 32000), "audio_lens": torch.tensor([32000, 16000, 8000]), "cut_ids": ["a"]}
     assert _describe_batch(batch, 16000) == ("3 utterances, padded shape (3, 32000) = 6.0 s, 3.5 s of speech, "
                                              "first cut a")
+
+
+def test_fsdp_config_and_refusals(tmp_path, caplog):
+    """fsdp is validated, refuses layer-drop and fp16 with the reason, finds the transformer layers, and with one
+    process trains unwrapped (what EXP/final and resume see is the same as with ddp)."""
+    from _train_toys import ToyStack
+
+    from speechssl.train.trainer import fsdp_units
+
+    with pytest.raises(ConfigError, match="distributed_strategy"):
+        from_dict(TrainerConfig, {"distributed_strategy": "zero3"})
+    with pytest.raises(ConfigError, match="use bf16"):
+        from_dict(TrainerConfig, {"distributed_strategy": "fsdp", "precision": "fp16"})
+    stack = ToyStack(num_layers=3)
+    assert fsdp_units(stack) == list(stack.layers)
+    tr = Trainer(TrainerConfig(max_steps=2, distributed_strategy="fsdp", progress=False), ToyModel(layerdrop=0.3),
+                 tmp_path / "ld", optim=OptimConfig(), schedule=ScheduleConfig(), make_train_loader=ToyLoader)
+    with pytest.raises(ConfigError, match="layer-drop"):
+        tr._shard_fsdp(tr.model)
+    caplog.set_level("INFO")
+    tr = Trainer(TrainerConfig(max_steps=2, distributed_strategy="fsdp", progress=False, device="cpu"),
+                 ToyStack(), tmp_path / "one", optim=OptimConfig(), schedule=ScheduleConfig(),
+                 make_train_loader=ToyLoader)
+    assert tr.fit()["step"] == 2 and not tr.fsdp
+    assert "nothing to shard" in caplog.text
+    st = json.loads((tmp_path / "one" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert st["distributed_strategy"] == "ddp"

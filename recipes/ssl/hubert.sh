@@ -8,6 +8,9 @@
 #   stage 6: pretrain iteration 2                                      -> $iter2_dir/final
 # Example (8 GPUs, LibriSpeech 960 prepared under data/librispeech):
 #   recipes/ssl/hubert.sh --data data/librispeech --train-split train_960 --exp exp/hubert --ngpu 8
+# Several machines (shared storage): k-means/label stages once on machine 0, training stages on every machine:
+#   hubert.sh ... --stage 1 --stop-stage 2          # machine 0
+#   hubert.sh ... --stage 3 --stop-stage 3 --ngpu 8 --nnodes 4 --machine-rank R --main-ip HOST0   # machines 0..3
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)   # the speechssl checkout (configs)
 
@@ -20,8 +23,11 @@ exp=exp/hubert               # k-means models; iterations in iter1_dir / iter2_d
 iter1_dir=""                # default $exp/iter1
 iter2_dir=""                # default $exp/iter2
 ngpu=1
-nnodes=1
-launcher=""
+nnodes=1                    # machines; with > 1 run the recipe on each with its --machine-rank
+machine_rank=0
+main_ip=""                  # address of machine rank 0 (required when nnodes > 1)
+main_port=29500
+launcher=""                 # a launcher prefix instead (see _launch.sh)
 ref_gpus=32                 # reference global batch: 32 GPUs x 87.5 s (grad_accum fills the gap)
 grad_accum=""               # default: ceil(ref_gpus / (ngpu * nnodes))
 iter1_config=$root/conf/pretrain/hubert_base_iter1.yaml

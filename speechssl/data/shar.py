@@ -5,14 +5,24 @@ shard (audio as FLAC by default, unit labels as lossless numpy). ``open_shar_cut
 lazily, split across DDP ranks and dataloader workers; ``make_shar_loader`` builds the iterable DataLoader
 (Lhotse's ``IterableDatasetWrapper``: the sampler lives in each worker, which streams its own shards).
 
-Resume: Lhotse 1.33 has no state_dict for a Shar stream; a resumed run re-reads shards in a new shuffle order
-(use the jsonl manifests with ``ResumableLoader`` when exact mid-epoch resume matters).
+Exact resume: Lhotse 1.33 has no state_dict for a Shar stream, so ``make_resumable_shar_loader`` builds its own
+(``ResumableSharLoader``): shards are shuffled per epoch from ``seed``, split per rank then per worker, and every
+worker runs a ``DynamicBucketingSampler`` over the cut manifests of its shards. Audio and arrays are attached to a
+cut only when its batch is handed to the dataset, by random access into the shard's tar (``tarfile`` reads the
+member headers, then only the members asked for). The loader counts the batches the training loop consumed from
+each worker; on resume each worker replays its sampler over the cut manifests (``cuts.NNNNNN.jsonl.gz``) to skip
+exactly those batches, reading no audio, and the main process merges the workers' batches in a fixed round-robin
+order, so K steps + resume + N-K steps see the same batches as N steps straight.
 """
 from __future__ import annotations
 
 import logging
+import random
+from collections import Counter, OrderedDict, deque
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +89,7 @@ def make_shar_loader(shar_dir, dataset, *, max_duration: float, num_workers: int
 
     Each worker runs its own bucketing sampler over the shards it owns; ``rank``/``world_size`` default to
     torch.distributed's when initialised. Returns a DataLoader whose ``dataset.set_epoch(e)`` reshuffles.
+    It cannot resume mid-epoch: training uses ``make_resumable_shar_loader`` instead.
     """
     import torch
     from lhotse.dataset import DynamicBucketingSampler
@@ -103,3 +114,366 @@ def make_shar_loader(shar_dir, dataset, *, max_duration: float, num_workers: int
         wrapper, batch_size=None, num_workers=num_workers,
         worker_init_fn=make_worker_init_fn(rank=rank, world_size=world_size, seed=seed),
     )
+
+
+# ------------------------------------------------------------------------------------------------ exact resume
+WORKER_KEY = "_shar_worker"   # batch key: the dataloader worker that produced the batch (popped by the loader)
+END_KEY = "_shar_end"         # marker item: that worker's stream for this epoch is over
+
+
+def list_shards(shar_dir) -> list[dict[str, Path]]:
+    """The shards of a Shar directory as ``[{"cuts": path, field: tar path, ...}, ...]`` in shard order.
+
+    Raises FileNotFoundError (no shards) or ValueError (a field with a different number of shards)."""
+    d = Path(shar_dir)
+    cut_paths = sorted(p for p in d.glob("cuts.*.jsonl*"))
+    if not cut_paths:
+        raise FileNotFoundError(f"no Shar shards (cuts.NNNNNN.jsonl.gz) in {d}")
+    fields: dict[str, list[Path]] = {}
+    for p in sorted(d.glob("*.*.tar")):
+        fields.setdefault(p.name.split(".")[0], []).append(p)
+    other = sorted({p.name.split(".")[0] for p in d.glob("*.*.jsonl*")} - {"cuts"})
+    if other:
+        raise ValueError(f"Shar directory {d}: fields {other} are stored as jsonl; the resumable Shar loader reads "
+                         "tar fields only (export them as arrays, or train from jsonl manifests)")
+    for name, paths in fields.items():
+        if len(paths) != len(cut_paths):
+            raise ValueError(f"Shar directory {d}: field '{name}' has {len(paths)} shards but there are "
+                             f"{len(cut_paths)} cut shards")
+    return [{"cuts": c, **{name: paths[i] for name, paths in fields.items()}} for i, c in enumerate(cut_paths)]
+
+
+def shards_for(shards: list, epoch: int, seed: int, shuffle: bool, rank: int, world_size: int, worker: int,
+               num_workers: int) -> list:
+    """The shards one worker of one rank reads in ``epoch``: shuffled from ``seed + epoch``, then every
+    ``world_size``-th for the rank and every ``num_workers``-th of those for the worker."""
+    order = list(shards)
+    if shuffle:
+        random.Random(seed + epoch).shuffle(order)
+    return order[rank::world_size][worker::num_workers]
+
+
+class _ShardCuts:
+    """Re-iterable cuts of some shards, read from the cut manifests only; each cut remembers its shard."""
+
+    def __init__(self, shards: list):
+        self.shards = shards
+
+    def __iter__(self):
+        from lhotse.lazy import LazyManifestIterator
+
+        for i, shard in enumerate(self.shards):
+            for cut in LazyManifestIterator(shard["cuts"]):
+                cut.shard_origin = str(shard["cuts"])
+                yield cut
+
+
+class _TarIndex:
+    """Random access to one Shar tar: member headers are read once, data only for the cuts asked for."""
+
+    def __init__(self, path: Path):
+        import tarfile
+
+        self.path = path
+        self.tar = tarfile.open(path, mode="r:")
+        self.members: dict[str, dict[str, Any]] = {}
+        for m in self.tar.getmembers():
+            stem, _, ext = m.name.rpartition(".")
+            self.members.setdefault(stem, {})[ext] = m
+
+    def read(self, cut_id: str):
+        """(manifest with the data attached, data path) or (None, None) when the cut has no value here."""
+        from lhotse.serialization import decode_json_line, deserialize_item
+        from lhotse.shar.utils import fill_shar_placeholder
+
+        entry = self.members.get(cut_id)
+        if entry is None:
+            raise KeyError(f"Shar tar {self.path} has no member for cut '{cut_id}'")
+        if "nodata" in entry or "json" not in entry:
+            return None, None
+        data_ext = next((e for e in entry if e != "json"), None)
+        if data_ext is None:
+            raise KeyError(f"Shar tar {self.path}: cut '{cut_id}' has metadata but no data member")
+        data = self.tar.extractfile(entry[data_ext]).read()
+        meta = deserialize_item(decode_json_line(self.tar.extractfile(entry["json"]).read().decode("utf-8")))
+        path = Path(entry[data_ext].name)
+        fill_shar_placeholder(manifest=meta, data=data, tarpath=path)
+        return meta, path
+
+    def close(self) -> None:
+        self.tar.close()
+
+
+class _TarCache:
+    """A few open ``_TarIndex`` (the sampler's buffer spans several shards); least recently used closed first."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self.open: OrderedDict[Path, _TarIndex] = OrderedDict()
+
+    def get(self, path: Path) -> _TarIndex:
+        if path in self.open:
+            self.open.move_to_end(path)
+            return self.open[path]
+        idx = self.open[path] = _TarIndex(path)
+        if len(self.open) > self.size:
+            self.open.popitem(last=False)[1].close()
+        return idx
+
+    def close(self) -> None:
+        for t in self.open.values():
+            t.close()
+        self.open.clear()
+
+
+def hydrate(cuts, shard_by_cuts_path: dict[str, dict], cache: _TarCache) -> None:
+    """Attach every field's data (audio, arrays) to ``cuts`` read by ``_ShardCuts``, in place."""
+    for cut in cuts:
+        shard = shard_by_cuts_path[cut.shard_origin]
+        for field, path in shard.items():
+            if field == "cuts":
+                continue
+            manifest, _ = cache.get(path).read(cut.id)
+            if manifest is not None:
+                setattr(cut, field, manifest)
+
+
+class SharBatchStream(torch.utils.data.IterableDataset):
+    """Batches of one rank's shards, run inside each dataloader worker (or the main process without workers).
+
+    Every item is a batch dict from ``dataset`` with ``WORKER_KEY`` added, and each worker ends its epoch with a
+    ``{END_KEY: True, WORKER_KEY: w}`` marker. ``skip[w]`` batches of worker ``w`` are replayed on the cut
+    manifests only and not yielded (resume). Everything here is picklable (workers get a copy per epoch).
+    """
+
+    def __init__(self, shards: list, dataset, *, duration_bins: Sequence[float], max_duration: float,
+                 seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, buffer_size: int = 10000,
+                 min_duration: float = 0.0, max_cut_duration: float | None = None):
+        super().__init__()
+        self.shards, self.dataset = shards, dataset
+        self.duration_bins = list(duration_bins)
+        self.max_duration, self.seed, self.shuffle = max_duration, int(seed), shuffle
+        self.rank, self.world_size, self.buffer_size = rank, world_size, buffer_size
+        self.min_duration, self.max_cut_duration = min_duration, max_cut_duration
+        self.epoch = 0
+        self.skip: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+
+    def _keep(self, cut) -> bool:
+        return cut.duration >= self.min_duration and (self.max_cut_duration is None
+                                                      or cut.duration <= self.max_cut_duration)
+
+    def _sampler(self, shards: list, worker: int):
+        from lhotse import CutSet
+        from lhotse.dataset import DynamicBucketingSampler
+
+        cuts = CutSet(_ShardCuts(shards))
+        if self.min_duration > 0 or self.max_cut_duration is not None:
+            cuts = cuts.filter(self._keep)
+        sampler = DynamicBucketingSampler(
+            cuts, max_duration=self.max_duration, duration_bins=self.duration_bins, shuffle=self.shuffle,
+            # distinct in-buffer shuffles per rank and worker; the same for a given (rank, worker, epoch)
+            seed=self.seed + 1000 * self.rank + worker, buffer_size=self.buffer_size, rank=0, world_size=1)
+        sampler.set_epoch(self.epoch)
+        return sampler
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = shards_for(self.shards, self.epoch, self.seed, self.shuffle, self.rank, self.world_size, worker,
+                          num_workers)
+        skip = self.skip[worker] if worker < len(self.skip) else 0
+        n = 0
+        if mine:
+            by_path = {str(s["cuts"]): s for s in mine}
+            cache = _TarCache()
+            try:
+                for cuts in self._sampler(mine, worker):
+                    n += 1
+                    if n <= skip:
+                        continue  # consumed before the checkpoint: skipped on the manifests, no audio read
+                    hydrate(cuts, by_path, cache)
+                    batch = self.dataset[cuts]
+                    batch[WORKER_KEY] = worker
+                    yield batch
+            finally:
+                cache.close()
+        if n < skip:
+            raise RuntimeError(f"Shar resume: worker {worker} of rank {self.rank} has {n} batches in epoch "
+                               f"{self.epoch} but the checkpoint says {skip} were consumed (shards changed?)")
+        yield {END_KEY: True, WORKER_KEY: worker}
+
+
+class ResumableSharLoader:
+    """Iterable over Shar batches with exact mid-epoch resume (the ``ResumableLoader`` interface).
+
+    Batches from the workers are merged in a fixed order (worker 0, 1, ..., skipping finished workers), which
+    is also the order torch's DataLoader delivers them in, so the sequence does not depend on timing. The state
+    holds the epoch, the batches consumed from each worker, which workers are done and the merge cursor.
+    """
+
+    def __init__(self, stream: SharBatchStream, num_workers: int = 0, prefetch_factor: int | None = 2,
+                 pin_memory: bool = False):
+        self.stream = stream
+        self.num_workers = int(num_workers)
+        self.prefetch_factor = prefetch_factor if self.num_workers > 0 else None
+        self.pin_memory = pin_memory
+        self.epoch = 0
+        self._reset_position()
+        self._restored = False
+        self.skipped: Counter = Counter()
+        self.stream.set_epoch(0)
+
+    @property
+    def _slots(self) -> int:
+        return max(1, self.num_workers)
+
+    def _reset_position(self) -> None:
+        self.consumed = [0] * self._slots
+        self.done = [False] * self._slots
+        self.cursor = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` on the next pass; right after ``load_state_dict`` the restored epoch keeps its position."""
+        if self._restored and int(epoch) == self.epoch:
+            return
+        self.epoch = int(epoch)
+        self._restored = False
+        self._reset_position()
+        self.stream.set_epoch(self.epoch)
+
+    def _worker_init(self, worker_id: int) -> None:
+        import numpy as np
+
+        s = (self.stream.seed + 100003 * self.stream.rank + 1009 * worker_id + 7 * self.epoch) % 2**32
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self._restored:
+            self._reset_position()
+        self._restored = False
+        self.stream.skip = list(self.consumed)
+        dl = torch.utils.data.DataLoader(
+            self.stream, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+            pin_memory=self.pin_memory, worker_init_fn=self._worker_init if self.num_workers else None,
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.epoch))  # no draw from the global RNG (exact resume)
+        it = iter(dl)
+        pending: dict[int, deque] = {w: deque() for w in range(self._slots)}
+        try:
+            while not all(self.done):
+                w = self.cursor
+                if self.done[w]:
+                    self.cursor = (w + 1) % self._slots
+                    continue
+                while not pending[w]:
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        raise RuntimeError(f"Shar loader: worker {w} stopped without its end marker") from None
+                    pending[int(item[WORKER_KEY])].append(item)
+                item = pending[w].popleft()
+                self.cursor = (w + 1) % self._slots
+                if item.get(END_KEY):
+                    self.done[w] = True
+                    continue
+                item.pop(WORKER_KEY)
+                for _cut_id, reason in item.pop("skipped", None) or ():
+                    self.skipped[reason] += 1
+                self.consumed[w] += 1
+                yield item
+        finally:
+            del it  # shuts the workers down when the caller stops early
+        if self.skipped:
+            log.warning("epoch %d: skipped %d bad cuts so far: %s", self.epoch, sum(self.skipped.values()),
+                        dict(self.skipped))
+        self.set_epoch(self.epoch + 1)
+
+    def state_dict(self) -> dict:
+        return {"kind": "shar", "epoch": self.epoch, "consumed": list(self.consumed), "done": list(self.done),
+                "cursor": self.cursor, "skipped": dict(self.skipped), "num_workers": self.num_workers,
+                "rank": self.stream.rank, "world_size": self.stream.world_size,
+                "num_shards": len(self.stream.shards)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a ``state_dict()``: the next pass starts at the first batch not consumed before it."""
+        if state.get("kind") != "shar":
+            raise ValueError("ResumableSharLoader.load_state_dict: not a Shar loader state (the checkpoint was "
+                             "written by a run on jsonl manifests?)")
+        self.epoch = int(state["epoch"])
+        self.skipped = Counter(state.get("skipped", {}))
+        self.stream.set_epoch(self.epoch)
+        same = (state.get("num_workers") == self.num_workers and state.get("world_size") == self.stream.world_size
+                and state.get("num_shards") == len(self.stream.shards))
+        if not same:
+            log.warning("Shar resume: the checkpoint was written with num_workers=%s, world_size=%s, %s shards; now "
+                        "%s, %s, %s: the shard split differs, epoch %d starts over", state.get("num_workers"),
+                        state.get("world_size"), state.get("num_shards"), self.num_workers,
+                        self.stream.world_size, len(self.stream.shards), self.epoch)
+            self._reset_position()
+        else:
+            self.consumed = [int(x) for x in state["consumed"]]
+            self.done = [bool(x) for x in state["done"]]
+            self.cursor = int(state["cursor"])
+        self._restored = True
+
+    def __len__(self):
+        raise TypeError("ResumableSharLoader has no length: the batch count of a Shar stream is not known ahead")
+
+
+def estimate_shar_duration_bins(shards: list, num_buckets: int, max_duration: float, seed: int = 0,
+                                num_cuts: int = 10000) -> list[float]:
+    """Bucket boundaries from the durations of up to ``num_cuts`` cuts (manifests only, shards in a seeded
+    order so that every rank and a resumed run get the same bins)."""
+    from itertools import islice
+
+    from lhotse.dataset.sampling.base import TimeConstraint
+    from lhotse.dataset.sampling.dynamic_bucketing import estimate_duration_buckets
+
+    order = list(shards)
+    random.Random(seed).shuffle(order)
+    cuts = list(islice(_ShardCuts(order), num_cuts))
+    if len(cuts) < 2 or num_buckets < 2:
+        return [max((c.duration for c in cuts), default=1.0) + 1.0]
+    return [float(b) for b in estimate_duration_buckets(cuts, num_buckets=min(num_buckets, len(cuts)),
+                                                        constraint=TimeConstraint(max_duration=max_duration))]
+
+
+def make_resumable_shar_loader(shar_dir, dataset, *, max_duration: float, num_workers: int = 2, seed: int = 0,
+                               rank: int | None = None, world_size: int | None = None, shuffle: bool = True,
+                               num_buckets: int = 10, duration_bins: Sequence[float] | None = None,
+                               buffer_size: int = 10000, min_duration: float = 0.0,
+                               max_cut_duration: float | None = None) -> ResumableSharLoader:
+    """A ``ResumableSharLoader`` over the shards in ``shar_dir`` (see the module docstring).
+
+    ``rank``/``world_size`` default to torch.distributed's. Each rank reads every ``world_size``-th shard of the
+    epoch's shuffled order (a rank may get a different number of batches than another; the trainer handles
+    that), each worker every ``num_workers``-th of those. Example::
+
+        loader = make_resumable_shar_loader("data/shar", SpeechDataset(None, units=["kmeans"]), max_duration=200)
+        for batch in loader: ...
+        state = loader.state_dict()      # later: loader.load_state_dict(state) continues exactly
+    """
+    if max_duration <= 0:
+        raise ValueError(f"make_resumable_shar_loader: max_duration must be positive, got {max_duration}")
+    if rank is None or world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        else:
+            rank, world_size = 0, 1
+    shards = list_shards(shar_dir)
+    if len(shards) < world_size:
+        log.warning("Shar: %d shards for %d ranks: some ranks get no data (export with a smaller shard_size)",
+                    len(shards), world_size)
+    bins = list(duration_bins) if duration_bins is not None else estimate_shar_duration_bins(
+        shards, num_buckets, max_duration, seed)
+    stream = SharBatchStream(shards, dataset, duration_bins=bins, max_duration=max_duration, seed=seed,
+                             shuffle=shuffle, rank=rank, world_size=world_size, buffer_size=buffer_size,
+                             min_duration=min_duration, max_cut_duration=max_cut_duration)
+    return ResumableSharLoader(stream, num_workers=num_workers)

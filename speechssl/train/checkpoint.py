@@ -32,6 +32,7 @@ from torch import nn
 __all__ = [
     "save_checkpoint_dir", "finalize_checkpoint", "list_checkpoints", "latest_checkpoint", "prune_checkpoints",
     "load_trainer_state", "load_model_weights", "load_torch", "get_rng_state", "set_rng_state", "clean_tmp",
+    "save_state_file",
 ]
 log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -42,15 +43,23 @@ def tmp_dir_for(ckpt_root: Path, step: int) -> Path:
 
 
 def save_checkpoint_dir(tmp: Path, *, model: nn.Module | None = None, optimizer=None, scheduler=None,
-                        scaler=None, loader_state: Any = None, rank: int = 0, extra_files: dict | None = None) -> None:
-    """Write this rank's parts of a checkpoint into ``tmp`` (the main rank passes model/optimiser/scheduler)."""
+                        scaler=None, loader_state: Any = None, rank: int = 0, extra_files: dict | None = None,
+                        model_state: dict | None = None, optimizer_state: dict | None = None) -> None:
+    """Write this rank's parts of a checkpoint into ``tmp`` (the main rank passes model/optimiser/scheduler).
+
+    ``model_state`` / ``optimizer_state`` are already gathered state dicts (FSDP full state dicts) used instead of
+    ``model`` / ``optimizer``."""
     tmp.mkdir(parents=True, exist_ok=True)
     if model is not None:
         from safetensors.torch import save_model
 
         save_model(model, str(tmp / "model.safetensors"))
+    if model_state is not None:
+        save_state_file(model_state, tmp / "model.safetensors")
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
@@ -122,12 +131,28 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int, keep: set[int] = frozense
 
 
 def load_torch(path: Path, map_location="cpu"):
+    if isinstance(map_location, torch.device) and map_location.type == "cpu":
+        map_location = "cpu"  # accelerate's multi-process CPU device is cpu:0, which torch.load cannot map to
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def load_trainer_state(ckpt: Path) -> dict:
     with open(Path(ckpt) / "trainer_state.json") as f:
         return json.load(f)
+
+
+def save_state_file(state: dict, path: Path) -> None:
+    """A state dict as safetensors; tensors that share memory (tied weights) are cloned first."""
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        v = v.detach()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -id(v)
+        out[k] = v.clone().contiguous() if ptr in seen else v.contiguous()
+        seen.add(ptr)
+    save_file(out, str(path))
 
 
 def load_model_weights(model: nn.Module, ckpt: Path, strict: bool = True) -> None:

@@ -37,6 +37,9 @@ class OptimConfig:
     eps: float = 1e-6
     weight_decay: float = 0.01
     momentum: float = 0.9          # sgd only
+    # torch's fused Adam/AdamW kernel: one pass over each parameter instead of several (2-3x faster updates on CPU,
+    # same math up to float rounding); off falls back to torch's default implementation
+    fused: bool = True
     # parameters whose name contains one of these, and every 1-D parameter (biases, norms), get no weight decay
     no_decay: list[str] = field(default_factory=lambda: ["bias", "norm", "mask_emb", "masked_spec_embed"])
     # learning-rate multipliers by parameter-name prefix, e.g. {"encoder.feature_extractor": 0.1}
@@ -99,6 +102,12 @@ def default_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return list(groups.values())
 
 
+def _fused_ok(groups: list[dict]) -> bool:
+    """torch's fused Adam kernels need floating-point parameters on CPU or an accelerator (not meta)."""
+    params = [p for g in groups for p in g["params"]]
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda", "xpu", "mps") for p in params)
+
+
 def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     """Instantiate the optimiser; each group's ``lr`` is ``cfg.lr * group['lr_scale']``."""
     groups = []
@@ -108,12 +117,10 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.O
         g["lr"] = cfg.lr * g["lr_scale"]
         g["initial_lr"] = g["lr"]
         groups.append(g)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                weight_decay=cfg.weight_decay)
+    if cfg.name in ("adamw", "adam"):
+        cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+        kwargs = {"fused": True} if cfg.fused and _fused_ok(groups) else {}
+        return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, **kwargs)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 

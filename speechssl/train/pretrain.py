@@ -6,7 +6,7 @@
   with ``model.overrides``, optionally initialised from ``model.init_from`` (any ``load_pretrained`` path);
 - the objective with ``speechssl.models.objectives.build_objective(objective.name, encoder, **objective.kwargs)``;
 - the training data: Lhotse manifests (``data.train``, jsonl.gz, several are chained) or Shar shards
-  (``data.shar_dir``), a duration-bucketing sampler (``data.max_duration`` padded seconds per batch per rank)
+  (``data.shar_dir``, streamed per rank and worker, resumable exactly), a duration-bucketing sampler (``data.max_duration`` padded seconds per batch per rank)
   and ``SpeechDataset`` (crops on the encoder frame grid, units aligned to encoder frames), wrapped in the
   resumable loader; ``data.valid`` manifests feed a periodic validation pass;
 - the ``Trainer``, which writes ``EXP/config.yaml``, ``EXP/metrics.jsonl``, ``EXP/checkpoints/`` and
@@ -174,37 +174,23 @@ def build_train_loader(cfg: PretrainConfig, encoder):
 
     d = cfg.data
     if d.shar_dir:
-        from speechssl.data.shar import make_shar_loader
+        from speechssl.data.shar import make_resumable_shar_loader
 
         if not Path(d.shar_dir).is_dir():
             raise ConfigError(f"config key 'data.shar_dir': not a directory: {d.shar_dir}")
-        if d.min_duration > 0 or d.max_cut_duration is not None:
-            log.warning("data.min_duration / data.max_cut_duration are not applied to Shar streams")
-        dl = make_shar_loader(d.shar_dir, _dataset(cfg, encoder, cfg.trainer.seed, train=True),
-                              max_duration=d.max_duration, num_workers=cfg.trainer.num_workers,
-                              seed=cfg.trainer.seed, num_buckets=d.num_buckets)
-        return _SharLoader(dl)
+        try:
+            return make_resumable_shar_loader(
+                d.shar_dir, _dataset(cfg, encoder, cfg.trainer.seed, train=True), max_duration=d.max_duration,
+                num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, num_buckets=d.num_buckets,
+                min_duration=d.min_duration, max_cut_duration=d.max_cut_duration)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"config key 'data.shar_dir': {e}") from e
     cuts = _open_cuts(d.train, "train")
     cuts = _filter(cuts, d)
     sampler = make_sampler(cuts, max_duration=d.max_duration, num_buckets=d.num_buckets, shuffle=True,
                            seed=cfg.trainer.seed, drop_last=False)
     return ResumableLoader(sampler, _dataset(cfg, encoder, cfg.trainer.seed, train=True),
                            num_workers=cfg.trainer.num_workers)
-
-
-class _SharLoader:
-    """Shar stream (shards split per rank, then per worker) with the trainer's ``set_epoch`` hook. Lhotse 1.33
-    cannot checkpoint a Shar stream's position: a resumed run starts its epoch over (the trainer warns)."""
-
-    def __init__(self, dl):
-        self.dl = dl
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.dl.dataset, "set_epoch"):
-            self.dl.dataset.set_epoch(epoch)
-
-    def __iter__(self):
-        return iter(self.dl)
 
 
 def _make_evaluate(cfg: PretrainConfig, encoder):

@@ -31,6 +31,15 @@ get no gradient on some ranks. We run DDP with ``find_unused_parameters=True`` (
 reports ``layerdrop > 0``): DDP then marks the skipped parameters ready and all-reduces zeros for them. The
 alternative (always running layers and scaling their output by zero) would spend the compute layer-drop saves.
 
+FSDP (``trainer.distributed_strategy: fsdp``, 2+ processes): torch FSDP2 ``fully_shard`` on every transformer layer
+(each element of a ``layers`` ModuleList) and then on the whole model, so parameters, gradients and optimiser
+state are split across ranks and a layer's weights are gathered only while it runs. Checkpoints hold full
+(gathered) state dicts, written by rank 0 in the same files as with DDP, so ``--resume``, ``EXP/final`` and
+evaluation work unchanged; rank 0 keeps an unsharded CPU copy of the model for ``save_final`` and ``evaluate``.
+It runs on CPU (gloo) and GPU (NCCL). Not supported with it: layer-drop (ranks would skip different layers and
+their gathers would not match; set layerdrop to 0) and fp16 (use bf16). With one process FSDP has nothing to
+shard and the model trains unwrapped.
+
 Non-finite loss or gradient: the update is skipped on every rank (the check uses all-reduced values so ranks
 agree), counted and warned about; ``max_bad_steps`` skips in a row stop the run. With fp16, gradient overflows
 are the GradScaler's business (it skips and lowers the scale) and do not count as bad steps.
@@ -38,6 +47,7 @@ are the GradScaler's business (it skips and lowers the scale) and do not count a
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -78,10 +88,18 @@ class TrainerConfig:
     sample_rate: int = 16000       # to count audio seconds from batch["audio_lens"]
     progress: bool = True          # tqdm bar on the main process
     ckpt_at_end: bool = True       # save a checkpoint after the last update (off for benchmarks / smoke runs)
+    distributed_strategy: str = "ddp"  # ddp | fsdp (FSDP2 sharding per transformer layer; no layer-drop, no fp16)
 
     def validate(self) -> None:
         if self.precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"config key 'trainer.precision' must be no|bf16|fp16, got {self.precision!r}")
+        if self.distributed_strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"config key 'trainer.distributed_strategy' must be ddp|fsdp, got "
+                              f"{self.distributed_strategy!r}")
+        if self.distributed_strategy == "fsdp" and self.precision == "fp16":
+            raise ConfigError("config key 'trainer.precision' fp16 is not supported with "
+                              "trainer.distributed_strategy=fsdp (its loss scaler would see only local gradient "
+                              "shards): use bf16")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"config key 'trainer.device' must be auto|cpu|cuda, got {self.device!r}")
         for k in ("max_steps", "grad_accum", "log_every", "ckpt_every", "max_bad_steps"):
@@ -142,6 +160,20 @@ def _uses_layerdrop(model: nn.Module) -> bool:
     return False
 
 
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards one by one: every element of a ModuleList named ``layers`` (transformer layers)."""
+    units = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
+            units.extend(m)
+    return units
+
+
+def _full_tensor(x):
+    """A DTensor (FSDP gradient norm) as a plain tensor; anything else unchanged."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
 def _is_oom(e: BaseException) -> bool:
     oom_type = getattr(torch, "OutOfMemoryError", None)
     return (oom_type is not None and isinstance(e, oom_type)) or "out of memory" in str(e).lower()
@@ -176,6 +208,8 @@ class Trainer:
         self.best_value: float | None = None
         self.best_step: int | None = None
         self.accelerator = None
+        self.fsdp = False              # True once the model is sharded with FSDP2
+        self._fsdp_copy: nn.Module | None = None  # rank 0's unsharded CPU copy (save_final, evaluate)
 
     # ------------------------------------------------------------------ set-up
     def _make_accelerator(self):
@@ -216,7 +250,46 @@ class Trainer:
     def _trainer_state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "bad_steps": self.bad_steps,
                 "total_bad_steps": self.total_bad_steps, "best_value": self.best_value,
-                "best_step": self.best_step, "best_metric": self.best_metric}
+                "best_step": self.best_step, "best_metric": self.best_metric,
+                "distributed_strategy": "fsdp" if self.fsdp else "ddp"}
+
+    def _shard_fsdp(self, model: nn.Module) -> nn.Module:
+        """FSDP2 per transformer layer, then the root; rank 0 first keeps an unsharded CPU copy."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        acc = self.accelerator
+        if _uses_layerdrop(model):
+            raise ConfigError("trainer.distributed_strategy=fsdp cannot run a model with layer-drop: each rank skips "
+                              "different layers, so the per-layer parameter gathers would not match across ranks; "
+                              "set the encoder's layerdrop to 0 (e.g. --set model.overrides.layerdrop=0) or use ddp")
+        if acc.is_main_process:
+            self._fsdp_copy = copy.deepcopy(model).cpu()
+        model.to(acc.device)
+        mesh = init_device_mesh(acc.device.type, (acc.num_processes,))
+        units = fsdp_units(model)
+        for unit in units:
+            fully_shard(unit, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        log.info("FSDP: %d transformer layers sharded over %d processes", len(units), acc.num_processes)
+        self.fsdp = True
+        return model
+
+    def _full_model_state(self) -> dict:
+        """The full model state dict on rank 0 (CPU tensors), {} elsewhere; every rank must call it (FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _plain_model(self) -> nn.Module:
+        """An unsharded model holding the current weights: the model itself, or with FSDP rank 0's copy filled
+        from the gathered state (call on every rank; only rank 0's result is usable)."""
+        if not self.fsdp:
+            return self.accelerator.unwrap_model(self.model)
+        sd = self._full_model_state()
+        if self._fsdp_copy is not None:
+            self._fsdp_copy.load_state_dict(sd)
+        return self._fsdp_copy
 
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -230,9 +303,17 @@ class Trainer:
         acc.wait_for_everyone()
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
         main = acc.is_main_process
+        model_state = optim_state = None
+        if self.fsdp:  # gather full state dicts (collectives on every rank); rank 0 writes them
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            model_state = self._full_model_state()
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer.optimizer, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
         ckpt_lib.save_checkpoint_dir(
-            tmp, model=acc.unwrap_model(self.model) if main else None,
-            optimizer=self.optimizer.optimizer if main else None,
+            tmp, model=acc.unwrap_model(self.model) if (main and not self.fsdp) else None,
+            optimizer=self.optimizer.optimizer if (main and not self.fsdp) else None,
+            model_state=model_state if main else None, optimizer_state=optim_state if main else None,
             scheduler=self.scheduler if main else None,
             scaler=acc.scaler if (main and acc.scaler is not None) else None,
             loader_state=loader_state, rank=acc.process_index,
@@ -248,12 +329,28 @@ class Trainer:
     def _load_checkpoint(self, ckpt: Path) -> tuple[Any, dict]:
         """Restore model/optimiser/scheduler/scaler/trainer state; return (loader state, rng state) for later."""
         acc = self.accelerator
-        ckpt_lib.load_model_weights(acc.unwrap_model(self.model), ckpt)
-        self.optimizer.optimizer.load_state_dict(ckpt_lib.load_torch(ckpt / "optimizer.pt", acc.device))
+        st = ckpt_lib.load_trainer_state(ckpt)
+        saved = st.get("distributed_strategy", "ddp")
+        if self.fsdp and saved != "fsdp":
+            # the optimiser state is keyed by position with DDP and by parameter name with FSDP
+            raise RuntimeError(f"checkpoint {ckpt} was written with distributed_strategy=ddp and this run shards "
+                               "with fsdp: resume with ddp, or start a new run from its weights (model.init_from)")
+        if saved == "fsdp":  # full state dicts keyed by name: every rank reads them and keeps its own shards
+            from safetensors.torch import load_file
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            opts = StateDictOptions(full_state_dict=True)
+            target = self.model if self.fsdp else acc.unwrap_model(self.model)
+            set_model_state_dict(target, load_file(str(ckpt / "model.safetensors")), options=opts)
+            set_optimizer_state_dict(target, self.optimizer.optimizer,
+                                     ckpt_lib.load_torch(ckpt / "optimizer.pt"), options=opts)
+        else:
+            ckpt_lib.load_model_weights(acc.unwrap_model(self.model), ckpt)
+            self.optimizer.optimizer.load_state_dict(ckpt_lib.load_torch(ckpt / "optimizer.pt", acc.device))
         self.scheduler.load_state_dict(ckpt_lib.load_torch(ckpt / "scheduler.pt"))
         if acc.scaler is not None and (ckpt / "scaler.pt").is_file():
             acc.scaler.load_state_dict(ckpt_lib.load_torch(ckpt / "scaler.pt"))
-        st = ckpt_lib.load_trainer_state(ckpt)
         self.step, self.epoch = int(st["step"]), int(st["epoch"])
         self.bad_steps, self.total_bad_steps = int(st.get("bad_steps", 0)), int(st.get("total_bad_steps", 0))
         self.best_value, self.best_step = st.get("best_value"), st.get("best_step")
@@ -303,7 +400,11 @@ class Trainer:
         """One micro-batch. Returns (loss * weight, weight, audio seconds, logs * weight)."""
         acc, model = self.accelerator, self.model
         unwrapped = acc.unwrap_model(model)
-        ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
+        if self.fsdp:  # FSDP2: skip the reduce-scatter on accumulation micro-batches
+            model.set_requires_gradient_sync(sync)
+            ctx = contextlib.nullcontext()
+        else:
+            ctx = contextlib.nullcontext() if sync else acc.no_sync(model)
         try:
             with ctx:
                 with acc.autocast():
@@ -365,7 +466,7 @@ class Trainer:
             for p in params:
                 p.grad.mul_(scale)
         max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        grad_norm = float(_full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))) if params else 0.0
         denom = weight_sum if has_size else cfg.grad_accum * acc.num_processes
         loss = loss_sum / denom if denom > 0 else float("nan")
         if not math.isfinite(grad_norm) and acc.scaler is not None and math.isfinite(loss):
@@ -404,8 +505,11 @@ class Trainer:
     def _run_eval(self) -> dict[str, float]:
         acc = self.accelerator
         result: dict[str, float] = {}
+        plain = self._plain_model() if self.evaluate is not None else None  # FSDP: a gather on every rank
         if self.evaluate is not None and acc.is_main_process:
-            model = acc.unwrap_model(self.model)
+            model = plain
+            if self.fsdp:
+                model.to(acc.device)
             was_training = model.training
             model.eval()
             # forked RNG: evaluation (masks, crops) must not shift the training streams (exact resume, DDP)
@@ -413,6 +517,8 @@ class Trainer:
             with torch.random.fork_rng(devices=devices), torch.no_grad(), acc.autocast():
                 result = {k: float(v) for k, v in self.evaluate(model).items()}
             model.train(was_training)
+            if self.fsdp:
+                model.cpu()
             rec = {"step": self.step, "split": "valid", **result}
             from speechssl.utils.io import append_jsonl
 
@@ -449,10 +555,18 @@ class Trainer:
 
         set_seed(cfg.seed + acc.process_index)
         model = self.model
+        use_fsdp = cfg.distributed_strategy == "fsdp" and acc.num_processes > 1
+        if cfg.distributed_strategy == "fsdp" and not use_fsdp:
+            log.info("trainer.distributed_strategy=fsdp with one process: nothing to shard, training unwrapped")
+        if use_fsdp:
+            model = self._shard_fsdp(model)  # before the optimiser: it must hold the sharded parameters
         groups = self.param_groups(model)
         optimizer = build_optimizer(groups, self.optim_cfg)
         self.scheduler = build_scheduler(optimizer, self.schedule_cfg, cfg.max_steps)
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if use_fsdp:  # accelerate would wrap the model in DDP: it only gets the optimiser
+            self.model, self.optimizer = model, acc.prepare(optimizer)
+        else:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
         if cfg.tensorboard:
             acc.init_trackers("tb")
 
@@ -475,6 +589,10 @@ class Trainer:
         if loader_state is not None:
             if hasattr(self.loader, "load_state_dict"):
                 self.loader.load_state_dict(loader_state)
+                if isinstance(loader_state, dict) and "epoch" in loader_state:
+                    # ranks may be in different epochs (Shar: shards give ranks unequal batch counts); the
+                    # trainer state holds rank 0's, the loader state this rank's
+                    self.epoch = int(loader_state["epoch"])
             else:
                 log.warning("the training loader cannot restore its position; the resumed epoch starts over")
         # the iterator is created before the RNG states are restored: creating a DataLoader iterator draws from
@@ -542,11 +660,12 @@ class Trainer:
         bar.close()
 
         if self.save_final is not None:
+            plain = self._plain_model()  # FSDP: a gather on every rank
             if main:
                 final = self.out_dir / "final"
                 tmp = self.out_dir / ".tmp-final"
                 shutil.rmtree(tmp, ignore_errors=True)
-                self.save_final(acc.unwrap_model(self.model), tmp)
+                self.save_final(plain, tmp)
                 old = self.out_dir / ".old-final"
                 if final.exists():
                     shutil.rmtree(old, ignore_errors=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # HuBERT pretraining on Libri-Light (up to 60k h) streamed from Lhotse Shar shards, so no manifest is ever held
 # in memory during training. K-means is fitted on a small sampled fraction of the manifest.
-#   bash run.sh --corpus /data/librilight --parts small,medium --ngpu 8 --nnodes 4 --launcher "torchrun ..."
+#   bash run.sh --corpus /data/librilight --parts small,medium --ngpu 8 --nnodes 4 --machine-rank R --main-ip HOST
+#   (on each of the 4 machines; or --launcher "torchrun ..." for any other launcher)
 # Stages: 0 prepare manifests (VAD segments, at most max_segment s); 1 combine the parts;
 #         2 MFCC k-means + labels (hubert.sh 1-2); 3 Shar shards of the labelled cuts; 4 HuBERT iteration 1 from
 #         Shar; 5 layer-6 k-means + labels (hubert.sh 4-5); 6 Shar shards; 7 HuBERT iteration 2 from Shar.
@@ -14,7 +15,10 @@ parts=small,medium,large
 data=data/librilight
 exp=exp/hubert
 ngpu=8
-nnodes=1
+nnodes=1                        # machines: run this script on each with its --machine-rank
+machine_rank=0
+main_ip=""                      # address of machine rank 0 (required when nnodes > 1)
+main_port=29500
 launcher=""
 nj=32
 max_segment=20
@@ -25,7 +29,8 @@ seed=0
 . "$(dirname "$0")/../../../recipes/lib/stages.sh"   # parses the options above
 cd "$(dirname "$0")"
 hubert=../../../recipes/ssl/hubert.sh
-common=(--data "$data" --train-split train --exp "$exp" --ngpu "$ngpu" --nnodes "$nnodes" --launcher "$launcher"
+common=(--data "$data" --train-split train --exp "$exp" --ngpu "$ngpu" --nnodes "$nnodes"
+        --machine-rank "$machine_rank" --main-ip "$main_ip" --main-port "$main_port" --launcher "$launcher"
         --km-fraction "$km_fraction" --seed "$seed")
 
 if stage_in 0; then

@@ -4,8 +4,10 @@
 #   bash run.sh --stage 2 --stop-stage 2 --ngpu 8 --hubert-stage 3       # resume HuBERT from its stage 3
 # Stages: 0 prepare manifests; 1 combine train-960 and validate; 2 HuBERT iterations 1+2 (recipes/ssl/hubert.sh);
 #         3 wav2vec 2.0 Base; 4 WavLM Base (units: layer 9 of HuBERT iteration 2); 5 BEST-RQ; 6 training curves.
-# Fewer GPUs than the references (32 / 64) keep the global batch through gradient accumulation; multi-node:
-#   --nnodes 4 --launcher "torchrun --nnodes 4 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29500 --nproc-per-node 8"
+# Fewer GPUs than the references (32 / 64) keep the global batch through gradient accumulation; multi-node
+# (accelerate launch; run the same command on every machine with its own rank):
+#   --ngpu 8 --nnodes 4 --machine-rank R --main-ip HOST [--main-port 29500]
+# or any launcher: --launcher "torchrun --nnodes 4 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29500 --nproc-per-node 8"
 set -euo pipefail
 
 stage=0
@@ -14,7 +16,10 @@ corpus=/data/LibriSpeech        # contains train-clean-100/, train-clean-360/, t
 data=data/librispeech
 exp=exp
 ngpu=8
-nnodes=1
+nnodes=1                        # machines: run this script on each with its --machine-rank
+machine_rank=0
+main_ip=""                      # address of machine rank 0 (required when nnodes > 1)
+main_port=29500
 launcher=""
 nj=16
 hubert_stage=1                  # sub-stages of recipes/ssl/hubert.sh run by stage 2
@@ -26,6 +31,7 @@ seed=0
 cd "$(dirname "$0")"
 recipes=../../../recipes/ssl
 common=(--data "$data" --train-split train_960 --valid-split dev-clean --ngpu "$ngpu" --nnodes "$nnodes"
+        --machine-rank "$machine_rank" --main-ip "$main_ip" --main-port "$main_port"
         --launcher "$launcher" --seed "$seed")
 
 if stage_in 0; then
