@@ -164,7 +164,7 @@ def main() -> int:
     p.add_argument("--precision", default="no", choices=["no", "bf16"])
     p.add_argument("--batch", type=int, default=None, help="utterances per step (default 2, GPU 8)")
     p.add_argument("--seconds", type=float, default=None, help="seconds per utterance (default 4, GPU 10)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 8; GPU 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (default 12, quick 4)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -174,7 +174,7 @@ def main() -> int:
     if args.quick:
         defaults = dict(batch=2, seconds=2.0, steps=3, warmup=2, layers=4)
     else:
-        defaults = dict(batch=8 if gpu else 2, seconds=10.0 if gpu else 4.0, steps=10 if gpu else 5, warmup=3 if gpu
+        defaults = dict(batch=8 if gpu else 2, seconds=10.0 if gpu else 4.0, steps=10 if gpu else 8, warmup=3 if gpu
                         else 2, layers=None)
     for k, v in defaults.items():
         if getattr(args, k) is None:

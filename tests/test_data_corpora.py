@@ -182,3 +182,84 @@ def test_prepare_mini_dispatches(tmp_path, monkeypatch):
     assert calls == [(str(tmp_path / "m"), 0.5, 3)]
     with pytest.raises(SystemExit):
         main(["prepare", "mini", "a", "b"])
+
+
+# ------------------------------------------------------------------------ LibriSpeech phones from a lexicon
+LEXICON = """A\tAH0
+A\tEY1
+HELLO\tHH AH0 L OW1
+HELLO\tHH EH0 L OW1
+WORLD  W ER1 L D
+don't\tD OW1 N T
+NUMBER\tN AH1 M B ER0
+"""
+
+
+def _fake_librispeech(tmp_path: Path, texts: dict[str, list[str]]) -> Path:
+    root = tmp_path / "LibriSpeech"
+    for k, (part, utts) in enumerate(texts.items()):
+        spk = str(84 + k)
+        chap = root / part / spk / "121123"
+        lines = []
+        for i, text in enumerate(utts):
+            uid = f"{spk}-121123-{i:04d}"
+            _wav(chap / f"{uid}.flac", 0.5, 10 * k + i, fmt="FLAC")
+            lines.append(f"{uid} {text}")
+        (chap / f"{spk}-121123.trans.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_librispeech_lexicon_phones(tmp_path, capsys):
+    root = _fake_librispeech(tmp_path, {"dev-clean": ["HELLO WORLD", "A NUMBER DON'T", "HELLO ZYXX WORLD ZYXX"],
+                                        "test-clean": ["WORLD A", "QWERTY"]})
+    (tmp_path / "lex.txt").write_text(LEXICON)
+    out = tmp_path / "out"
+    assert main(["prepare", "librispeech", str(root), str(out), "--num-jobs", "1",
+                 "--lexicon", str(tmp_path / "lex.txt")]) == 0
+    printed = capsys.readouterr().out
+    assert "dev-clean: phones for 2 of 3 cuts; 1 skipped" in printed and "ZYXX" in printed
+    dev = {c.supervisions[0].text: c.supervisions[0].custom["phones"] for c in _load(out, "dev-clean")}
+    # stress digits stripped, first pronunciation wins, lexicon words are case-insensitive
+    assert dev == {"HELLO WORLD": "HH AH L OW W ER L D", "A NUMBER DON'T": "AH N AH M B ER D OW N T"}
+    test = _load(out, "test-clean")
+    assert [c.supervisions[0].custom["phones"] for c in test] == ["W ER L D AH"]
+    rep = json.loads((out / "lexicon_report.json").read_text())
+    assert rep["parts"]["dev-clean"] == {"cuts": 3, "skipped": 1, "oov_words": {"ZYXX": 2}}
+    assert rep["parts"]["test-clean"] == {"cuts": 2, "skipped": 1, "oov_words": {"QWERTY": 1}}
+    assert rep["phones"] == sorted({"HH", "AH", "L", "OW", "W", "ER", "D", "N", "M", "B", "T"})
+    # the PR task reads what was written
+    from speechssl.superb.train import load_examples
+
+    ex = load_examples(str(out), "dev-clean", "phones")
+    assert sorted(e.label for e in ex) == sorted(dev.values())
+
+
+def test_librispeech_lexicon_keep_stress_and_oov_error(tmp_path, capsys):
+    root = _fake_librispeech(tmp_path, {"dev-clean": ["HELLO WORLD", "HELLO ZYXX"]})
+    (tmp_path / "lex.txt").write_text(LEXICON)
+    out = tmp_path / "out"
+    assert main(["prepare", "librispeech", str(root), str(out), "--num-jobs", "1", "--oov", "error",
+                 "--lexicon", str(tmp_path / "lex.txt")]) == 1
+    err = capsys.readouterr().err
+    assert "84-121123-0001" in err and "ZYXX" in err
+    assert not (out / "cuts_dev-clean.jsonl.gz").exists()
+    # a second lexicon fills the gap; --keep-stress keeps the ARPAbet digits
+    (tmp_path / "extra.txt").write_text("ZYXX Z IH1 K S\nHELLO HH AY1\n")
+    assert main(["prepare", "librispeech", str(root), str(out), "--num-jobs", "1", "--oov", "error",
+                 "--keep-stress", "--lexicon", str(tmp_path / "lex.txt"),
+                 "--lexicon", str(tmp_path / "extra.txt")]) == 0
+    phones = sorted(c.supervisions[0].custom["phones"] for c in _load(out, "dev-clean"))
+    assert phones == ["HH AH0 L OW1 W ER1 L D", "HH AH0 L OW1 Z IH1 K S"]
+
+
+def test_librispeech_lexicon_bad_input(tmp_path, capsys):
+    from speechssl.data.corpora.prepare import read_lexicon
+
+    root = _fake_librispeech(tmp_path, {"dev-clean": ["HELLO"]})
+    assert main(["prepare", "librispeech", str(root), str(tmp_path / "o"),
+                 "--lexicon", str(tmp_path / "nope.txt")]) == 1
+    assert "nope.txt" in capsys.readouterr().err
+    (tmp_path / "bad.txt").write_text("HELLO HH AH0\nWORLD\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2"):
+        read_lexicon(tmp_path / "bad.txt")
+    assert main(["prepare", "voxceleb1", str(root), str(tmp_path / "o"), "--lexicon", str(tmp_path / "bad.txt")]) == 2

@@ -184,3 +184,58 @@ def test_reference_and_mini_configs_load(name):
         assert full.data.folds == [1, 2, 3, 4, 5] and full.data.dev_fraction == 0.2
     if name == "ks":
         assert full.balanced and mini.balanced
+
+
+# ------------------------------------------------------------------ mixed precision and several processes
+def _sid_args(corpus, out, *extra):
+    cfg = Path(__file__).resolve().parents[1] / "conf" / "superb" / "mini_sid.yaml"
+    return ["superb", "--config", str(cfg), "--out", str(out), "--set", f"data.manifest_dir={corpus}",
+            "--set", "upstream=fbank", "--set", "optim.lr=0.005", *COMMON, *extra]
+
+
+def test_bf16_autocast_on_cpu(corpus, tmp_path, capsys):
+    out = tmp_path / "sid_bf16"
+    assert _run(_sid_args(corpus, out, "--set", "precision=bf16", "--set", "device=cpu")) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["task"] == "sid" and r["value"] >= 0.6  # 4 classes: chance 0.25
+    assert "precision: bf16" in (out / "config.yaml").read_text()
+    # fp16 needs a GPU: a clear config error, not a crash
+    capsys.readouterr()
+    assert _run(_sid_args(corpus, tmp_path / "x", "--set", "precision=fp16", "--set", "device=cpu")) == 2
+    assert "fp16 needs a GPU" in capsys.readouterr().err
+    assert _run(_sid_args(corpus, tmp_path / "x", "--set", "precision=fp8")) == 2
+
+
+def test_two_processes_gloo(corpus, tmp_path):
+    """torchrun, 2 CPU processes: same results.json shape as one process, dev/test metrics over every utterance
+    (gathered across ranks), and only rank 0 writes (one metrics line per step, one set of trial files)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "speechssl.cli.main",
+                           *_sid_args(corpus, two, "--set", "device=cpu", "--set", "optim.lrs=[0.001, 0.005]")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = tmp_path / "one"
+    assert _run(_sid_args(corpus, one, "--set", "optim.lrs=[0.001, 0.005]")) == 0
+    r2, r1 = (json.loads((d / "results.json").read_text()) for d in (two, one))
+    assert r2.keys() == r1.keys() and r2["scores"].keys() == r1["scores"].keys()
+    assert r2["lr_sweep"].keys() == r1["lr_sweep"].keys() and r2["split"] == r1["split"] == "sid_test"
+    assert r2["scores"]["num_utts"] == r1["scores"]["num_utts"] == 12  # every test utterance, both ranks'
+    assert r2["dev"]["num_utts"] == 8 and r2["value"] >= 0.5
+    lines = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    dev = [(x["lr"], x["step"]) for x in lines if x.get("split") == "dev"]
+    assert sorted(dev) == sorted({(lr, s) for lr in (0.001, 0.005) for s in (20, 40)})  # once each, not per rank
+    assert sorted(p.name for p in (two / "trials").iterdir()) == ["lr-0.001", "lr-0.005"]
+    assert sorted(p.name for p in (two / "trials" / "lr-0.005").iterdir()) == ["best.safetensors", "summary.json"]
+    assert proc.stdout.count("sid sid_test acc=") == 1  # rank 0 prints

@@ -124,11 +124,12 @@ def test_pr_head_beats_chance(tmp_path):
     assert summary["best_dev"] < 0.2, summary  # an empty output scores 1.0
 
 
-def test_asr_head_beats_chance(tmp_path):
+@pytest.mark.parametrize("frame_ms", [0.0, 20.0])  # 20 ms: pairs of 10 ms FBANK frames stacked
+def test_asr_head_beats_chance(tmp_path, frame_ms):
     train, dev = seq_examples(40, 0, "t"), seq_examples(12, 99, "d")
     for e in train + dev:  # characters without spaces: "A B" -> "AB"
         e.label = e.label.replace(" ", "").upper()
-    cfg = cfg_for("asr", steps=200, lr=1e-2, hidden=64)
+    cfg = cfg_for("asr", steps=200, lr=1e-2, hidden=64, frame_ms=frame_ms)
     task = build_task("asr", cfg.head, specaug=cfg.specaug)
     task.fit(train, tmp_path)
     assert task.tokenizer.vocab_size == 2 + 4
@@ -170,3 +171,32 @@ def test_carve_dev():
     assert len(dev) == 10 and not ({e.id for e in dev} & {e.id for e in train})
     with pytest.raises(ValueError, match="dev_fraction"):
         carve_dev(ex[:12], 0.5, seed=0, by_label=True)
+
+
+def test_ctc_head_frame_stacking():
+    from speechssl.superb.heads import CTCHead
+
+    torch.manual_seed(0)
+    head = CTCHead(5, 7, proj_dim=8, hidden=8, num_layers=1, dropout=0.0, stack=4).eval()
+    x = torch.randn(2, 10, 5)
+    x[1, 7:] = 0  # padding is zero past each utterance's end (cache / featurizer)
+    lengths = torch.tensor([10, 7])
+    out = head(x, lengths)
+    assert out.shape == (2, 3, 7) and head.output_lengths(lengths).tolist() == [3, 2]
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(2, 3))
+    # an utterance gives the same output alone as padded in a batch
+    alone = head(x[1:2, :7], lengths[1:])
+    torch.testing.assert_close(alone[0, :2], out[1, :2])
+    with pytest.raises(ValueError, match="stack"):
+        CTCHead(5, 7, stack=0)
+
+
+def test_asr_frame_ms_gives_the_same_shift_for_every_upstream(tmp_path):
+    task = build_task("asr", HeadConfig(proj_dim=8, hidden=8, num_layers=1, frame_ms=40.0))
+    task.fit([Example(id="a", num_samples=1, label="AB C")], tmp_path)
+    assert task.tokenizer.vocab_size == 2 + 4
+    stacks = {rate: task.build_head(6, rate).body.stack for rate in (160, 320, 640)}
+    assert stacks == {160: 4, 320: 2, 640: 1}  # FBANK 10 ms, CNN encoders 20 ms, fbank encoders 40 ms
+    assert task.build_head(6).body.stack == 1
+    task.head_cfg.frame_ms = 0.0
+    assert task.build_head(6, 160).body.stack == 1

@@ -13,6 +13,7 @@ stop_stage=2
 corpus_name=""         # stage 0: librispeech | voxceleb1 | iemocap | speechcommands ...
 corpus=""              # stage 0: the downloaded corpus directory
 prepared=""            # stage 0: a manifest under --data whose presence means the corpus is prepared
+prepare_opts=""        # stage 0: more options for `speechssl prepare`, e.g. "--lexicon /path/librispeech-lexicon.txt"
 upstreams="fbank"      # space-separated: fbank | mfcc | model directories / fairseq .pt files
 tasks="asr pr sid asv er ks"
 conf_dir=""            # default: <repo>/conf/superb
@@ -44,7 +45,8 @@ if stage_in 0; then
     [ -n "$corpus" ] && [ -n "$corpus_name" ] && [ -n "$data" ] || {
       log "Stage 0: pass --corpus /path/to/${corpus_name:-CORPUS} (with --corpus-name and --data)"; exit 1; }
     log "Stage 0: prepare $corpus_name -> $data"
-    speechssl prepare "$corpus_name" "$corpus" "$data"
+    # shellcheck disable=SC2086  # prepare_opts is a list of words
+    speechssl prepare "$corpus_name" "$corpus" "$data" $prepare_opts
   fi
 fi
 

@@ -14,6 +14,9 @@ CORPUS_NAMES = ("librispeech", "librilight", "voxceleb1", "iemocap", "speechcomm
 EXAMPLES = """examples:
   speechssl prepare mini data/mini --minutes 15 --seed 0
   speechssl prepare librispeech /corpora/LibriSpeech data/librispeech --num-jobs 8
+  # + phones for PR (supervision.custom.phones) from OpenSLR 11's lexicon, which you download yourself
+  speechssl prepare librispeech /corpora/LibriSpeech data/librispeech \
+      --lexicon /corpora/LibriSpeech/librispeech-lexicon.txt [--oov error] [--keep-stress]
   speechssl prepare librilight /corpora/librilight data/librilight --parts small
   speechssl prepare voxceleb1 /corpora/VoxCeleb1 data/voxceleb1      # needs veri_test2.txt, iden_split.txt there
   speechssl prepare iemocap /corpora/IEMOCAP_full_release data/iemocap --fold 1
@@ -49,6 +52,15 @@ def register(subparsers) -> None:
     p.add_argument("--version", default="1", help="speechcommands: dataset version (1 = v0.01, SUPERB KS)")
     p.add_argument("--fold", type=int, default=1, help="iemocap: test session of the written fold (1..5)")
     p.add_argument("--max-segment", type=float, default=30.0, help="librilight: longest cut in seconds")
+    p.add_argument("--lexicon", action="append", default=[], metavar="PATH",
+                   help="librispeech: pronunciation lexicon (OpenSLR 11 librispeech-lexicon.txt format) to add "
+                        "supervision.custom.phones for PR; repeatable, the first pronunciation of a word wins")
+    p.add_argument("--keep-stress", action="store_true",
+                   help="librispeech --lexicon: keep ARPAbet stress digits (AH0, AH1 ...); by default they are "
+                        "stripped (39 phones)")
+    p.add_argument("--oov", choices=("skip", "error"), default="skip",
+                   help="librispeech --lexicon: a cut with a word missing from the lexicon is skipped and counted "
+                        "(default) or is an error")
     p.add_argument("--check", action="store_true", help="validate the manifests after preparing them")
     p.add_argument("--skip-bad", action="store_true",
                    help="validate: drop bad cuts (rewrite the manifests) and report counts instead of failing")
@@ -89,15 +101,35 @@ def run(args) -> int:
         opts.update(fold=args.fold, seed=args.seed)
     if args.corpus == "librilight":
         opts["max_segment"] = args.max_segment
+    if args.lexicon:
+        if args.corpus != "librispeech":
+            print(f"speechssl prepare {args.corpus}: --lexicon applies to librispeech only", file=sys.stderr)
+            return 2
+        opts.update(lexicon=args.lexicon, strip_stress=not args.keep_stress, oov=args.oov)
     try:
         prepare_corpus(args.corpus, corpus_dir, out_dir, **opts)
     except (FileNotFoundError, ValueError) as e:
         print(f"speechssl prepare {args.corpus}: {e}", file=sys.stderr)
         return 1
+    if args.lexicon:
+        _print_lexicon_report(Path(out_dir) / "lexicon_report.json")
     if args.check or args.skip_bad:
         return validate_dir(out_dir, skip_bad=args.skip_bad, decode=args.decode, min_duration=args.min_duration,
                             extra_require=args.require)
     return 0
+
+
+def _print_lexicon_report(path: Path) -> None:
+    import json
+
+    rep = json.loads(path.read_text())
+    for part, r in rep["parts"].items():
+        line = f"{part}: phones for {r['cuts'] - r['skipped']} of {r['cuts']} cuts"
+        if r["skipped"]:
+            line += (f"; {r['skipped']} skipped, {len(r['oov_words'])} words missing from the lexicon, e.g. "
+                     + " ".join(list(r["oov_words"])[:8]))
+        print(line)
+    print(f"{len(rep['phones'])} phone symbols; details in {path}")
 
 
 def validate_dir(d, *, skip_bad: bool = False, decode: bool = False, min_duration: float = 0.025,

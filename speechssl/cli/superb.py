@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from pathlib import Path
 
 from speechssl.cli.common import EXAMPLES_FORMATTER
@@ -47,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     from speechssl.superb.train import SuperbConfig, run_superb
 
     cfgs = [load_config(SuperbConfig, c, args.overrides) for c in args.config]  # all config errors up front
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # several processes (accelerate launch / torchrun)
+    if not main_rank:
+        logging.getLogger("speechssl").setLevel(logging.WARNING)
     tasks = [c.task for c in cfgs]
     if len(cfgs) > 1 and len(set(tasks)) != len(tasks):
         print(f"speechssl superb: several configs for the same task ({tasks}); run them separately")
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     for cfg in cfgs:
         out = Path(args.out) / cfg.task if len(cfgs) > 1 else Path(args.out)
         results = run_superb(cfg, out, resume=args.resume, source_pool=pool)
-        for r in results if isinstance(results, list) else [results]:
+        for r in (results if isinstance(results, list) else [results]) if main_rank else []:
             print(f"{r['task']} {r['split']} {r['metric']}={r['value']:.4f} upstream={r['upstream']} "
                   f"best_lr={r['best_lr']:g}")
     return 0

@@ -54,18 +54,37 @@ class SpecAugment(nn.Module):
 
 
 class CTCHead(nn.Module):
-    """ASR: Linear(D -> proj) -> BiLSTM stack -> Linear(-> vocab); returns log-probs [B, T, V]."""
+    """ASR: [stack ``stack`` adjacent frames] -> Linear(D -> proj) -> BiLSTM stack -> Linear(-> vocab); returns
+    log-probs [B, ceil(T / stack), V] (:meth:`output_lengths` gives the valid frames).
+
+    Stacking (s3prl's "concat" sampling) shortens the sequence the LSTM runs over, which is where a CPU spends
+    its time, at the cost of a coarser output frame rate (it must stay above the label rate for CTC).
+    """
 
     def __init__(self, in_dim: int, vocab_size: int, proj_dim: int = 1024, hidden: int = 1024,
-                 num_layers: int = 2, dropout: float = 0.2, bidirectional: bool = True):
+                 num_layers: int = 2, dropout: float = 0.2, bidirectional: bool = True, stack: int = 1):
         super().__init__()
-        self.proj = nn.Linear(in_dim, proj_dim)
+        if stack < 1:
+            raise ValueError(f"CTCHead: stack must be >= 1, got {stack}")
+        self.stack = stack
+        self.proj = nn.Linear(in_dim * stack, proj_dim)
         self.rnn = nn.LSTM(proj_dim, hidden, num_layers=num_layers, batch_first=True,
                            dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional)
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(hidden * (2 if bidirectional else 1), vocab_size)
 
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """[B] input frames -> [B] output frames."""
+        return torch.div(lengths + self.stack - 1, self.stack, rounding_mode="floor")
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.stack > 1:
+            B, T, D = x.shape
+            pad = (-T) % self.stack
+            if pad:
+                x = F.pad(x, (0, 0, 0, pad))  # padding frames are zero, as past each utterance's end
+            x = x.reshape(B, (T + pad) // self.stack, self.stack * D)
+            lengths = self.output_lengths(lengths)
         h = self.proj(x)
         packed = nn.utils.rnn.pack_padded_sequence(h, lengths.cpu(), batch_first=True, enforce_sorted=False)
         h, _ = self.rnn(packed)
@@ -80,6 +99,9 @@ class LinearCTCHead(nn.Module):
         super().__init__()
         self.proj = nn.Linear(in_dim, proj_dim)
         self.out = nn.Linear(proj_dim, vocab_size)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return lengths
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.out(self.proj(x)), dim=-1)

@@ -39,6 +39,7 @@ class HeadConfig:
     hidden: int = 1024            # ASR BiLSTM width
     num_layers: int = 2           # ASR BiLSTM layers
     dropout: float = 0.2
+    frame_ms: float = 0.0         # ASR: stack adjacent frames up to this frame shift before the BiLSTM (0 = none)
     tdnn_channels: list[int] = field(default_factory=lambda: [512, 512, 512, 512, 1500])
     tdnn_kernels: list[int] = field(default_factory=lambda: [5, 3, 3, 1, 1])
     tdnn_dilations: list[int] = field(default_factory=lambda: [1, 2, 3, 1, 1])
@@ -79,7 +80,8 @@ class Task:
     def fit(self, train: Sequence[Example], work_dir: str | os.PathLike) -> None:
         """Fit the label vocabulary on the training examples and save it under ``work_dir``."""
 
-    def build_head(self, in_dim: int) -> nn.Module:
+    def build_head(self, in_dim: int, downsample_rate: int | None = None) -> nn.Module:
+        """A fresh head for features of ``in_dim`` dims at ``downsample_rate`` samples per frame."""
         raise NotImplementedError
 
     def loss(self, head: nn.Module, x: torch.Tensor, frames: torch.Tensor,
@@ -87,8 +89,18 @@ class Task:
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, head: nn.Module, batches: Iterable[EvalBatch], **context) -> dict:
+    def predict(self, head: nn.Module, examples: Sequence[Example], x: torch.Tensor, frames: torch.Tensor) -> list:
+        """Per-utterance outputs of one evaluation batch (small picklable records: ranks gather them)."""
         raise NotImplementedError
+
+    def score(self, records: Sequence, **context) -> dict:
+        """The split's metrics from the records of all its batches."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, head: nn.Module, batches: Iterable[EvalBatch], **context) -> dict:
+        """Score a whole split on one process: :meth:`score` over :meth:`predict` of every batch."""
+        return self.score([r for ex, x, frames in batches for r in self.predict(head, ex, x, frames)], **context)
 
     def better(self, a: float, b: float | None) -> bool:
         """Is dev score ``a`` better than ``b``?"""
@@ -121,11 +133,14 @@ class CTCTask(Task):
     def load(self, work_dir):
         self.tokenizer = load_tokenizer(Path(work_dir) / "tokenizer.json")
 
-    def build_head(self, in_dim):
+    def build_head(self, in_dim, downsample_rate=None):
         c, V = self.head_cfg, self.tokenizer.vocab_size
         if self.name == "asr":
+            stack = 1
+            if c.frame_ms > 0 and downsample_rate:  # the same output frame shift whatever the upstream's
+                stack = max(1, int(round(c.frame_ms * 16 / downsample_rate)))
             body = CTCHead(in_dim, V, proj_dim=c.proj_dim, hidden=c.hidden, num_layers=c.num_layers,
-                           dropout=c.dropout)
+                           dropout=c.dropout, stack=stack)
         else:
             body = LinearCTCHead(in_dim, V, proj_dim=c.proj_dim)
         s = self.specaug_cfg
@@ -134,6 +149,7 @@ class CTCTask(Task):
 
     def loss(self, head, x, frames, examples):
         log_probs = head(x, frames)
+        frames = head.output_lengths(frames)
         targets = [self.tokenizer.encode(str(e.label)) for e in examples]
         tl = _labels_tensor([len(t) for t in targets], x.device)
         flat = _labels_tensor([i for t in targets for i in t], x.device)
@@ -142,15 +158,15 @@ class CTCTask(Task):
         return loss, {"loss": float(loss.detach())}
 
     @torch.no_grad()
-    def evaluate(self, head, batches, **context):
+    def predict(self, head, examples, x, frames):
         extra = {"beam_size": self.decoding.beam_size} if self.decoding.name == "beam" else {}
         decoder = build_decoder(self.decoding.name, blank=0, **extra)
-        refs, hyps, losses = [], [], []
-        for examples, x, frames in batches:
-            log_probs = head(x, frames)
-            for ids, e in zip(decoder(log_probs, frames), examples):
-                hyps.append(self.tokenizer.decode(ids))
-                refs.append(" ".join(str(e.label).split()))
+        log_probs = head(x, frames).float()
+        return [(" ".join(str(e.label).split()), self.tokenizer.decode(ids))
+                for ids, e in zip(decoder(log_probs, head.output_lengths(frames)), examples)]
+
+    def score(self, records, **context):
+        refs, hyps = [r for r, _ in records], [h for _, h in records]
         if self.name == "asr":
             return {"wer": metrics.wer(refs, hyps), "cer": metrics.cer(refs, hyps), "num_utts": len(refs),
                     "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]]}
@@ -167,6 +183,9 @@ class _AugmentedHead(nn.Module):
         if self.aug is not None:
             x = self.aug(x, frames)
         return self.body(x, frames)
+
+    def output_lengths(self, frames):
+        return self.body.output_lengths(frames)
 
 
 # ------------------------------------------------------------------------------------- utterance classification
@@ -203,7 +222,7 @@ class ClassificationTask(Task):
             out.append(index[str(e.label)])
         return _labels_tensor(out, device)
 
-    def build_head(self, in_dim):
+    def build_head(self, in_dim, downsample_rate=None):
         return MeanPoolHead(in_dim, len(self.classes), proj_dim=self.head_cfg.proj_dim,
                             activation=self.head_cfg.pool_activation)
 
@@ -214,11 +233,11 @@ class ClassificationTask(Task):
         return loss, {"loss": float(loss.detach()), "acc": float((logits.detach().argmax(-1) == y).float().mean())}
 
     @torch.no_grad()
-    def evaluate(self, head, batches, **context):
-        preds, labels = [], []
-        for examples, x, frames in batches:
-            preds += head(x, frames).argmax(-1).tolist()
-            labels += self.label_ids(examples, x.device).tolist()
+    def predict(self, head, examples, x, frames):
+        return list(zip(head(x, frames).argmax(-1).tolist(), self.label_ids(examples, x.device).tolist()))
+
+    def score(self, records, **context):
+        preds, labels = [p for p, _ in records], [y for _, y in records]
         return {"acc": metrics.accuracy(preds, labels), "num_utts": len(labels)}
 
 
@@ -278,7 +297,7 @@ class VerificationTask(Task):
     load = ClassificationTask.load
     label_ids = ClassificationTask.label_ids
 
-    def build_head(self, in_dim):
+    def build_head(self, in_dim, downsample_rate=None):
         c = self.head_cfg
         return _XVectorAM(XVectorHead(in_dim, c.proj_dim, c.tdnn_channels, c.tdnn_kernels, c.tdnn_dilations,
                                       c.embed_dim),
@@ -290,11 +309,12 @@ class VerificationTask(Task):
         return loss, {"loss": float(loss.detach()), "acc": float((cos.detach().argmax(-1) == y).float().mean())}
 
     @torch.no_grad()
-    def evaluate(self, head, batches, trials: Sequence[tuple[int, str, str]] = (), **context):
-        emb: dict[str, torch.Tensor] = {}
-        for examples, x, frames in batches:
-            for e, v in zip(examples, F.normalize(head.xvector(x, frames), dim=-1).cpu()):
-                emb[e.id] = v
+    def predict(self, head, examples, x, frames):
+        emb = F.normalize(head.xvector(x, frames).float(), dim=-1).cpu()
+        return [(e.id, v) for e, v in zip(examples, emb)]
+
+    def score(self, records, trials: Sequence[tuple[int, str, str]] = (), **context):
+        emb: dict[str, torch.Tensor] = dict(records)
         missing = {u for _, a, b in trials for u in (a, b) if u not in emb}
         if missing:
             raise ValueError(f"asv: {len(missing)} trial utterances are not in the evaluated split, e.g. "

@@ -6,13 +6,20 @@ score wins, and only the winner's best-dev checkpoints are scored on the test sp
 part in any choice. Writes ``EXP/results.json``, ``EXP/metrics.jsonl``, ``EXP/config.yaml`` and per-trial
 ``EXP/trials/lr-LR[/fold-F]/{best.safetensors,summary.json}`` (``--resume`` reuses finished trials).
 
-The loop stands on its own (plain PyTorch on one device) rather than on the generic pretraining trainer: its
-unit of work is a small head over cached hidden states, trained many times per run (learning rates x folds).
+The loop stands on its own rather than on the generic pretraining trainer: its unit of work is a small head over
+cached hidden states, trained many times per run (learning rates x folds). It uses accelerate (as the trainer does)
+for mixed precision (``precision: bf16|fp16``) and for several processes (``accelerate launch`` / ``torchrun``):
+every rank takes its share of each epoch's duration buckets and of the evaluation batches, gradients are averaged
+over ranks after every backward, evaluation outputs are gathered so every rank computes the same dev score (and so
+takes the same best-checkpoint decisions), and only rank 0 writes files. With one process and ``fp32`` it is plain
+PyTorch on one device.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +37,12 @@ from speechssl.superb.tasks import (TASKS, DecodingConfig, HeadConfig, SpecAugCo
 from speechssl.superb.upstream import MODES, Upstream, build_upstream
 from speechssl.utils.io import append_jsonl, atomic_write, atomic_write_json
 
-__all__ = ["SuperbConfig", "DataConfig", "OptimConfig", "CacheConfig", "AsvConfig", "run_superb", "bucket_batches",
-           "load_examples", "train_trial"]
+__all__ = ["SuperbConfig", "DataConfig", "OptimConfig", "CacheConfig", "AsvConfig", "Engine", "run_superb",
+           "bucket_batches", "load_examples", "train_trial"]
 
 log = logging.getLogger(__name__)
 SR = 16000
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # config value -> accelerate's mixed_precision
 
 
 @dataclass
@@ -109,6 +117,7 @@ class SuperbConfig:
     asv: AsvConfig = field(default_factory=AsvConfig)
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"           # fp32 | bf16 | fp16 (autocast; fp16 with loss scaling, GPU only)
     num_threads: int = 0              # CPU threads while training heads (0 = leave torch's setting); small
                                       # heads run fastest on 1, extraction keeps the default
     progress: bool = True
@@ -122,6 +131,8 @@ class SuperbConfig:
             raise ConfigError(f"config key 'optim.name' must be adam or adamw, got {self.optim.name!r}")
         if self.cache.dtype not in ("float32", "float16"):
             raise ConfigError(f"config key 'cache.dtype' must be float32 or float16, got {self.cache.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"config key 'precision' must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.optim.steps < 1 or self.optim.eval_every < 1:
             raise ConfigError("config keys 'optim.steps' and 'optim.eval_every' must be >= 1")
 
@@ -223,6 +234,130 @@ def class_weights(examples: Sequence[Example]) -> list[float]:
     return [1.0 / counts[str(e.label)] for e in examples]
 
 
+# ------------------------------------------------------------------------------------------- processes, precision
+
+
+def _make_accelerator(mixed_precision: str, cpu: bool):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # one global accelerate state per process (as in speechssl.train.trainer): a run with another precision
+        # in the same process (tests, notebooks, several tasks) resets it when not distributed
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+class Engine:
+    """Where and how the task loop runs: device, rank / world size, autocast, loss scaling, gradient averaging
+    and gathering over ranks. One process in fp32 needs none of accelerate; otherwise it drives an Accelerator
+    (started by ``accelerate launch`` or ``torchrun``: one process per device)."""
+
+    def __init__(self, precision: str = "fp32", device: str = "auto"):
+        if precision not in PRECISIONS:
+            raise ConfigError(f"config key 'precision' must be one of {list(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self.acc = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or precision != "fp32":
+            if device not in ("auto", "cpu", "cuda"):
+                raise ConfigError(f"config key 'device' must be auto, cpu or cuda with precision {precision} or "
+                                  f"several processes (accelerate places each rank), got {device!r}")
+            cpu = device == "cpu" or not torch.cuda.is_available()
+            if precision == "fp16" and cpu:
+                raise ConfigError("config key 'precision': fp16 needs a GPU; use bf16 on CPU")
+            self.acc = _make_accelerator(PRECISIONS[precision], cpu)
+            self.device, self.rank, self.world = self.acc.device, self.acc.process_index, self.acc.num_processes
+        else:
+            self.device, self.rank, self.world = _device(device), 0, 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        return self.acc.autocast() if self.acc is not None else contextlib.nullcontext()
+
+    def prepare_optimizer(self, opt: torch.optim.Optimizer):
+        """The optimiser as accelerate wraps it (fp16: steps skipped on overflow)."""
+        return self.acc.prepare_optimizer(opt) if self.acc is not None else opt
+
+    def release(self) -> None:
+        """Drop accelerate's references to a finished trial's optimiser (a sweep trains many heads)."""
+        if self.acc is not None:
+            self.acc.free_memory()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.acc is not None:
+            self.acc.backward(loss)  # scales the loss for fp16
+        else:
+            loss.backward()
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Is the loss finite on every rank? (All ranks must agree to skip a step, or the gradient average
+        would wait for a rank that never comes.)"""
+        ok = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if self.world > 1:
+            ok = self.acc.reduce(ok.to(self.device), reduction="sum") / self.world
+        return bool(ok.item() == 1.0)
+
+    def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Mean of the gradients over ranks, in one flat all-reduce (head, featurizer and any trainable upstream
+        parameters alike; a missing gradient counts as zero)."""
+        if self.world == 1 or not params:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        flat = self.acc.reduce(flat, reduction="mean")
+        i = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[i:i + n].view_as(p).clone()
+            i += n
+
+    def broadcast_params(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Rank 0's values on every rank (fresh heads are seeded alike; adapters / LoRA may not be)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                for p in params:
+                    dist.broadcast(p.data, src=0)
+
+    def clip(self, params: Sequence[torch.nn.Parameter], max_norm: float) -> float:
+        if self.acc is not None:
+            return float(self.acc.clip_grad_norm_(params, max_norm))  # unscales fp16 gradients first
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        return float(self.acc.reduce(torch.tensor([value], dtype=torch.float64, device=self.device), "mean").item())
+
+    def gather(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order, on every rank."""
+        if self.world == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.acc.wait_for_everyone()
+
+    def shard(self, batches: list) -> list:
+        """This rank's share of a batch list that every rank built the same way: the first
+        ``len // world * world`` batches dealt round-robin, so every rank takes the same number of steps."""
+        if self.world == 1:
+            return batches
+        n = len(batches) // self.world * self.world
+        if n == 0:
+            raise ValueError(f"{len(batches)} training batch(es) for {self.world} processes: lower "
+                             f"data.max_duration (config key) or use fewer processes")
+        return batches[self.rank:n:self.world]
+
+
 # ----------------------------------------------------------------------------------------------- training
 
 
@@ -260,41 +395,49 @@ def _load_state(model: Downstream, upstream: Upstream, state: dict[str, torch.Te
 
 
 def evaluate(task: Task, model: Downstream, source: FeatureSource, examples: Sequence[Example],
-             max_samples: int, **context) -> dict:
-    """Score ``examples`` (sorted, padded batches) with the model in eval mode."""
+             max_samples: int, engine: Engine | None = None, **context) -> dict:
+    """Score ``examples`` (sorted, padded batches) with the model in eval mode. With several processes each rank
+    predicts every ``world``-th batch and the outputs are gathered, in batch order, before scoring."""
+    engine = engine or Engine()
     model.eval()
     source.upstream.eval()
     batches = bucket_batches([e.num_samples for e in examples], max_samples)
-
-    def gen():
-        with torch.no_grad():
-            for b in batches:
-                ex = [examples[i] for i in b]
-                states, frames = source.states(ex)
-                yield ex, model.featurizer(states), frames
-
-    return task.evaluate(model.head, gen(), **context)
+    mine = []
+    with torch.no_grad(), engine.autocast():
+        for k in range(engine.rank, len(batches), engine.world):
+            ex = [examples[i] for i in batches[k]]
+            states, frames = source.states(ex)
+            mine.append((k, task.predict(model.head, ex, model.featurizer(states), frames)))
+    records = [r for _, recs in sorted(engine.gather(mine), key=lambda kr: kr[0]) for r in recs]
+    return task.score(records, **context)
 
 
 def train_trial(task: Task, source: FeatureSource, train: Sequence[Example], dev: Sequence[Example],
                 cfg: SuperbConfig, lr: float, out_dir: Path, tag: dict, dev_context: dict | None = None,
-                metrics_path: Path | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Train one head at learning rate ``lr``; returns (summary, best-dev state) and writes
+                metrics_path: Path | None = None, engine: Engine | None = None
+                ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Train one head at learning rate ``lr``; returns (summary, best-dev state) and writes (rank 0)
     ``out_dir/best.safetensors`` and ``out_dir/summary.json``."""
     from tqdm import tqdm
 
+    engine = engine or Engine(cfg.precision, cfg.device)
     upstream, device = source.upstream, source.device
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial head on every rank
+    rng = np.random.default_rng(cfg.seed)  # the same batch lists on every rank (each takes its share)
     model = Downstream(Featurizer(upstream.num_states, cfg.layer, cfg.layer_norm),
-                       task.build_head(upstream.hidden_size)).to(device)
+                       task.build_head(upstream.hidden_size, upstream.downsample_rate)).to(device)
+    crop_rng = rng
+    if engine.world > 1:  # dropout, SpecAugment and crops differ between ranks
+        torch.manual_seed(cfg.seed + 1000 * engine.rank)
+        crop_rng = np.random.default_rng([cfg.seed, engine.rank])
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
     up_params = [p for p in upstream.parameters() if p.requires_grad]
     if up_params:
         groups.append({"params": up_params, "lr": lr * cfg.optim.upstream_lr_scale})
     opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
-    opt = opt_cls(groups, lr=lr, weight_decay=cfg.optim.weight_decay)
+    opt = engine.prepare_optimizer(opt_cls(groups, lr=lr, weight_decay=cfg.optim.weight_decay))
     params = [p for g in groups for p in g["params"]]
+    engine.broadcast_params(params)
     max_samples = int(cfg.data.max_duration * SR)
     eval_samples = int(cfg.data.eval_max_duration * SR)
     weights = class_weights(train) if task.balanced else None
@@ -302,17 +445,20 @@ def train_trial(task: Task, source: FeatureSource, train: Sequence[Example], dev
     metrics_path = metrics_path or out_dir / "metrics.jsonl"
     best, best_step, best_state, history = None, 0, None, []
     step, t0, run_loss, n_loss, bad_steps = 0, time.perf_counter(), 0.0, 0, 0
-    bar = tqdm(total=cfg.optim.steps, desc=f"{task.name} lr={lr:g}", disable=not cfg.progress, leave=False)
+    bar = tqdm(total=cfg.optim.steps, desc=f"{task.name} lr={lr:g}", disable=not (cfg.progress and engine.is_main),
+               leave=False)
     while step < cfg.optim.steps:
-        for b in bucket_batches([e.num_samples for e in train], max_samples, cfg.data.num_buckets, rng, weights):
+        batches = bucket_batches([e.num_samples for e in train], max_samples, cfg.data.num_buckets, rng, weights)
+        for b in engine.shard(batches):
             if step >= cfg.optim.steps:
                 break
             model.train()
             upstream.train(True)
             ex = [train[i] for i in b]
-            states, frames = source.states(ex, crop_frames=crop, rng=rng)
-            loss, logs = task.loss(model.head, model.featurizer(states), frames, ex)
-            if not torch.isfinite(loss):
+            with engine.autocast():
+                states, frames = source.states(ex, crop_frames=crop, rng=crop_rng)
+                loss, logs = task.loss(model.head, model.featurizer(states), frames, ex)
+            if not engine.all_finite(loss):
                 bad_steps += 1
                 log.warning("non-finite loss at step %d (batch %s); skipped", step, [e.id for e in ex[:3]])
                 if bad_steps > 10:
@@ -320,23 +466,27 @@ def train_trial(task: Task, source: FeatureSource, train: Sequence[Example], dev
                 opt.zero_grad(set_to_none=True)
                 continue
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+            engine.backward(loss)
+            engine.average_gradients(params)
+            gnorm = engine.clip(params, cfg.optim.grad_clip)
             opt.step()
             step += 1
             bar.update(1)
             run_loss += float(loss.detach())
             n_loss += 1
             if step % cfg.optim.log_every == 0 or step == cfg.optim.steps:
-                append_jsonl(metrics_path, {**tag, "step": step, "loss": run_loss / n_loss, "grad_norm": gnorm,
-                                            **{k: v for k, v in logs.items() if k != "loss"}})
+                mean_loss = engine.mean(run_loss / n_loss)
+                if engine.is_main:
+                    append_jsonl(metrics_path, {**tag, "step": step, "loss": mean_loss, "grad_norm": gnorm,
+                                                **{k: v for k, v in logs.items() if k != "loss"}})
                 run_loss, n_loss = 0.0, 0
             if step % cfg.optim.eval_every == 0 or step == cfg.optim.steps:
-                scores = evaluate(task, model, source, dev, eval_samples, **(dev_context or {}))
+                scores = evaluate(task, model, source, dev, eval_samples, engine, **(dev_context or {}))
                 value = scores[task.metric]
                 history.append({"step": step, task.metric: value})
-                append_jsonl(metrics_path, {**tag, "step": step, "split": "dev",
-                                            **{k: v for k, v in scores.items() if not isinstance(v, list)}})
+                if engine.is_main:
+                    append_jsonl(metrics_path, {**tag, "step": step, "split": "dev",
+                                                **{k: v for k, v in scores.items() if not isinstance(v, list)}})
                 if task.better(value, best):
                     best, best_step, best_state = value, step, _trainable_state(model, upstream)
                     best_scores = scores
@@ -344,15 +494,19 @@ def train_trial(task: Task, source: FeatureSource, train: Sequence[Example], dev
     bar.close()
     from safetensors.torch import save_file
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "best.safetensors",
-                 lambda tmp: save_file({k: v.contiguous() for k, v in best_state.items()}, tmp))
+    if engine.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / "best.safetensors",
+                     lambda tmp: save_file({k: v.contiguous() for k, v in best_state.items()}, tmp))
     model.load_state_dict({k[len("downstream."):]: v for k, v in best_state.items() if k.startswith("downstream.")})
     summary = {**tag, "lr": lr, "best_dev": best, "best_step": best_step, "steps": step,
                "dev": {k: v for k, v in best_scores.items()}, "dev_history": history,
                "layer_weights": model.featurizer.layer_weights().tolist(),
                "train_s": round(time.perf_counter() - t0, 2)}
-    atomic_write_json(out_dir / "summary.json", summary)
+    if engine.is_main:
+        atomic_write_json(out_dir / "summary.json", summary)
+    engine.release()
+    engine.barrier()  # the trial's files exist before any rank reads them (resume, test scoring)
     return summary, best_state
 
 
@@ -407,11 +561,13 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
     cached upstream is then loaded once and utterances shared between tasks are encoded once.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    if not resume and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-    device = _device(cfg.device)
+    engine = Engine(cfg.precision, cfg.device)
+    if engine.is_main:  # only rank 0 writes into the experiment directory
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        if not resume and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
+    device = engine.device
     task = build_task(cfg.task, cfg.head, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, specaug=cfg.specaug,
                       decoding=cfg.decoding, balanced=cfg.balanced, p_target=cfg.asv.p_target,
                       c_miss=cfg.asv.c_miss, c_fa=cfg.asv.c_fa)
@@ -434,13 +590,17 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
         source = _build_source(cfg, device)
         if shareable:
             source_pool[key] = source
+    source.progress = cfg.progress and engine.is_main
     upstream_params = source.upstream.upstream_params()
     cache_since = source.counters()
     log.info("superb %s: upstream %s (%s, %d params, %d states x %d dims), %d fold(s), lrs %s", cfg.task,
              cfg.upstream, cfg.upstream_mode, upstream_params, source.upstream.num_states,
              source.upstream.hidden_size, len(units), lrs)
+    # ranks > 0 fit the same vocabularies into a scratch directory of their own
+    scratch = None if engine.is_main else tempfile.TemporaryDirectory(prefix=f"superb-rank{engine.rank}-")
     for u in units:
-        u["work"] = out / ("labels" if u["fold"] is None else f"labels/fold-{u['fold']}")
+        u["work"] = (out if scratch is None else Path(scratch.name)) / (
+            "labels" if u["fold"] is None else f"labels/fold-{u['fold']}")
         task.fit(u["train"], u["work"])
         u["dev_context"] = {}
         if cfg.task == "asv":
@@ -454,13 +614,15 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
         torch.set_num_threads(cfg.num_threads)
     try:
         return _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume, upstream_params,
-                                t_start, cache_since)
+                                t_start, cache_since, engine)
     finally:
         torch.set_num_threads(threads)
+        if scratch is not None:
+            scratch.cleanup()
 
 
 def _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume, upstream_params, t_start,
-                     cache_since):
+                     cache_since, engine):
     # sweep: every lr on every fold, scored on dev only
     summaries: dict[float, list[dict]] = {}
     for lr in lrs:
@@ -480,7 +642,7 @@ def _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume,
                 source = _build_source(cfg, device)  # fresh upstream weights / adapters for every trial
             task.fit(u["train"], u["work"])
             s, _ = train_trial(task, source, u["train"], u["dev"], cfg, lr, tdir, tag, u["dev_context"],
-                               metrics_path=out / "metrics.jsonl")
+                               metrics_path=out / "metrics.jsonl", engine=engine)
             summaries[lr].append(s)
             log.info("lr %g%s: best dev %s = %.4f at step %d", lr, "" if u["fold"] is None else f" fold {u['fold']}",
                      task.metric, s["best_dev"], s["best_step"])
@@ -503,15 +665,17 @@ def _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume,
             source = _build_source(cfg, device)
         task.fit(u["train"], u["work"])
         model = Downstream(Featurizer(source.upstream.num_states, cfg.layer, cfg.layer_norm),
-                           task.build_head(source.upstream.hidden_size)).to(device)
+                           task.build_head(source.upstream.hidden_size,
+                                           source.upstream.downsample_rate)).to(device)
         _load_state(model, source.upstream, load_file(str(tdir / "best.safetensors")))
         for split, exs in u["tests"].items():
             ctx = {"trials": trials} if trials is not None else {}
-            sc = evaluate(task, model, source, exs, int(cfg.data.eval_max_duration * SR), **ctx)
+            sc = evaluate(task, model, source, exs, int(cfg.data.eval_max_duration * SR), engine, **ctx)
             sc["fold"] = u["fold"]
             test_scores.setdefault(split, []).append(sc)
-            append_jsonl(out / "metrics.jsonl", {"lr": best_lr, "fold": u["fold"], "split": split,
-                                                 **{k: v for k, v in sc.items() if not isinstance(v, list)}})
+            if engine.is_main:
+                append_jsonl(out / "metrics.jsonl", {"lr": best_lr, "fold": u["fold"], "split": split,
+                                                     **{k: v for k, v in sc.items() if not isinstance(v, list)}})
     layer_weights = np.mean([s["layer_weights"] for s in summaries[best_lr]], axis=0).tolist()
     common = {
         "task": cfg.task, "upstream": cfg.upstream, "upstream_mode": cfg.upstream_mode,
@@ -531,7 +695,9 @@ def _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume,
             r["scores"] = {k: v for k, v in scs[0].items() if k != "fold"}
         results.append(r)
     final = results[0] if len(results) == 1 else results
-    atomic_write_json(out / "results.json", final)
+    if engine.is_main:
+        atomic_write_json(out / "results.json", final)
+    engine.barrier()
     for r in results:
         log.info("%s on %s (%s): %s = %.4f (best lr %g)", cfg.task, r["split"], cfg.upstream, task.metric,
                  r["value"], best_lr)

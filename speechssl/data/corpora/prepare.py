@@ -92,14 +92,116 @@ def _normalise_text(cuts):
 
 
 # ---------------------------------------------------------------------------------------------------------
-def prepare_librispeech_cuts(corpus_dir, out_dir, *, parts="auto", num_jobs: int = 1, **_):
+def read_lexicon(paths, *, strip_stress: bool = True) -> dict[str, list[str]]:
+    """Pronunciation lexicon(s) in OpenSLR's ``librispeech-lexicon.txt`` format (``WORD<whitespace>PH1 PH2 ...``)
+    -> ``{WORD: [phones]}`` with upper-case words. ``paths``: one path or several, read in order; the first
+    pronunciation of a word wins (across files too), as in s3prl's PR. ``strip_stress`` drops the ARPAbet stress
+    digits (``AH0`` -> ``AH``: 39 phones instead of 69 stressed variants)."""
+    import re
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise ValueError("no lexicon file given")
+    lex: dict[str, list[str]] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"lexicon: no such file: {path} (OpenSLR resource 11, librispeech-lexicon.txt)")
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) < 2:
+                    raise ValueError(f"{path}:{n}: expected 'WORD PH1 PH2 ...', got {line.strip()!r}")
+                word = parts[0].upper()
+                if word in lex:
+                    continue
+                phones = [re.sub(r"\d+$", "", p) for p in parts[1:]] if strip_stress else parts[1:]
+                lex[word] = phones
+    if not lex:
+        raise ValueError(f"lexicon {', '.join(map(str, paths))} holds no entries")
+    return lex
+
+
+def phonemize(text: str, lexicon: dict[str, list[str]]) -> tuple[str | None, list[str]]:
+    """Upper-case words -> (space-separated phones, []) or (None, the words missing from ``lexicon``)."""
+    words = (text or "").upper().split()
+    oov = [w for w in words if w not in lexicon]
+    if oov or not words:
+        return None, oov
+    return " ".join(p for w in words for p in lexicon[w]), []
+
+
+def add_phones(cuts, lexicon: dict[str, list[str]], *, oov: str = "skip", name: str = "cuts") -> tuple[list, dict]:
+    """Set ``supervision.custom["phones"]`` on every cut from its text via ``lexicon``.
+
+    A cut with a word missing from the lexicon (or without text) is skipped and counted (``oov="skip"``) or is an
+    error naming the cut and the words (``oov="error"``). Returns (kept cuts, report with ``cuts``, ``skipped``,
+    ``oov_words`` {word: count}, most frequent first).
+    """
+    from collections import Counter
+
+    if oov not in ("skip", "error"):
+        raise ValueError(f"oov must be 'skip' or 'error', got {oov!r}")
+    kept, skipped, missing = [], 0, Counter()
+    for cut in cuts:
+        ok = bool(cut.supervisions)
+        for s in cut.supervisions:
+            phones, words = phonemize(s.text, lexicon)
+            if phones is None:
+                if oov == "error":
+                    why = f"words not in the lexicon: {' '.join(words[:10])}" if words else "no text"
+                    raise ValueError(f"{name}: cut {cut.id}: {why} (use oov='skip' / --oov skip to drop such cuts)")
+                missing.update(words)
+                ok = False
+                break
+            _set_custom(s, phones=phones)
+        if ok:
+            kept.append(cut)
+        else:
+            skipped += 1
+    return kept, {"cuts": len(kept) + skipped, "skipped": skipped, "oov_words": dict(missing.most_common())}
+
+
+def prepare_librispeech_cuts(corpus_dir, out_dir, *, parts="auto", num_jobs: int = 1, lexicon=None,
+                             strip_stress: bool = True, oov: str = "skip", **_):
     """LibriSpeech (``PART/SPEAKER/CHAPTER/*.flac`` + ``*.trans.txt``) -> ``cuts_PART.jsonl.gz`` per part found
-    (``train-clean-100``, ``dev-clean``, ...). Text is the upper-case transcript; speaker from the file name."""
+    (``train-clean-100``, ``dev-clean``, ...). Text is the upper-case transcript; speaker from the file name.
+
+    ``lexicon`` (a path or a list of paths, see :func:`read_lexicon`) adds ``supervision.custom["phones"]`` for
+    the PR task. Cuts with words the lexicon lacks are skipped (``oov="skip"``: counted, and the count plus the
+    most frequent missing words are logged and written to ``OUT_DIR/lexicon_report.json``) or are an error
+    (``oov="error"``). Nothing is downloaded: get ``librispeech-lexicon.txt`` from OpenSLR resource 11.
+    """
+    from lhotse import CutSet
     from lhotse.recipes import prepare_librispeech
 
     corpus_dir = _require_dir(corpus_dir, "librispeech")
+    lex = read_lexicon(lexicon, strip_stress=strip_stress) if lexicon else None  # bad lexicon fails before parsing
     manifests = prepare_librispeech(corpus_dir, dataset_parts=parts, output_dir=None, num_jobs=num_jobs)
-    return write_splits({part: _normalise_text(_cuts_from(m)) for part, m in manifests.items()}, out_dir)
+    splits = {part: _normalise_text(_cuts_from(m)) for part, m in manifests.items()}
+    if lex is not None:
+        report = {"lexicon": [str(p) for p in ([lexicon] if isinstance(lexicon, (str, Path)) else lexicon)],
+                  "strip_stress": strip_stress, "oov": oov, "parts": {}}
+        for part in sorted(splits):
+            kept, rep = add_phones(splits[part], lex, oov=oov, name=f"librispeech {part}")
+            splits[part] = CutSet.from_cuts(kept)
+            report["parts"][part] = rep
+            if rep["skipped"]:
+                log.warning("librispeech %s: %d of %d cuts skipped (words missing from the lexicon: %d distinct, "
+                            "e.g. %s)", part, rep["skipped"], rep["cuts"], len(rep["oov_words"]),
+                            " ".join(list(rep["oov_words"])[:8]))
+        report["phones"] = sorted({p for cs in splits.values() for c in cs for s in c.supervisions
+                                   for p in s.custom["phones"].split()})
+        from speechssl.utils.io import atomic_write_json
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(out_dir) / "lexicon_report.json", report)
+        log.info("phones: %d symbols in use; lexicon report in %s", len(report["phones"]),
+                 Path(out_dir) / "lexicon_report.json")
+    return write_splits(splits, out_dir)
 
 
 def prepare_librilight_cuts(corpus_dir, out_dir, *, parts=("small", "medium", "large"), num_jobs: int = 1,
