@@ -111,6 +111,7 @@ from speechssl.models.objectives import build_objective
 from speechssl.train import OptimConfig, ScheduleConfig, Trainer, TrainerConfig
 
 out, steps = Path(sys.argv[1]), int(sys.argv[2])
+strategy = sys.argv[3] if len(sys.argv) > 3 else "ddp"
 torch.set_num_threads(1)
 torch.manual_seed(0)
 enc = build_encoder("tiny_hubert", hidden_size=32, num_layers=4, num_heads=2, ffn_dim=64, conv_pos=8,
@@ -151,16 +152,22 @@ class Loader:
 
 
 cfg = TrainerConfig(max_steps=steps, log_every=1, ckpt_every=100, ckpt_at_end=False, progress=False,
-                    grad_accum=2, clip_norm=10.0, device="cpu")
+                    grad_accum=2, clip_norm=10.0, device="cpu", distributed_strategy=strategy)
 tr = Trainer(cfg, model, out, optim=OptimConfig(lr=1e-2), schedule=ScheduleConfig(name="linear", warmup_steps=1),
              make_train_loader=Loader)
 tr.fit()
-ddp = tr.model
-assert ddp.find_unused_parameters, "layer-drop must turn on find_unused_parameters"
-assert not getattr(ddp, "static_graph", False), "static_graph must stay off with layer-drop"
-sd = {k: v.detach().contiguous() for k, v in tr.accelerator.unwrap_model(tr.model).state_dict().items()}
 rank = tr.accelerator.process_index
-save_file(sd, str(out / f"rank{rank}.safetensors"))
+if strategy == "ddp":
+    ddp = tr.model
+    assert ddp.find_unused_parameters, "layer-drop must turn on find_unused_parameters"
+    assert not getattr(ddp, "static_graph", False), "static_graph must stay off with layer-drop"
+    sd = {k: v.detach().contiguous() for k, v in tr.accelerator.unwrap_model(tr.model).state_dict().items()}
+    save_file(sd, str(out / f"rank{rank}.safetensors"))
+else:
+    assert tr.fsdp
+    sd = tr._full_model_state()  # a gather on every rank; rank 0 gets the full state
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "rank0.safetensors"))
 save_file(init, str(out / f"init{rank}.safetensors"))
 (out / f"ran{rank}.json").write_text(json.dumps(ran))
 '''
@@ -200,6 +207,35 @@ def test_ddp_layerdrop_hubert(tmp_path):
     for i in used:
         keys = [k for k in r0 if k.startswith(f"encoder.layers.{i}.") and k.endswith("weight")]
         assert keys and any(not torch.equal(r0[k], init[k]) for k in keys), f"layer {i} did not train"
+
+
+def test_fsdp_layerdrop_same_layers_on_every_rank(tmp_path):
+    """Under FSDP the trainer seeds each micro-batch's layer-drop identically on all ranks: both ranks skip the
+    same layers (so the per-layer gathers match), some layers are skipped, the loss stays finite and the layers
+    that ran were trained."""
+    import json
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "worker_ld.py"
+    script.write_text(LAYERDROP_WORKER)
+    out = tmp_path / "ld_fsdp"
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), str(script), str(out), "5", "fsdp"],
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ran = [json.loads((out / f"ran{r}.json").read_text()) for r in (0, 1)]
+    assert len(ran[0]) == 10 and ran[0] == ran[1]  # 5 steps x 2 micro-batches, identical on both ranks
+    assert any(len(a) < 4 for a in ran[0]) and len({tuple(a) for a in ran[0]}) > 1  # drops, varying per step
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 6))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    final, init = load_file(str(out / "rank0.safetensors")), load_file(str(out / "init0.safetensors"))
+    assert final.keys() == init.keys()
+    for i in set().union(*map(set, ran[0])):
+        keys = [k for k in final if k.startswith(f"encoder.layers.{i}.") and k.endswith("weight")]
+        assert keys and any(not torch.equal(final[k], init[k]) for k in keys), f"layer {i} did not train"
 
 
 FSDP_WORKER = r'''

@@ -123,3 +123,28 @@ def test_cli_kmeans_and_label(tmp_path, cuts_file, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["label", "--cuts", str(cuts_file), "--kmeans", str(tmp_path), "--out", str(out)]) == 2
     assert "not a k-means directory" in capsys.readouterr().err
+
+
+def test_label_finds_the_feature_model_after_the_experiment_dir_moves(tmp_path, cuts_file):
+    import shutil
+
+    from speechssl import export_pretrained
+    from speechssl.models import build_encoder
+
+    torch.manual_seed(0)
+    exp = tmp_path / "exp"
+    export_pretrained(build_encoder("tiny_hubert", num_layers=2), exp / "iter1" / "final", format="speechssl")
+    fit_kmeans(cuts_file, exp / "km2", feature=str(exp / "iter1" / "final"), layer=1, n_clusters=4,
+               fraction=0.5, seed=1, progress=False)
+    meta = json.loads((exp / "km2" / "kmeans.json").read_text())["meta"]
+    assert meta["feature_relative"] == "../iter1/final"
+    label_cuts(cuts_file, exp / "km2", tmp_path / "before.jsonl.gz", name="u", progress=False)
+    moved = tmp_path / "moved_exp"
+    shutil.move(str(exp), str(moved))  # the absolute path in kmeans.json no longer exists
+    label_cuts(cuts_file, moved / "km2", tmp_path / "after.jsonl.gz", name="u", progress=False)
+    before = [np.asarray(c.load_custom("u")).tolist() for c in _load(tmp_path / "before.jsonl.gz")]
+    after = [np.asarray(c.load_custom("u")).tolist() for c in _load(tmp_path / "after.jsonl.gz")]
+    assert before == after and len(before) == 4
+    shutil.rmtree(moved / "iter1")
+    with pytest.raises(FileNotFoundError, match="neither at"):
+        label_cuts(cuts_file, moved / "km2", tmp_path / "gone.jsonl.gz", name="u", progress=False)

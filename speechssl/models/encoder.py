@@ -191,6 +191,10 @@ class Encoder(nn.Module):
             )
             for i in range(config.num_layers)
         ])
+        # None: each layer-drop decision draws from torch's global RNG (rank-local under DDP). An int: all of
+        # this forward's decisions come from a generator seeded with it, so ranks that set the same value drop
+        # the same layers (the trainer sets it per micro-batch under FSDP, whose per-layer gathers must match)
+        self.layerdrop_seed: Optional[int] = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init / introspection
@@ -339,8 +343,13 @@ class Encoder(nn.Module):
 
         hidden_states = [h]
         attentions: Optional[list[Optional[Tensor]]] = [] if output_attentions else None
+        shared_drops = None
+        if self.training and cfg.layerdrop > 0 and self.layerdrop_seed is not None:
+            g = torch.Generator().manual_seed(int(self.layerdrop_seed))
+            shared_drops = (torch.rand(len(self.layers), generator=g) < cfg.layerdrop).tolist()
         for i, layer in enumerate(self.layers):
-            if self.training and cfg.layerdrop > 0 and torch.rand(()) < cfg.layerdrop:
+            if self.training and cfg.layerdrop > 0 and (
+                    shared_drops[i] if shared_drops is not None else torch.rand(()) < cfg.layerdrop):
                 hidden_states.append(h)  # skipped layer: its output is its input
                 if attentions is not None:
                     attentions.append(None)

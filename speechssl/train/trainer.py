@@ -36,9 +36,11 @@ FSDP (``trainer.distributed_strategy: fsdp``, 2+ processes): torch FSDP2 ``fully
 state are split across ranks and a layer's weights are gathered only while it runs. Checkpoints hold full
 (gathered) state dicts, written by rank 0 in the same files as with DDP, so ``--resume``, ``EXP/final`` and
 evaluation work unchanged; rank 0 keeps an unsharded CPU copy of the model for ``save_final`` and ``evaluate``.
-It runs on CPU (gloo) and GPU (NCCL). Not supported with it: layer-drop (ranks would skip different layers and
-their gathers would not match; set layerdrop to 0) and fp16 (use bf16). With one process FSDP has nothing to
-shard and the model trains unwrapped.
+It runs on CPU (gloo) and GPU (NCCL). Layer-drop works because the trainer seeds each micro-batch's decisions
+identically on every rank (``encoder.layerdrop_seed`` from seed, step and micro-batch), so all ranks skip the same
+layers and their gathers match; models whose layer-drop cannot be seeded are refused. fp16 is not supported
+with it (use bf16). With one process FSDP has nothing to shard and the model trains unwrapped (with the same
+shared layer-drop decisions).
 
 Non-finite loss or gradient: the update is skipped on every rank (the check uses all-reduced values so ranks
 agree), counted and warned about; ``max_bad_steps`` skips in a row stop the run. With fp16, gradient overflows
@@ -88,7 +90,7 @@ class TrainerConfig:
     sample_rate: int = 16000       # to count audio seconds from batch["audio_lens"]
     progress: bool = True          # tqdm bar on the main process
     ckpt_at_end: bool = True       # save a checkpoint after the last update (off for benchmarks / smoke runs)
-    distributed_strategy: str = "ddp"  # ddp | fsdp (FSDP2 sharding per transformer layer; no layer-drop, no fp16)
+    distributed_strategy: str = "ddp"  # ddp | fsdp (FSDP2 sharding per transformer layer; layer-drop shared across ranks; no fp16)
 
     def validate(self) -> None:
         if self.precision not in ("no", "bf16", "fp16"):
@@ -158,6 +160,21 @@ def _uses_layerdrop(model: nn.Module) -> bool:
             if isinstance(ld, (int, float)) and not isinstance(ld, bool) and ld > 0:
                 return True
     return False
+
+
+def _layerdrop_seedable(model: nn.Module) -> bool:
+    """Every module with layer-drop > 0 takes a shared ``layerdrop_seed`` (speechssl encoders do)."""
+    for m in model.modules():
+        for ld in (getattr(m, "layerdrop", None), getattr(getattr(m, "config", None), "layerdrop", None)):
+            if isinstance(ld, (int, float)) and ld > 0 and not hasattr(m, "layerdrop_seed"):
+                return False
+    return True
+
+
+def _set_layerdrop_seed(model: nn.Module, seed: int) -> None:
+    for m in model.modules():
+        if hasattr(m, "layerdrop_seed"):
+            m.layerdrop_seed = seed % (2**63)
 
 
 def fsdp_units(model: nn.Module) -> list[nn.Module]:
@@ -259,10 +276,10 @@ class Trainer:
         from torch.distributed.fsdp import fully_shard
 
         acc = self.accelerator
-        if _uses_layerdrop(model):
-            raise ConfigError("trainer.distributed_strategy=fsdp cannot run a model with layer-drop: each rank skips "
-                              "different layers, so the per-layer parameter gathers would not match across ranks; "
-                              "set the encoder's layerdrop to 0 (e.g. --set model.overrides.layerdrop=0) or use ddp")
+        if _uses_layerdrop(model) and not _layerdrop_seedable(model):
+            raise ConfigError("trainer.distributed_strategy=fsdp cannot run this model's layer-drop: its modules "
+                              "do not take a shared layerdrop_seed, so ranks would skip different layers and the "
+                              "per-layer parameter gathers would not match; set layerdrop to 0 or use ddp")
         if acc.is_main_process:
             self._fsdp_copy = copy.deepcopy(model).cpu()
         model.to(acc.device)
@@ -444,6 +461,9 @@ class Trainer:
         loss_sum = weight_sum = audio = 0.0
         logs_sum: dict[str, float] = {}
         for i in range(cfg.grad_accum):
+            if cfg.distributed_strategy == "fsdp":
+                # same layer-drop decisions on every rank, derived from (seed, step, micro-batch): exact on resume
+                _set_layerdrop_seed(unwrapped, (cfg.seed * 1_000_003 + self.step) * 64 + i)
             batch = move_to_device(self._next_batch(), acc.device)
             lw, w, sec, wlogs = self._forward_backward(batch, sync=i == cfg.grad_accum - 1)
             loss_sum += lw

@@ -217,6 +217,9 @@ def fit_kmeans(cuts, out_dir, *, feature="mfcc", layer: int | None = None, n_clu
         meta = {"features": asdict(reader.spec), "num_frames": int(X.shape[0]), "num_cuts": len(chosen),
                 "fraction": fraction, "cuts": str(cuts) if isinstance(cuts, (str, os.PathLike)) else None,
                 "used_clusters": int((usage > 0).sum()), "inertia_per_frame": km.inertia_ / X.shape[0]}
+        if reader.model is not None and Path(reader.spec.feature).exists():
+            # also relative to KM_DIR, so that `label` still finds the model after the experiment dir moves
+            meta["feature_relative"] = os.path.relpath(reader.spec.feature, Path(out).resolve())
         km.save(out, meta=meta)
         del X
     finally:
@@ -242,6 +245,13 @@ def label_cuts(cuts, km_dir, out_path, *, name: str = "kmeans", storage_dir=None
     spec = (getattr(km, "meta", {}) or {}).get("features")
     if not spec:
         raise ValueError(f"{km_dir}/kmeans.json has no meta.features: was it written by `speechssl kmeans`?")
+    rel = (getattr(km, "meta", {}) or {}).get("feature_relative")
+    if spec["feature"] != "mfcc" and not Path(spec["feature"]).exists() and rel:
+        moved = Path(km_dir) / rel
+        if not moved.exists():
+            raise FileNotFoundError(f"{km_dir}/kmeans.json: its feature model is neither at {spec['feature']} "
+                                    f"nor at {moved} (relative to {km_dir})")
+        spec = {**spec, "feature": str(moved)}
     reader = FeatureReader.from_spec(spec, device=device)
     if reader.spec.dim != km.cluster_centers_.shape[1]:
         raise ValueError(f"{km_dir}: centres have {km.cluster_centers_.shape[1]} dims, features {reader.spec.dim}")
