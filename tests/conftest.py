@@ -24,3 +24,14 @@ def make_wav(num_samples: int, seed: int = 0, sr: int = 16000) -> np.ndarray:
 def synthetic_wav():
     """Factory: ``synthetic_wav(num_samples, seed=0)`` -> float32 numpy array."""
     return make_wav
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Pin torch to one thread for a test: tiny models are dominated by per-op overhead, where a second OpenMP
+    thread only adds waits (and on a busy 2-core machine it waits for a core). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -6,13 +6,7 @@ import torch
 from speechssl.cluster import KMeans
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # thousands of small tensor ops: a second OpenMP thread only adds waits on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest
 
 
 def blobs(n=3000, k=8, d=5, seed=0, spread=0.3):

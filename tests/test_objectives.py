@@ -18,14 +18,7 @@ NO_DROPOUT = dict(dropout=0.0, attention_dropout=0.0, feature_dropout=0.0, num_l
 FBANK_SMALL = dict(NO_DROPOUT, conv_layers=[[32, 3, 2], [32, 3, 2]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # models this small are dominated by per-op overhead: one thread is faster than two, and far faster on a
-    # busy machine where a second OpenMP thread waits for a core
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest
 
 
 def make_batch(synthetic_wav, lens=(9600, 8000), seed=0):

@@ -14,13 +14,7 @@ from speechssl.superb.upstream import FbankUpstream
 SR = 16000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny heads run fastest on one thread (and do not fight other processes for the second core)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest
 
 
 BANDS = [(200, 500), (700, 1300), (1800, 2800), (3500, 5500), (6000, 7500)]

@@ -11,13 +11,7 @@ from speechssl.cluster import KMeans
 from speechssl.train.units import fit_kmeans, label_cuts
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models and per-cut features: one thread avoids OpenMP waits on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest
 
 
 @pytest.fixture
