@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test test-slow bench clean
+.PHONY: all venv demo test test-slow bench bench-gpu clean
 
 all: test
 
@@ -32,6 +32,12 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# On a CUDA machine: every GPU benchmark plus the whole suite, logs in gpu_results/. Needs a CUDA build of torch:
+# GPU_PYTHON=python3 uses an interpreter that has one (the repository goes on PYTHONPATH).
+GPU_PYTHON ?= $(BIN)/python
+bench-gpu:
+	PYTHON="$(GPU_PYTHON)" bash bench/gpu.sh gpu_results
 
 clean:
 	rm -rf $(VENV) egs/mini/data egs/mini/exp

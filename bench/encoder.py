@@ -5,7 +5,8 @@ by both implementations (ours through ``speechssl.load_pretrained``). Timing: fo
 4 x 4 s in train mode (layer-drop off on both sides so both run every layer) and an eval forward, iterations of
 the two implementations interleaved in one process, median reported. Memory: one forward+backward per
 implementation in a fresh subprocess (CPU: ru_maxrss growth above the loaded model; CUDA: max_memory_allocated).
-Also checks that both gave the same eval output, and prints ours/HF ratios.
+Also checks that both gave the same eval output, prints ours/HF ratios, and names the scaled_dot_product_attention
+backend each side's attention dispatched to (flash, memory-efficient, cuDNN or math) in one fwd+bwd.
 
     python bench/encoder.py                       # CPU, 2 threads, HuBERT Base + WavLM Base
     python bench/encoder.py --quick               # 1 iteration, for a correctness check
@@ -88,6 +89,28 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
+SDPA_OPS = {"aten::_scaled_dot_product_flash_attention": "flash",
+            "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+            "aten::_scaled_dot_product_efficient_attention": "memory-efficient",
+            "aten::_scaled_dot_product_cudnn_attention": "cuDNN",
+            "aten::_scaled_dot_product_attention_math": "math",
+            "aten::_scaled_dot_product_fused_attention_overrideable": "fused (backend-specific)"}
+
+
+def attention_kernels(step) -> str:
+    """Which scaled_dot_product_attention backends one call of ``step`` dispatched to (aten op names seen by
+    the profiler); 'none' when attention never went through SDPA."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    seen = {}
+    for ev in prof.events():
+        if ev.name in SDPA_OPS:
+            seen[SDPA_OPS[ev.name]] = seen.get(SDPA_OPS[ev.name], 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(seen.items())) or "none"
+
+
 def child_memory(args) -> None:
     """One implementation alone in a fresh process: peak memory of one fwd+bwd above the loaded model."""
     import torch
@@ -159,6 +182,8 @@ def time_pair(args, ckpt: Path) -> dict:
                 times[impl]["eval"].append(t2 - t1)
     res = {impl: {k: statistics.median(v) for k, v in times[impl].items()} for impl in times}
     res["diff"] = (outs["hf"].float() - outs["ours"].float()).abs().max().item()
+    for impl, (fwd_bwd, _) in steps.items():
+        res[impl]["sdpa"] = attention_kernels(fwd_bwd)
     return res
 
 
@@ -219,6 +244,7 @@ def main() -> None:
         verdict = "" if target is None else f" (target <= {target}: {'met' if r_train <= target else 'NOT met'})"
         print(f"{preset}: ratio ours/HF fwd+bwd time {r_train:.2f}{verdict}, eval fwd time {r_eval:.2f}, "
               f"peak memory {r_mem:.2f}; max |diff| of eval outputs {res['diff']:.2e}")
+        print(f"{preset}: attention kernels in one fwd+bwd: ours {res['ours']['sdpa']}; HF {res['hf']['sdpa']}")
 
 
 if __name__ == "__main__":

@@ -316,3 +316,27 @@ def test_wavlm_training_attention_path_matches_eval_kernel():
         ref = enc.eval()(wav, lens)
     for x, y in zip(out.hidden_states, ref.hidden_states):
         torch.testing.assert_close(x.detach(), y, atol=1e-5, rtol=1e-5)
+
+
+def test_wavlm_training_bias_gradients_equal_through_sdpa(monkeypatch):
+    """The CPU baddbmm path and SDPA with the trainable bias as attn_mask (what CUDA runs) give the same
+    outputs and gradients, the relative-position embedding and the gate parameters included."""
+    from speechssl.models.components import SelfAttention
+
+    torch.manual_seed(0)
+    enc = build_encoder(small_cfg(relative_position=True, model_type="wavlm", num_buckets=32, max_distance=64))
+    wav, lens = torch.randn(2, 7000), torch.tensor([7000, 5200])
+    enc.train()
+    grads = []
+    for by_bmm in (True, False):
+        monkeypatch.setattr(SelfAttention, "cpu_bias_by_bmm", by_bmm)
+        enc.zero_grad(set_to_none=True)
+        out = enc(wav, lens)
+        (out.last_hidden_state ** 2).mean().backward()
+        grads.append((out.last_hidden_state.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()
+                                                       if p.grad is not None}))
+    (h_bmm, g_bmm), (h_sdpa, g_sdpa) = grads
+    torch.testing.assert_close(h_bmm, h_sdpa, atol=1e-5, rtol=1e-5)
+    assert g_bmm.keys() == g_sdpa.keys() and "rel_pos.rel_attn_embed.weight" in g_sdpa
+    for name in g_bmm:
+        torch.testing.assert_close(g_bmm[name], g_sdpa[name], atol=1e-5, rtol=1e-4, msg=name)

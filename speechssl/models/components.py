@@ -268,6 +268,9 @@ class SelfAttention(nn.Module):
     input slice of original head h, and the position bias row h, so pruned layers stay exact.
     """
 
+    #: CPU only: with a trainable float bias, attend by baddbmm -> softmax -> bmm instead of SDPA (faster there).
+    cpu_bias_by_bmm: bool = True
+
     def __init__(self, d: int, num_heads: int, head_index: Sequence[int], dropout: float = 0.0,
                  gated_relative_bias: bool = False):
         super().__init__()
@@ -302,7 +305,9 @@ class SelfAttention(nn.Module):
         b = self.gru_rel_pos_linear.bias.view(2, 4).sum(1)
         ab = torch.sigmoid(F.linear(xh, w, b))  # [B, T, H, 2]
         gate = ab[..., 0] * (ab[..., 1] * self.gru_rel_pos_const - 1.0) + 2.0  # [B, T, H]
-        return gate.transpose(1, 2).unsqueeze(-1) * bias.unsqueeze(0)
+        # contiguous: the product inherits the gate's [B, T, H] layout, and CUDA's SDPA then falls back to its
+        # math path instead of the memory-efficient kernel (measured on an H200: 11-15% of a WavLM step)
+        return (gate.transpose(1, 2).unsqueeze(-1) * bias.unsqueeze(0)).contiguous()
 
     def forward(self, x: Tensor, key_mask: Optional[Tensor] = None, position_bias: Optional[Tensor] = None,
                 head_gate: Optional[Tensor] = None, output_attentions: bool = False
@@ -324,9 +329,11 @@ class SelfAttention(nn.Module):
             mask = key_mask[:, None, None, :]
         p = self.dropout if self.training else 0.0
         probs = None
-        # a trainable float bias (WavLM in training) sends SDPA to its generic math path with extra -inf
-        # bookkeeping; one baddbmm (bias + scaled QK^T) -> softmax -> bmm is the same math with fewer passes
-        trainable_bias = mask is not None and mask.dtype != torch.bool and mask.requires_grad
+        # On CPU a trainable float bias (WavLM in training) sends SDPA to its generic math path with extra -inf
+        # bookkeeping; one baddbmm (bias + scaled QK^T) -> softmax -> bmm is the same math with fewer passes.
+        # On CUDA SDPA's memory-efficient kernel takes the bias and returns its gradient, so it stays on SDPA.
+        trainable_bias = (mask is not None and mask.dtype != torch.bool and mask.requires_grad
+                          and q.device.type == "cpu" and self.cpu_bias_by_bmm)
         if output_attentions or (trainable_bias and torch.is_grad_enabled()):
             if mask is None or mask.dtype == torch.bool:
                 base = torch.zeros(B * H, T, T, dtype=q.dtype, device=q.device)

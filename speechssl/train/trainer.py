@@ -235,11 +235,17 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
         cfg = self.cfg
+        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("config key 'trainer.device' is 'cuda' but no CUDA device is available")
         state = AcceleratorState._shared_state
-        if state and state.get("_mixed_precision") != cfg.precision and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            # accelerate keeps one global state per process; a second Trainer with another precision
+        state_device = getattr(state.get("device"), "type", None) if state else None
+        changed = state and (state.get("_mixed_precision") != cfg.precision
+                             or (state_device is not None and (state_device == "cpu") != cpu))
+        if changed and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # accelerate keeps one global state per process; a second Trainer with another precision or device
             # (tests, notebooks) may reset it when not distributed
-            AcceleratorState._reset_state()
+            AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
         find_unused = cfg.ddp_find_unused if cfg.ddp_find_unused is not None else _uses_layerdrop(self.model)
         log_with = None
@@ -253,9 +259,6 @@ class Trainer:
                     raise ConfigError("config key 'trainer.tensorboard' is true but neither tensorboard nor "
                                       "tensorboardX is installed (pip install tensorboard)") from e
             log_with = "tensorboard"
-        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("config key 'trainer.device' is 'cuda' but no CUDA device is available")
         return Accelerator(
             cpu=cpu, mixed_precision=cfg.precision, gradient_accumulation_steps=1,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
