@@ -205,3 +205,14 @@ def test_fsdp_config_and_refusals(tmp_path, caplog):
     assert "nothing to shard" in caplog.text
     st = json.loads((tmp_path / "one" / "checkpoints" / "step-2" / "trainer_state.json").read_text())
     assert st["distributed_strategy"] == "ddp"
+
+
+def test_accelerate_state_conflicts_on_precision_or_device_change():
+    from speechssl.train.trainer import accelerate_state_conflicts
+
+    cuda_bf16 = {"_mixed_precision": "bf16", "device": torch.device("cuda", 0)}
+    assert not accelerate_state_conflicts({}, "no", cpu=True)
+    assert not accelerate_state_conflicts(cuda_bf16, "bf16", cpu=False)
+    assert accelerate_state_conflicts(cuda_bf16, "bf16", cpu=True)       # CUDA trainer, then a CPU one
+    assert accelerate_state_conflicts(cuda_bf16, "no", cpu=False)        # another precision
+    assert accelerate_state_conflicts({"_mixed_precision": "no", "device": torch.device("cpu")}, "no", cpu=False)

@@ -191,6 +191,15 @@ def _full_tensor(x):
     return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
+def accelerate_state_conflicts(state: dict, precision: str, cpu: bool) -> bool:
+    """Whether accelerate's per-process shared state (a dict; empty before the first Accelerator) was set up
+    for another precision or another device type than a new Trainer asks for."""
+    if not state:
+        return False
+    device = getattr(state.get("device"), "type", None)
+    return state.get("_mixed_precision") != precision or (device is not None and (device == "cpu") != cpu)
+
+
 def _is_oom(e: BaseException) -> bool:
     oom_type = getattr(torch, "OutOfMemoryError", None)
     return (oom_type is not None and isinstance(e, oom_type)) or "out of memory" in str(e).lower()
@@ -238,10 +247,7 @@ class Trainer:
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("config key 'trainer.device' is 'cuda' but no CUDA device is available")
-        state = AcceleratorState._shared_state
-        state_device = getattr(state.get("device"), "type", None) if state else None
-        changed = state and (state.get("_mixed_precision") != cfg.precision
-                             or (state_device is not None and (state_device == "cpu") != cpu))
+        changed = accelerate_state_conflicts(AcceleratorState._shared_state, cfg.precision, cpu)
         if changed and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             # accelerate keeps one global state per process; a second Trainer with another precision or device
             # (tests, notebooks) may reset it when not distributed
