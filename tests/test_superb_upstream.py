@@ -214,3 +214,89 @@ def test_parameter_efficient_modes_real_encoder(mode):
     assert sum(1 for n, p in up.named_parameters() if p.requires_grad and p.grad is not None) > 0
     assert all(p.grad is None for n, p in up.named_parameters() if not p.requires_grad)
     assert up.upstream_params() == sum(p.numel() for p in ref.parameters())
+
+
+# ---------------------------------------------------------------------------------- random-init control upstream
+def _saved_tiny_model(tmp_path):
+    """A 2-layer tiny HuBERT written as a speechssl model dir ``tmp/exp/hub/final``: (path, loaded encoder)."""
+    from speechssl.models import build_encoder, export_pretrained
+
+    torch.manual_seed(123)
+    enc = build_encoder("tiny_hubert", num_layers=2)
+    with torch.no_grad():  # weights unlike any fresh init, so "different weights" cannot pass by luck
+        for p in enc.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "exp" / "hub" / "final"
+    export_pretrained(enc, path)
+    return str(path)
+
+
+def test_random_upstream_of_model_dir_same_architecture_fresh_weights(tmp_path):
+    path = _saved_tiny_model(tmp_path)
+    trained = build_upstream(path)
+    rand = build_upstream("random:" + path)
+    assert rand.name == "random_hub" and rand.frozen and not rand.encoder.training
+    for attr in ("num_states", "hidden_size", "downsample_rate"):
+        assert getattr(rand, attr) == getattr(trained, attr)
+    assert rand.upstream_params() == trained.upstream_params()
+    assert rand.encoder.config.to_dict() == trained.encoder.config.to_dict()
+    a, b = trained.encoder.state_dict(), rand.encoder.state_dict()
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    differ = [k for k in a if a[k].is_floating_point() and not torch.equal(a[k], b[k])]
+    assert len(differ) > len(a) // 2
+    wav, lens = torch.randn(2, 6400) * 0.1, torch.tensor([6400, 4800])
+    (s1, f1), (s2, f2) = trained(wav, lens), rand(wav, lens)
+    assert torch.equal(f1, f2) and [s.shape for s in s1] == [s.shape for s in s2]
+    assert not torch.allclose(s1[-1], s2[-1])
+
+
+def test_random_upstream_is_deterministic_and_leaves_global_rng(tmp_path):
+    path = _saved_tiny_model(tmp_path)
+    wav, lens = torch.randn(2, 4000) * 0.1, torch.tensor([4000, 3000])
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    one = build_upstream("random:" + path)
+    assert torch.equal(torch.get_rng_state(), before)  # head init and crops downstream are not shifted
+    two = build_upstream("random:" + path)
+    other = build_upstream("random:" + path, seed=1)
+    (s1, _), (s2, _), (s3, _) = one(wav, lens), two(wav, lens), other(wav, lens)
+    assert all(torch.equal(x, y) for x, y in zip(s1, s2))
+    assert not torch.allclose(s1[-1], s3[-1])
+
+
+def test_random_upstream_from_preset_and_yaml():
+    from pathlib import Path
+
+    up = build_upstream("random:tiny_hubert")
+    assert up.name == "random_tiny_hubert" and up.num_states == 5 and up.hidden_size == 256
+    yaml_path = Path(__file__).resolve().parents[1] / "conf" / "model" / "tiny_hubert.yaml"
+    same = build_upstream(f"random:{yaml_path}")
+    assert same.name == "random_tiny_hubert"
+    base = up.encoder.state_dict()
+    assert all(torch.equal(base[k], v) for k, v in same.encoder.state_dict().items())  # same config + seed
+    lora = build_upstream("random:tiny_hubert", mode="lora", lora_rank=2)  # the modes apply as to any encoder
+    assert lora.mode == "lora" and any(isinstance(m, LoRALinear) for m in lora.modules())
+
+
+@pytest.mark.parametrize("spec", ["random:no_such_preset", "random:", "random:/no/such/dir/final"])
+def test_random_upstream_bad_spec(spec):
+    from speechssl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="config key upstream") as e:
+        build_upstream(spec)
+    assert spec in str(e.value) and e.value.__cause__ is None
+
+
+def test_random_upstream_names_and_cache_keys(tmp_path):
+    from speechssl.superb.cache import upstream_fingerprint
+    from speechssl.superb.report import upstream_label
+
+    assert upstream_label("random:exp/hubert/final") == "random_hubert"
+    assert upstream_label("random:exp/hubert/final/") == "random_hubert"
+    assert upstream_label("random:conf/model/tiny_wavlm.yaml") == "random_tiny_wavlm"
+    assert upstream_label("random:tiny_hubert") == "random_tiny_hubert"
+    path = _saved_tiny_model(tmp_path)
+    keys = {upstream_fingerprint(path), upstream_fingerprint("random:" + path),
+            upstream_fingerprint("random:" + path, seed=1), upstream_fingerprint("random:tiny_hubert")}
+    assert len(keys) == 4  # never a pretrained model's states, nor another seed's or architecture's
+    assert upstream_fingerprint("random:" + path) == upstream_fingerprint("random:" + path, seed=0)

@@ -3,8 +3,8 @@
 #   bash recipes/superb/run.sh --upstreams "fbank exp/hubert/final" --tasks "sid ks" --data data/voxceleb1
 # Stage 0: `speechssl prepare CORPUS_NAME CORPUS DATA` unless DATA/PREPARED exists (per-corpus egs start here).
 # Stage 1: `speechssl superb` per upstream (all tasks in one process) -> EXP/NAME/TASK/results.json (NAME:
-#          fbank, or the model directory's name; ".../final" takes its parent's name). Model paths that do not
-#          exist are skipped with a log line.
+#          fbank, or the model directory's name; ".../final" takes its parent's name; random:X is named
+#          random_NAME). Model paths that do not exist are skipped with a log line.
 # Stage 2: `speechssl report EXP/* --out EXP/report` (Markdown + CSV table, PNG plots).
 set -euo pipefail
 
@@ -14,7 +14,7 @@ corpus_name=""         # stage 0: librispeech | voxceleb1 | iemocap | speechcomm
 corpus=""              # stage 0: the downloaded corpus directory
 prepared=""            # stage 0: a manifest under --data whose presence means the corpus is prepared
 prepare_opts=""        # stage 0: more options for `speechssl prepare`, e.g. "--lexicon /path/librispeech-lexicon.txt"
-upstreams="fbank"      # space-separated: fbank | mfcc | model directories / fairseq .pt files
+upstreams="fbank"      # space-separated: fbank | mfcc | model dirs / fairseq .pt | random:PRESET_OR_MODEL (fresh weights)
 tasks="asr pr sid asv er ks"
 conf_dir=""            # default: <repo>/conf/superb
 conf_prefix=""         # "mini_" selects conf/superb/mini_TASK.yaml
@@ -33,8 +33,20 @@ conf_dir=${conf_dir:-$root/conf/superb}
 name_of() {
   case "$1" in
     fbank|mfcc) echo "$1" ;;
+    random:*) n="$(name_of "${1#random:}")"; n="${n%.yaml}"; echo "random_${n%.yml}" ;;
     */final|*/final/) d="${1%/}"; basename "$(dirname "$d")" ;;
     *) d="${1%/}"; b="$(basename "$d")"; echo "${b%.pt}" ;;
+  esac
+}
+
+# fbank/mfcc and presets always exist; a model path (also behind random:) must be there. A random: target
+# without "/" or a .yaml/.yml/.pt ending is a preset name: a misspelt one fails in `speechssl superb`, loudly.
+upstream_exists() {
+  case "$1" in
+    fbank|mfcc) return 0 ;;
+    random:*/*|random:*.yaml|random:*.yml|random:*.pt) [ -e "${1#random:}" ] ;;
+    random:*) return 0 ;;
+    *) [ -e "$1" ] ;;
   esac
 }
 
@@ -52,7 +64,7 @@ fi
 
 if stage_in 1; then
   for up in $upstreams; do
-    if [ "$up" != fbank ] && [ "$up" != mfcc ] && [ ! -e "$up" ]; then
+    if ! upstream_exists "$up"; then
       log "Stage 1: upstream $up does not exist (was its stage skipped?); not scoring it"
       continue
     fi

@@ -8,13 +8,20 @@ from pathlib import Path
 
 from speechssl.cli.common import EXAMPLES_FORMATTER
 
-EXAMPLES = """examples:
+EXAMPLES = """upstream specs (config key upstream): fbank | mfcc | a model path (speechssl, HF or fairseq .pt) |
+random:PRESET_OR_MODEL (that architecture with freshly initialised weights, seeded by the config key seed)
+
+examples:
   # speaker identification with a pretrained encoder (frozen, weighted sum of all layers)
   speechssl superb --config conf/superb/sid.yaml --out exp/superb/hubert/sid \\
       --set upstream=exp/hubert_iter2/final --set data.manifest_dir=data/voxceleb1
   # the FBANK baseline on keyword spotting, with a learning-rate sweep
   speechssl superb --config conf/superb/ks.yaml --out exp/superb/fbank/ks --set upstream=fbank \\
       --set "optim.lrs=[1e-4, 1e-3, 1e-2]"
+  # the random-init control row: the same architecture as exp/hubert_iter2/final with fresh weights drawn from
+  # the config key seed (reported as random_hubert_iter2; random:tiny_hubert or random:conf/model/X.yaml work too)
+  speechssl superb --config conf/superb/sid.yaml --out exp/superb/random_hubert_iter2/sid \
+      --set upstream=random:exp/hubert_iter2/final --set data.manifest_dir=data/voxceleb1
   # ASR with LoRA inside the frozen encoder and prefix beam search at test time
   speechssl superb --config conf/superb/asr.yaml --out exp/superb/hubert_lora/asr \\
       --set upstream=exp/hubert_iter2/final --set upstream_mode=lora --set decoding.name=beam

@@ -8,6 +8,7 @@ served, so the time saved is measured rather than assumed (:meth:`FeatureSource.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from speechssl.superb.upstream import Upstream
+from speechssl.superb.upstream import Upstream, is_random_spec, random_init_config
 
 __all__ = ["Example", "FeatureSource", "upstream_fingerprint", "pad_audio"]
 
@@ -53,9 +54,18 @@ def pad_audio(wavs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lens
 
 
-def upstream_fingerprint(spec: str, mode: str = "frozen", extra: str = "") -> str:
-    """A short hash naming a cache directory: the upstream spec, its files' sizes and mtimes, and ``extra``."""
+def upstream_fingerprint(spec: str, mode: str = "frozen", extra: str = "", seed: int = 0) -> str:
+    """A short hash naming a cache directory: the upstream spec, its files' sizes and mtimes, and ``extra``.
+
+    A ``random:TARGET`` spec hashes differently from TARGET itself (the spec string leads), and its states
+    depend on the architecture and ``seed`` rather than on TARGET's weights: those two go into the key, so a
+    changed seed or architecture never reuses stale states while retraining TARGET keeps its control's cache.
+    """
     parts = [spec, mode, extra]
+    if is_random_spec(spec):
+        arch = random_init_config(spec).to_dict()
+        parts += [f"seed={int(seed)}", json.dumps(arch, sort_keys=True, default=str)]
+        return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
     p = Path(spec)
     if p.exists():
         files = sorted(p.rglob("*")) if p.is_dir() else [p]

@@ -24,8 +24,16 @@ METRICS = {"per": ("PER%", True), "wer": ("WER%", True), "acc": ("Acc%", False),
 
 
 def upstream_label(spec: str) -> str:
-    """A short row name: ``fbank`` stays, ``exp/hubert_iter2/final`` becomes ``hubert_iter2``."""
-    p = Path(str(spec).rstrip("/"))
+    """A short row name: ``fbank`` stays, ``exp/hubert_iter2/final`` becomes ``hubert_iter2``; a random-init
+    control ``random:exp/hubert/final`` becomes ``random_hubert`` (``random:conf/model/tiny_hubert.yaml`` and
+    ``random:tiny_hubert`` both ``random_tiny_hubert``), so it never shares a row with the pretrained model."""
+    spec = str(spec)
+    if spec.startswith("random:"):
+        inner = upstream_label(spec[len("random:"):])
+        for ext in (".yaml", ".yml"):
+            inner = inner[: -len(ext)] if inner.endswith(ext) else inner
+        return f"random_{inner}"
+    p = Path(spec.rstrip("/"))
     if p.name in ("final", "model", "best") and p.parent.name:
         return p.parent.name
     return p.name or str(spec)

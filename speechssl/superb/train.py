@@ -34,7 +34,7 @@ from speechssl.superb.cache import Example, FeatureSource, upstream_fingerprint
 from speechssl.superb.featurizer import Featurizer
 from speechssl.superb.tasks import (TASKS, DecodingConfig, HeadConfig, SpecAugConfig, Task, build_task, make_trials,
                                     read_trials)
-from speechssl.superb.upstream import MODES, Upstream, build_upstream
+from speechssl.superb.upstream import MODES, Upstream, build_upstream, is_random_spec
 from speechssl.utils.io import append_jsonl, atomic_write, atomic_write_json
 
 __all__ = ["SuperbConfig", "DataConfig", "OptimConfig", "CacheConfig", "AsvConfig", "Engine", "run_superb",
@@ -97,7 +97,8 @@ class AsvConfig:
 @dataclass
 class SuperbConfig:
     task: str = "sid"                 # asr | pr | sid | asv | er | ks
-    upstream: str = "fbank"           # fbank | mfcc | a model path for speechssl.load_pretrained
+    upstream: str = "fbank"           # fbank | mfcc | a model path for speechssl.load_pretrained |
+                                      # random:PRESET_OR_MODEL (that architecture, fresh weights from seed)
     upstream_mode: str = "frozen"     # frozen | finetune | adapter | lora
     layer: int | None = None          # a single hidden state instead of the weighted sum
     layer_norm: bool = False
@@ -512,12 +513,14 @@ def train_trial(task: Task, source: FeatureSource, train: Sequence[Example], dev
 
 def _build_source(cfg: SuperbConfig, device: torch.device) -> FeatureSource:
     up = build_upstream(cfg.upstream, mode=cfg.upstream_mode, adapter_dim=cfg.adapter_dim,
-                        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets) \
+                        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_targets=cfg.lora_targets,
+                        seed=cfg.seed) \
         if cfg.upstream not in ("fbank", "mfcc") else build_upstream(cfg.upstream)
     up = up.to(device)
     cache_dir = None
     if cfg.cache.dir:
-        cache_dir = Path(cfg.cache.dir) / upstream_fingerprint(cfg.upstream, cfg.upstream_mode, cfg.cache.dtype)
+        cache_dir = Path(cfg.cache.dir) / upstream_fingerprint(cfg.upstream, cfg.upstream_mode, cfg.cache.dtype,
+                                                                seed=cfg.seed)
     return FeatureSource(up, cache=cfg.cache.enabled, cache_dir=cache_dir, memory=cfg.cache.memory,
                          dtype=getattr(torch, cfg.cache.dtype), device=device,
                          batch_seconds=cfg.cache.batch_seconds, progress=cfg.progress)
@@ -583,7 +586,9 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
                              f"{cfg.data.test_splits or ['asv_test']}, e.g. {missing[:3]}")
     lrs = list(cfg.optim.lrs) or [cfg.optim.lr]
     shareable = source_pool is not None and cfg.upstream_mode == "frozen" and cfg.cache.enabled
-    key = (cfg.upstream, cfg.cache.dir, cfg.cache.dtype, cfg.cache.memory, str(device))
+    # a random-init upstream's weights come from cfg.seed: tasks with different seeds must not share one
+    key = (cfg.upstream, cfg.seed if is_random_spec(cfg.upstream) else None, cfg.cache.dir, cfg.cache.dtype,
+           cfg.cache.memory, str(device))
     if shareable and key in source_pool:
         source = source_pool[key]
     else:

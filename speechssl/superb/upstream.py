@@ -1,4 +1,5 @@
-"""Upstreams for SUPERB: any encoder ``speechssl.load_pretrained`` loads, and the FBANK / MFCC baselines.
+"""Upstreams for SUPERB: any encoder ``speechssl.load_pretrained`` loads, the FBANK / MFCC baselines, and
+``random:PRESET_OR_MODEL``, an architecture with fresh (seeded) weights: the control for what pretraining adds.
 
 Every upstream maps ``(wav [B, T], lengths [B])`` to ``(hidden_states, frames)``: a list of ``num_states``
 tensors [B, T', D] already cut to the frame count the input lengths imply, and ``frames`` [B]. Modes for
@@ -24,7 +25,8 @@ import torch.nn as nn
 from speechssl.superb.featurizer import cut_to_frames, expected_frames
 
 __all__ = ["Upstream", "EncoderUpstream", "FbankUpstream", "MfccUpstream", "LoRALinear", "BottleneckAdapter",
-           "build_upstream", "count_params", "MODES"]
+           "build_upstream", "build_random_encoder", "random_init_config", "is_random_spec", "count_params",
+           "MODES"]
 
 log = logging.getLogger(__name__)
 MODES = ("frozen", "finetune", "adapter", "lora")
@@ -265,15 +267,88 @@ class EncoderUpstream(Upstream):
         return states, frames.clamp(min=1, max=states[0].shape[1])
 
 
-def build_upstream(spec: str, mode: str = "frozen", map_location: str = "cpu", **kwargs) -> Upstream:
-    """``spec``: ``fbank``, ``mfcc`` or a model path for ``speechssl.load_pretrained``."""
+RANDOM_PREFIX = "random:"
+
+
+def is_random_spec(spec: str) -> bool:
+    """True for ``random:TARGET`` specs (the random-init control of an architecture)."""
+    return str(spec).startswith(RANDOM_PREFIX)
+
+
+def _config_of_model(path: str):
+    """The EncoderConfig of a model path without loading its weights where the format allows it."""
+    import json
+    from pathlib import Path
+
+    from speechssl.models.encoder import EncoderConfig
+    from speechssl.models.io import read_checkpoint
+
+    p = Path(path)
+    for cfg_file in (p / "config.json", p / "final" / "config.json"):  # a model dir, or an experiment dir
+        if cfg_file.is_file():
+            data = json.loads(cfg_file.read_text())
+            if data.get("format") == "speechssl" and "encoder" in data:
+                return EncoderConfig.from_dict(data["encoder"])
+            break
+    return read_checkpoint(path)[0]  # HF dirs and fairseq .pt: the converters derive the config
+
+
+def random_init_config(spec: str):
+    """The EncoderConfig a ``random:TARGET`` spec names: TARGET is a preset name, a conf/model/*.yaml file or a
+    model path ``speechssl.load_pretrained`` loads (its architecture, not its weights)."""
+    from speechssl.config import ConfigError
+    from speechssl.models.presets import get_preset, list_presets
+
+    target = str(spec)[len(RANDOM_PREFIX):]
+    is_yaml = target.endswith((".yaml", ".yml"))
+    try:
+        if target and os.path.exists(target) and not is_yaml:
+            return _config_of_model(target)
+        return get_preset(target)
+    except KeyError:  # an unknown preset name (or a path that does not exist)
+        import difflib
+
+        close = difflib.get_close_matches(target, list_presets(), n=1)
+        hint = f"; did you mean random:{close[0]}?" if close else "."
+        raise ConfigError(f"config key upstream: '{spec}' names no encoder preset, conf/model/*.yaml file or "
+                          f"existing model path{hint} Use random:PRESET (one of {', '.join(list_presets())}) "
+                          f"or random:MODEL_DIR") from None
+    except (OSError, ValueError) as e:  # a path that is not a model, or a config that does not parse
+        raise ConfigError(f"config key upstream: cannot read the architecture for '{spec}': {e}") from None
+
+
+def build_random_encoder(spec: str, seed: int = 0) -> nn.Module:
+    """A freshly initialised encoder of the architecture ``random:TARGET`` names, in eval mode.
+
+    The weights are drawn right after ``torch.manual_seed(seed)`` (the SUPERB config's ``seed``), so reruns and the
+    hidden-state cache see the same model; the global RNG is left as it was.
+    """
+    from speechssl.models.encoder import Encoder
+
+    cfg = random_init_config(spec)
+    with torch.random.fork_rng(devices=[]):  # keep the caller's RNG stream (head init, crops) unchanged
+        torch.manual_seed(seed)
+        encoder = Encoder(cfg)
+    return encoder.eval()
+
+
+def build_upstream(spec: str, mode: str = "frozen", map_location: str = "cpu", seed: int = 0,
+                   **kwargs) -> Upstream:
+    """``spec``: ``fbank``, ``mfcc``, a model path for ``speechssl.load_pretrained``, or ``random:TARGET``
+    (TARGET's architecture with fresh weights drawn from ``seed``; TARGET is a preset, conf/model/*.yaml or a
+    model path): the control row that shows what pretraining adds over the architecture alone."""
     if spec == "fbank":
         return FbankUpstream()
     if spec == "mfcc":
         return MfccUpstream()
+    if is_random_spec(spec):
+        from speechssl.superb.report import upstream_label
+
+        encoder = build_random_encoder(spec, seed=seed).to(map_location)
+        return EncoderUpstream(encoder, mode=mode, name=upstream_label(spec), **kwargs)
     if not os.path.exists(spec):
-        raise FileNotFoundError(f"upstream '{spec}' is neither fbank, mfcc nor an existing model path "
-                                f"(config key upstream)")
+        raise FileNotFoundError(f"upstream '{spec}' is neither fbank, mfcc, random:PRESET_OR_MODEL nor an "
+                                f"existing model path (config key upstream)")
     from speechssl import load_pretrained
 
     encoder = load_pretrained(spec, map_location=map_location)
