@@ -15,6 +15,17 @@ optimiser state). Throughput is the median over timed steps of audio seconds per
     python bench/pretrain.py --quick                       # short check (4 layers, small batch), CPU
     python bench/pretrain.py                               # HuBERT Base, 2 x 4 s per step, CPU
     python bench/pretrain.py --device cuda --precision bf16 --batch 8 --seconds 10
+
+``--frontends`` compares front ends instead: the same transformer (hidden size, layers, heads, FFN of
+``--preset``, default ``tiny_hubert``) behind the preset's waveform CNN and behind the fbank front end (80-dim
+log-mel in torch + ``--fbank-conv`` strided convs, default one [256, 3, 2] layer: 20 ms frames like the CNN),
+both through ``Trainer`` + ``HubertObjective`` on the same batch. Each side runs in its own subprocess, the two
+alternating (CNN, fbank, fbank, CNN, ...) over ``--repeats`` rounds so that load from other processes falls on
+both alike; throughput is the median over rounds of each round's median step rate.
+
+    python bench/pretrain.py --frontends --quick           # short check, tiny_hubert transformer
+    python bench/pretrain.py --frontends                   # tiny_hubert, 2 x 4 s per step, CPU
+    python bench/pretrain.py --frontends --preset hubert_base --device cuda --precision bf16 --batch 8
 """
 from __future__ import annotations
 
@@ -64,7 +75,8 @@ def _batch(args, num_frames):
     return {"audio": audio, "audio_lens": lens, "units": {"kmeans": units}}
 
 
-def run_ours(args) -> dict:
+def run_ours(args, encoder_config=None) -> dict:
+    """Trainer + HubertObjective steps on one fixed batch; ``encoder_config`` defaults to ``_encoder_config``."""
     import torch
 
     from speechssl.models import build_encoder
@@ -73,7 +85,7 @@ def run_ours(args) -> dict:
     from speechssl.train.trainer import peak_memory_mb
 
     torch.manual_seed(0)
-    enc = build_encoder(_encoder_config(args))
+    enc = build_encoder(encoder_config or _encoder_config(args))
     model = build_objective("hubert", enc, num_classes={"kmeans": K}, final_dim=256)
     batch = _batch(args, enc.num_frames)
 
@@ -98,7 +110,8 @@ def run_ours(args) -> dict:
         peak = peak_memory_mb(torch.device(args.device))
     rates = [r["audio_sec_per_sec"] for r in recs[args.warmup:]]
     return {"audio_sec_per_sec": statistics.median(rates), "peak_mb": peak, "base_mb": base,
-            "loss": recs[-1]["loss"]}
+            "loss": recs[-1]["loss"], "params": sum(p.numel() for p in enc.parameters()),
+            "frame_ms": 1000 * enc.downsample_rate / SR}
 
 
 def run_hf(args) -> dict:
@@ -157,6 +170,88 @@ def run_hf(args) -> dict:
             "peak_mb": peak_memory_mb(dev), "base_mb": base, "loss": float(loss)}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# --frontends: fbank front end vs waveform CNN under the same transformer
+
+FRONTENDS = ("cnn", "fbank")
+
+
+def _parse_conv(text: str) -> list[list[int]]:
+    """``"256,3,2;256,3,2"`` -> [[256, 3, 2], [256, 3, 2]] (channels, kernel, stride per layer)."""
+    try:
+        layers = [[int(v) for v in part.split(",")] for part in text.split(";") if part.strip()]
+    except ValueError:
+        layers = []
+    if not layers or any(len(l) != 3 or min(l) < 1 for l in layers):
+        raise SystemExit(f"--fbank-conv {text!r}: expected 'C,K,S' layers separated by ';', e.g. '256,3,2'")
+    return layers
+
+
+def _frontend_configs(args) -> dict:
+    """{"cnn": the preset as is, "fbank": the same transformer behind the fbank front end} (EncoderConfigs)."""
+    from speechssl.models import EncoderConfig, get_preset
+
+    try:
+        cnn = get_preset(args.preset)
+    except KeyError as e:
+        raise SystemExit(f"--preset: {e.args[0]}") from None
+    if cnn.frontend != "cnn":
+        raise SystemExit(f"--preset {args.preset} has the {cnn.frontend} front end; --frontends needs a waveform "
+                         f"CNN preset to compare against (tiny_hubert, hubert_base, ...)")
+    if args.layers:
+        cnn.num_layers = args.layers
+    # only the front end changes: hidden size, layers, heads, FFN, dropouts and positional conv stay the preset's
+    fbank = EncoderConfig.from_dict({**cnn.to_dict(), "frontend": "fbank", "conv_layers": _parse_conv(args.fbank_conv)})
+    return {"cnn": cnn, "fbank": fbank}
+
+
+def _child(args, variant: str) -> dict:
+    """Run one side in a fresh process (separate peak memory); its JSON is the last line of stdout."""
+    cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-4000:], file=sys.stderr)
+        raise RuntimeError(f"{variant}: failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare_frontends(args) -> int:
+    """Alternate CNN and fbank runs over ``args.repeats`` rounds; print rates, memory and the throughput ratio."""
+    cfgs = _frontend_configs(args)
+    t = cfgs["cnn"]
+    print(f"front ends under the {args.preset} transformer ({t.num_layers} layers, {t.hidden_size} dims, "
+          f"{t.num_heads} heads, FFN {t.ffn_dim}): CNN {t.conv_layers} vs fbank 80 x {cfgs['fbank'].conv_layers}; "
+          f"batch {args.batch} x {args.seconds:g} s, {args.device}, precision {args.precision}, "
+          f"{args.repeats} round(s) of {args.warmup} warm-up + {args.steps} timed steps per side")
+    runs: dict[str, list[dict]] = {v: [] for v in FRONTENDS}
+    for i in range(args.repeats):
+        # ABBA order: a drift in machine load (other jobs) does not favour the side that always goes first
+        for variant in (FRONTENDS if i % 2 == 0 else FRONTENDS[::-1]):
+            try:
+                runs[variant].append(_child(args, variant))
+            except RuntimeError as e:
+                print(e)
+                return 1
+    print(f"{'':12s} {'audio s/s':>10s} {'rounds':>20s} {'frame ms':>9s} {'params M':>9s} {'peak MB':>9s} "
+          f"{'step MB':>9s} {'loss':>7s}")
+    rate = {}
+    for v in FRONTENDS:
+        rs = runs[v]
+        rate[v] = statistics.median(r["audio_sec_per_sec"] for r in rs)
+        last = rs[-1]
+        rounds = "/".join(f"{r['audio_sec_per_sec']:.1f}" for r in rs)
+        print(f"{v + ' front end':12s} {rate[v]:10.2f} {rounds:>20s} {last['frame_ms']:9.0f} "
+              f"{last['params'] / 1e6:9.2f} {max(r['peak_mb'] for r in rs):9.0f} "
+              f"{max(r['peak_mb'] - r['base_mb'] for r in rs):9.0f} {last['loss']:7.3f}")
+    print("loss: includes HubertObjective's feature penalty (10 x mean square of the front-end output), which "
+          "differs between front ends")
+    if runs["cnn"][-1]["frame_ms"] != runs["fbank"][-1]["frame_ms"]:
+        print("note: the two sides have different frame rates, so the transformer costs differ too")
+    print(f"throughput ratio fbank / CNN front end: {rate['fbank'] / rate['cnn']:.2f}x "
+          f"(target >= 3x on CPU; Fast-HuBERT reports 5.2x on GPU)")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="4 layers, 2 x 2 s, 2 + 3 steps: a short correctness check")
@@ -168,14 +263,25 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (default 12, quick 4)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
-    p.add_argument("--variant", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--frontends", action="store_true",
+                   help="compare the fbank front end with the waveform CNN under the same transformer instead")
+    p.add_argument("--preset", default=None,
+                   help="--frontends: the CNN preset whose transformer both sides share (default tiny_hubert)")
+    p.add_argument("--fbank-conv", default="256,3,2",
+                   help="--frontends: the fbank subsampler, 'C,K,S' layers joined by ';' (default 256,3,2: 20 ms)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="--frontends: alternating rounds per side (default 2, quick 1)")
+    p.add_argument("--variant", choices=["ours", "hf", *FRONTENDS], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.preset and not args.frontends:
+        p.error("--preset is for --frontends (the default comparison is HuBERT Base against transformers)")
+    args.preset = args.preset or "tiny_hubert"
     gpu = args.device == "cuda"
     if args.quick:
-        defaults = dict(batch=2, seconds=2.0, steps=3, warmup=2, layers=4)
+        defaults = dict(batch=2, seconds=2.0, steps=3, warmup=2, layers=4, repeats=1)
     else:
         defaults = dict(batch=8 if gpu else 2, seconds=10.0 if gpu else 4.0, steps=10 if gpu else 8, warmup=3 if gpu
-                        else 2, layers=None)
+                        else 2, layers=None, repeats=2)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -185,9 +291,14 @@ def main() -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        res = run_ours(args) if args.variant == "ours" else run_hf(args)
+        if args.variant in FRONTENDS:
+            res = run_ours(args, _frontend_configs(args)[args.variant])
+        else:
+            res = run_ours(args) if args.variant == "ours" else run_hf(args)
         print(json.dumps(res))
         return 0
+    if args.frontends:
+        return compare_frontends(args)
 
     print(f"HuBERT Base training step ({args.layers or 12} layers), batch {args.batch} x {args.seconds:g} s, "
           f"{args.device}, precision {args.precision}, {args.warmup} warm-up + {args.steps} timed steps")
