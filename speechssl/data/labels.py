@@ -106,3 +106,49 @@ def align_units(units, label_rate: float, num_frames: int, frame_rate: float = 5
 def frames_for_rate(num_samples: int, frame_rate: float, sampling_rate: int = 16000) -> int:
     """Plain frame count ``floor(num_samples * frame_rate / sampling_rate)`` (default ``num_frames``)."""
     return int(math.floor(num_samples * frame_rate / sampling_rate + 1e-9))
+
+
+# ------------------------------------------------------------------------------------ phone alignments
+def _alignment_items(cut, kind: str) -> tuple[list, float]:
+    """(alignment items of ``kind`` from the cut's supervisions, shift) with recording time = cut time + shift.
+
+    Lhotse keeps alignment items on the recording's time axis (truncation shifts supervisions, not their
+    items); for a mixed cut the items come from the first track that has them.
+    """
+    from lhotse.cut import MixedCut
+
+    if isinstance(cut, MixedCut):
+        for track in cut.tracks:
+            items, shift = _alignment_items(track.cut, kind)
+            if items:
+                return items, shift - track.offset
+        return [], 0.0
+    items = [it for sup in cut.supervisions for it in ((sup.alignment or {}).get(kind) or [])]
+    return items, float(getattr(cut, "start", 0.0) or 0.0)
+
+
+def has_alignment(cut, kind: str = "phone") -> bool:
+    """Whether one of the cut's supervisions carries an alignment of ``kind`` (``supervision.alignment[kind]``)."""
+    return bool(_alignment_items(cut, kind)[0])
+
+
+def alignment_frame_labels(cut, num_frames: int, frame_rate: float = 50.0, offset: float = 0.0,
+                           kind: str = "phone", gap: str | None = None) -> list[str | None]:
+    """Frame-level symbols [num_frames] from the cut's ``kind`` alignment (Lhotse ``AlignmentItem`` lists).
+
+    Frame ``i`` (at ``frame_rate`` Hz, counted from ``offset`` seconds into the cut) takes the symbol of the item
+    that covers its centre ``offset + (i + 0.5) / frame_rate``; frames no item covers get ``gap`` (None: unlabelled).
+    Raises KeyError when the cut has no such alignment.
+    """
+    items, shift = _alignment_items(cut, kind)
+    if not items:
+        raise KeyError(f"cut '{cut.id}' has no '{kind}' alignment (supervision.alignment['{kind}'])")
+    items = sorted(items, key=lambda it: it.start)
+    starts = np.array([it.start for it in items], dtype=np.float64)
+    ends = starts + np.array([it.duration for it in items], dtype=np.float64)
+    t = shift + offset + (np.arange(int(num_frames), dtype=np.float64) + 0.5) / frame_rate
+    j = np.searchsorted(starts, t, side="right") - 1  # the last item starting at or before each centre
+    out: list[str | None] = [gap] * int(num_frames)
+    for i in np.flatnonzero((j >= 0) & (t < ends[np.clip(j, 0, None)])):
+        out[i] = items[j[i]].symbol
+    return out

@@ -9,6 +9,10 @@
   (``data.shar_dir``, streamed per rank and worker, resumable exactly), a duration-bucketing sampler (``data.max_duration`` padded seconds per batch per rank)
   and ``SpeechDataset`` (crops on the encoder frame grid, units aligned to encoder frames), wrapped in the
   resumable loader; ``data.valid`` manifests feed a periodic validation pass;
+- collapse diagnostics (``diagnostics``, see ``DiagnosticsConfig``) at every trainer evaluation, on a fixed batch
+  of the first cuts of ``data.valid`` (else of the training data): per-layer temporal std and effective rank,
+  the objective's numbers on that batch, the unit prior (and PNMI when the cuts carry phone alignments) and
+  ``CollapseMonitor`` warnings; with ``trainer.eval_every`` set, evaluations run even without ``data.valid``;
 - the ``Trainer``, which writes ``EXP/config.yaml``, ``EXP/metrics.jsonl``, ``EXP/checkpoints/`` and
   ``EXP/final/`` (the encoder via ``export_pretrained(format="speechssl")``, the objective head as part
   ``objective``; ``speechssl.load_pretrained(EXP/final)`` loads it).
@@ -32,8 +36,8 @@ from speechssl.data.augment import AugmentConfig
 from speechssl.train.optim import OptimConfig, ScheduleConfig
 from speechssl.train.trainer import Trainer, TrainerConfig
 
-__all__ = ["PretrainConfig", "DataConfig", "ModelConfig", "ObjectiveConfig", "run_pretrain", "build_model",
-           "build_train_loader", "UNIT_OBJECTIVES"]
+__all__ = ["PretrainConfig", "DataConfig", "ModelConfig", "ObjectiveConfig", "DiagnosticsConfig", "run_pretrain",
+           "build_model", "build_train_loader", "UNIT_OBJECTIVES"]
 log = logging.getLogger(__name__)
 
 UNIT_OBJECTIVES = ("hubert", "wavlm")  # objectives that predict k-means units stored on the cuts
@@ -77,6 +81,32 @@ class ObjectiveConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Collapse diagnostics at the trainer's evaluations (``speechssl.train.diagnostics``)."""
+
+    enabled: bool = True
+    num_cuts: int = 8              # the fixed batch: first cuts of data.valid (else data.train / data.shar_dir)
+    max_seconds: float = 4.0       # each of them cropped to its first seconds
+    every: int = 0                 # 0 = at every trainer evaluation; N = at evaluations on multiples of N (+ the last)
+    label_cuts: int = 200          # first cuts whose unit labels give the unit prior and PNMI (hubert, wavlm)
+    tstd_ratio: float = 0.01       # warn: a layer's temporal std < tstd_ratio x layer 0's
+    tstd_min: float = 1.0e-5       # warn: any layer's temporal std below this
+    erank_ratio: float = 0.05      # warn: a layer's effective rank < erank_ratio x layer 0's
+    loss_tolerance: float = 0.02   # warn: masked loss within this relative distance of the unit prior entropy ...
+    patience: int = 3              # ... for this many evaluations in a row
+
+    def validate(self) -> None:
+        for k in ("num_cuts", "label_cuts", "patience"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"config key 'diagnostics.{k}' must be >= 1, got {getattr(self, k)}")
+        if self.every < 0:
+            raise ConfigError(f"config key 'diagnostics.every' must be >= 0 (0 = at every evaluation), "
+                              f"got {self.every}")
+        if self.max_seconds <= 0:
+            raise ConfigError(f"config key 'diagnostics.max_seconds' must be > 0, got {self.max_seconds}")
+
+
+@dataclass
 class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -84,6 +114,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def validate(self) -> None:
         if not self.data.train and not self.data.shar_dir:
@@ -193,11 +224,9 @@ def build_train_loader(cfg: PretrainConfig, encoder):
                            num_workers=cfg.trainer.num_workers)
 
 
-def _make_evaluate(cfg: PretrainConfig, encoder):
+def _make_loss_evaluate(cfg: PretrainConfig, encoder):
     """Validation: the objective's logs averaged over up to ``data.max_valid_batches`` batches, weighted by
     sample size (the trainer runs it on the main process with the RNG forked, under no_grad/eval)."""
-    if not cfg.data.valid:
-        return None
     from speechssl.data.sampler import ResumableLoader, make_sampler
 
     cuts = _filter(_open_cuts(cfg.data.valid, "valid"), cfg.data)
@@ -229,6 +258,161 @@ def _make_evaluate(cfg: PretrainConfig, encoder):
     return evaluate
 
 
+def _scalar_logs(logs: dict) -> dict[str, float]:
+    out = {}
+    for k, v in (logs or {}).items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = float(v)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
+class _Diagnostics:
+    """The collapse diagnostics of one run: a fixed batch built on first use (on the main process only, where
+    the trainer evaluates), the label statistics computed once, and a ``CollapseMonitor`` across evaluations."""
+
+    def __init__(self, cfg: PretrainConfig, encoder, metrics_path: Path):
+        from speechssl.train.diagnostics import CollapseMonitor
+
+        self.cfg, self.encoder, self.metrics_path = cfg, encoder, metrics_path
+        d = cfg.diagnostics
+        self.monitor = CollapseMonitor(tstd_ratio=d.tstd_ratio, tstd_min=d.tstd_min, erank_ratio=d.erank_ratio,
+                                       loss_tolerance=d.loss_tolerance, patience=d.patience)
+        self.batch: dict | None = None
+        self.label_stats: dict[str, float] = {}
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.diagnostics.every
+        return every == 0 or step % every == 0 or step >= self.cfg.trainer.max_steps
+
+    def _source_cuts(self):
+        """The first cuts of data.valid, else of data.train, else of the Shar shards (in shard order)."""
+        d = self.cfg.data
+        if d.valid or d.train:
+            return _filter(_open_cuts(d.valid or d.train, "valid" if d.valid else "train"), d)
+        from speechssl.data.shar import open_shar_cuts
+
+        return _filter(open_shar_cuts(d.shar_dir, split_for_dataloading=False, shuffle_shards=False), d)
+
+    def _build(self) -> None:
+        from itertools import islice
+
+        from speechssl.data.dataset import SpeechDataset
+
+        d, dg = self.cfg.data, self.cfg.diagnostics
+        cuts = list(islice(iter(self._source_cuts()), max(dg.num_cuts, dg.label_cuts)))
+        if not cuts:
+            raise ConfigError("config key 'diagnostics.enabled': the data has no cuts to run diagnostics on; "
+                              "check data.valid / data.train or set diagnostics.enabled=false")
+        # cropped to the first seconds on the encoder frame grid, so labels stay aligned and the batch is small
+        enc = self.encoder
+        crop = dg.max_seconds
+        fixed = [c.truncate(duration=crop) if c.duration > crop else c for c in cuts[: dg.num_cuts]]
+        ds = SpeechDataset(None, mode=d.features, units=d.units, num_frames=enc.num_frames,
+                           frame_rate=16000 / enc.downsample_rate, crop_to_shortest=False, max_crop_samples=None,
+                           crop_multiple=enc.downsample_rate, skip_bad=d.skip_bad)
+        self.batch = ds[fixed]
+        if not self.batch["cut_ids"]:
+            raise ConfigError(f"config key 'diagnostics.num_cuts': none of the first {len(fixed)} cuts could be "
+                              "read; fix the data or set diagnostics.enabled=false")
+        if self.cfg.objective.name in UNIT_OBJECTIVES:
+            self.label_stats = _label_statistics(cuts[: dg.label_cuts], d.units)
+        log.info("diagnostics: fixed batch of %d cuts (<= %.1f s each)%s", len(self.batch["cut_ids"]), crop,
+                 f", unit labels of {min(len(cuts), dg.label_cuts)} cuts" if self.label_stats else "")
+
+    def _objective_logs(self, model, batch) -> dict[str, float]:
+        """The objective's logs on the fixed batch, prefixed ``diag_``; a mask generator of the objective's own
+        is restored afterwards so the diagnostics do not shift the training masks."""
+        gen = getattr(model, "_gen", None)
+        state = gen.get_state() if isinstance(gen, torch.Generator) else None
+        try:
+            _, logs = model(batch)
+        finally:
+            if state is not None:
+                gen.set_state(state)
+        return {f"diag_{k}": v for k, v in _scalar_logs(logs).items()}
+
+    def __call__(self, model, step: int) -> dict[str, float]:
+        from speechssl.train.diagnostics import layer_diagnostics
+        from speechssl.train.trainer import move_to_device
+        from speechssl.utils.io import append_jsonl
+
+        if self.batch is None:
+            self._build()
+        batch = move_to_device(self.batch, next(model.parameters()).device)
+        rec = layer_diagnostics(model.encoder, batch)
+        rec.update(self._objective_logs(model, batch))
+        rec.update(self.label_stats)
+        warnings = self.monitor.update(rec)
+        for w in warnings:
+            log.warning("step %d: %s", step, w)
+        if warnings:  # the trainer's record holds floats only: the text goes on a line of its own
+            append_jsonl(self.metrics_path, {"step": step, "split": "diagnostics", "warnings": warnings})
+        rec["collapse_warnings"] = float(len(warnings))
+        return rec
+
+
+def _label_statistics(cuts, names: list[str]) -> dict[str, float]:
+    """Unit prior per label set (``units_{name}_prior_entropy`` ...; ``units_prior_entropy`` / ``_acc`` average
+    the sets, as the objective's masked loss and accuracy do) and, on cuts with a phone alignment, PNMI and
+    purities of the labels against the phones at the label rate."""
+    import numpy as np
+
+    from speechssl.data.labels import alignment_frame_labels, has_alignment, label_rate, load_units
+    from speechssl.train.diagnostics import pnmi, purity, unit_statistics
+
+    out: dict[str, float] = {}
+    for name in names:
+        units, phones, phone_ids = [], [], {}
+        for cut in cuts:
+            try:
+                u = load_units(cut, name)
+            except (KeyError, OSError, ValueError):
+                continue  # a cut the training skips as well
+            units.append(u)
+            if has_alignment(cut, "phone"):
+                sym = alignment_frame_labels(cut, len(u), frame_rate=label_rate(cut, name))
+                phones.append(np.array([phone_ids.setdefault(x, len(phone_ids)) if x is not None else -1
+                                        for x in sym], dtype=np.int64))
+            else:
+                phones.append(np.full(len(u), -1, dtype=np.int64))
+        if not units:
+            continue
+        u, p = np.concatenate(units), np.concatenate(phones)
+        for k, v in unit_statistics(u).items():
+            out[f"units_{name}_{k}"] = v
+        if (p >= 0).any():
+            out[f"units_{name}_pnmi"] = pnmi(u, p)
+            out[f"units_{name}_cluster_purity"], out[f"units_{name}_phone_purity"] = purity(u, p)
+    for k in ("prior_entropy", "prior_acc"):
+        vals = [out[f"units_{n}_{k}"] for n in names if f"units_{n}_{k}" in out]
+        if vals:
+            out[f"units_{k}"] = sum(vals) / len(vals)
+    return out
+
+
+def _make_evaluate(cfg: PretrainConfig, encoder, out_dir: Path, step_of):
+    """The trainer's evaluate callback: loss validation on ``data.valid`` (when set) plus, at the steps
+    ``diagnostics.every`` selects, the collapse diagnostics (``step_of()`` gives the trainer's step). None when
+    there is nothing to evaluate: no ``data.valid`` and neither diagnostics nor ``trainer.eval_every``."""
+    loss_eval = _make_loss_evaluate(cfg, encoder) if cfg.data.valid else None
+    # without data.valid and trainer.eval_every 0 there was no evaluation before: keep it so (no extra records)
+    diag = (_Diagnostics(cfg, encoder, Path(out_dir) / "metrics.jsonl")
+            if cfg.diagnostics.enabled and (cfg.data.valid or cfg.trainer.eval_every) else None)
+    if loss_eval is None and diag is None:
+        return None
+
+    def evaluate(model) -> dict[str, float]:
+        out = loss_eval(model) if loss_eval is not None else {}
+        step = step_of()
+        if diag is not None and diag.due(step):
+            out.update(diag(model, step))
+        return out
+
+    return evaluate
+
+
 def _save_final(cfg: PretrainConfig):
     def save(model, out: Path) -> None:
         from speechssl.models.io import export_pretrained
@@ -249,10 +433,12 @@ def run_pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False)
     encoder = model.encoder
     n_params = sum(p.numel() for p in encoder.parameters())
     log.info("encoder %s: %.1fM parameters; objective %s", cfg.model.preset, n_params / 1e6, cfg.objective.name)
-    trainer = Trainer(
+    held: dict[str, Trainer] = {}  # the evaluate callback reads the trainer's step (diagnostics.every)
+    trainer = held["trainer"] = Trainer(
         cfg.trainer, model, out_dir, optim=cfg.optim, schedule=cfg.schedule,
         make_train_loader=lambda: build_train_loader(cfg, encoder),
-        evaluate=_make_evaluate(cfg, encoder), best_metric="loss" if cfg.data.valid else None, best_mode="min",
+        evaluate=_make_evaluate(cfg, encoder, Path(out_dir), lambda: held["trainer"].step),
+        best_metric="loss" if cfg.data.valid else None, best_mode="min",
         save_final=_save_final(cfg), run_config=cfg,
     )
     return trainer.fit(resume=resume)

@@ -14,6 +14,12 @@ Phones come from ``espeak_TextToPhonemes`` in IPA mode with a space between phon
 (ˈ ˌ) are dropped and the length mark stays attached to its vowel (``ɑː``), so one phone is one
 whitespace-free token. The inventory is eSpeak's English IPA set for the voice's accent.
 
+Phone timings come from the synthesis itself: the library is initialised with phoneme events
+(``espeakINITIALIZE_PHONEME_EVENTS | espeakINITIALIZE_PHONEME_IPA``), which leave the audio unchanged, and
+``synthesize_timed`` returns each phoneme's IPA symbol (stress marks dropped; "" for a pause) with its start
+sample. The event holds at most 8 bytes of UTF-8, so a rare long symbol loses its last character. These symbols
+may differ a little from ``phonemize``'s (rhotic vowels such as ``ɑːɹ`` are one phoneme in synthesis).
+
 This module imports only the standard library at load time (numpy lazily), so the helper process
 stays small and forks fast.
 """
@@ -31,6 +37,10 @@ from dataclasses import astuple, dataclass
 # Values from eSpeak NG's speak_lib.h.
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INITIALIZE_DONT_EXIT = 0x8000
+_INITIALIZE_PHONEME_EVENTS = 0x0001
+_INITIALIZE_PHONEME_IPA = 0x0002  # phoneme events carry IPA symbols instead of eSpeak mnemonics
+_EVENT_LIST_TERMINATED = 0
+_EVENT_PHONEME = 7
 _POS_CHARACTER = 1
 _CHARS_UTF8 = 1
 _PHONEMES_IPA = 0x02
@@ -39,7 +49,21 @@ _PARAM = {"rate": 1, "volume": 2, "pitch": 3, "range": 4, "wordgap": 7}
 _LIMITS = {"rate": (80, 450), "volume": (0, 200), "pitch": (0, 100), "range": (0, 100), "wordgap": (0, 100)}
 _STRESS = str.maketrans("", "", "ˈˌ")
 
-_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+class _EventId(ctypes.Union):
+    _fields_ = [("number", ctypes.c_int), ("name", ctypes.c_char_p), ("string", ctypes.c_char * 8)]
+
+
+class _Event(ctypes.Structure):
+    """``espeak_EVENT`` of speak_lib.h; ``sample`` counts output samples from the start of the espeak_Synth call."""
+
+    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
+                ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+                ("user_data", ctypes.c_void_p), ("id", _EventId)]
+
+
+_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
+                                  ctypes.POINTER(_Event))
 
 
 class ESpeakError(RuntimeError):
@@ -103,12 +127,14 @@ class ESpeakNG:
         lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
         lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         lib.espeak_ng_SetRandSeed.restype = None
-        sr = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), _INITIALIZE_DONT_EXIT)
+        flags = _INITIALIZE_DONT_EXIT | _INITIALIZE_PHONEME_EVENTS | _INITIALIZE_PHONEME_IPA
+        sr = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_path.encode(), flags)
         if sr <= 0:
             raise ESpeakError(f"espeak_Initialize failed (data path {data_path})")
         self._lib = lib
         self.sample_rate: int = sr  # 22050 for the standard voices
         self._chunks: list[bytes] = []
+        self._phones: list[tuple[str, int]] = []
         # Keep the ctypes callback object alive as long as the engine: the library holds a raw pointer to it.
         self._callback = _SynthCallback(self._collect)
         lib.espeak_SetSynthCallback(self._callback)
@@ -119,6 +145,16 @@ class ESpeakNG:
     def _collect(self, wav, num_samples, events) -> int:
         if num_samples > 0 and wav:
             self._chunks.append(ctypes.string_at(wav, num_samples * 2))
+        i = 0
+        while events:  # an array ended by a LIST_TERMINATED event
+            ev = events[i]
+            if ev.type == _EVENT_LIST_TERMINATED:
+                break
+            if ev.type == _EVENT_PHONEME:
+                # up to 8 bytes, not NUL-terminated when full: a multi-byte character cut short is dropped
+                symbol = bytes(ev.id.string).split(b"\0", 1)[0].decode("utf-8", "ignore").translate(_STRESS)
+                self._phones.append((symbol, int(ev.sample)))
+            i += 1
         return 0  # 0 = continue synthesis
 
     def _check_owner(self) -> None:
@@ -145,6 +181,14 @@ class ESpeakNG:
 
     def synthesize_bytes(self, text: str, voice: str = "en-us", prosody: Prosody = Prosody(), seed: int = 0) -> bytes:
         """Speak ``text``: little-endian int16 PCM at ``self.sample_rate`` (22050 Hz), as bytes."""
+        return self.synthesize_timed(text, voice, prosody, seed)[0]
+
+    def synthesize_timed(self, text: str, voice: str = "en-us", prosody: Prosody = Prosody(), seed: int = 0
+                         ) -> tuple[bytes, list[tuple[str, int]]]:
+        """Speak ``text``: (int16 PCM bytes at ``self.sample_rate``, phone events ``[(IPA symbol, start sample)]``).
+
+        A phone lasts until the next one starts (the last one until the end of the audio); "" is a pause.
+        """
         self._check_owner()
         if not text.strip():
             raise ValueError("eSpeak NG: empty text")
@@ -152,13 +196,13 @@ class ESpeakNG:
         self.set_prosody(prosody)
         self._lib.espeak_ng_SetRandSeed(int(seed) & 0x7FFFFFFF)
         data = text.encode("utf-8")
-        self._chunks = []
+        self._chunks, self._phones = [], []
         self.synth_calls += 1
         err = self._lib.espeak_Synth(data, len(data) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
         if err != 0:
             raise ESpeakError(f"espeak_Synth failed with code {err} for text {text!r}")
-        chunks, self._chunks = self._chunks, []
-        return b"".join(chunks)
+        chunks, phones, self._chunks, self._phones = self._chunks, self._phones, [], []
+        return b"".join(chunks), phones
 
     def synthesize(self, text: str, voice: str = "en-us", prosody: Prosody = Prosody(), seed: int = 0):
         """Speak ``text``; returns a numpy int16 array [T] at ``self.sample_rate`` (22050 Hz).
@@ -242,9 +286,9 @@ def _recv(f) -> tuple[dict, bytes] | None:
 
 def _answer(engine: ESpeakNG, req: dict) -> tuple[dict, bytes]:
     try:
-        raw = engine.synthesize_bytes(req["text"], req["voice"], Prosody(*req["prosody"]), req["seed"])
+        raw, phones = engine.synthesize_timed(req["text"], req["voice"], Prosody(*req["prosody"]), req["seed"])
         words = engine.phonemize(req["phone_text"], req["voice"]) if req.get("phone_text") else []
-        return {"sr": engine.sample_rate, "words": words}, raw
+        return {"sr": engine.sample_rate, "words": words, "phones": phones}, raw
     except Exception as e:  # reported to the client, which raises
         return {"error": f"{type(e).__name__}: {e}"}, b""
 
@@ -291,6 +335,11 @@ class ESpeakServer:
     def speak(self, text: str, voice: str, prosody: Prosody = Prosody(), seed: int = 0,
               phone_text: str | None = None):
         """Returns (int16 numpy samples [T], sample rate, IPA phones per word of ``phone_text``)."""
+        return self.speak_timed(text, voice, prosody, seed, phone_text)[:3]
+
+    def speak_timed(self, text: str, voice: str, prosody: Prosody = Prosody(), seed: int = 0,
+                    phone_text: str | None = None):
+        """``speak`` plus the phone events of the synthesis: ``[(IPA symbol or "" for a pause, start sample)]``."""
         import numpy as np
 
         if self._proc.poll() is not None:
@@ -303,7 +352,8 @@ class ESpeakServer:
         header, body = reply
         if "error" in header:
             raise ESpeakError(header["error"])
-        return np.frombuffer(body, dtype="<i2").astype(np.int16), header["sr"], header["words"]
+        phones = [(str(sym), int(at)) for sym, at in header.get("phones", [])]
+        return np.frombuffer(body, dtype="<i2").astype(np.int16), header["sr"], header["words"], phones
 
     def close(self) -> None:
         if self._proc.poll() is None:

@@ -33,7 +33,7 @@ SPLITS = ("pretrain", "asr_train", "asr_dev", "asr_test", "sid_train", "sid_dev"
           "asv_train", "asv_test", "er_train", "er_dev", "er_test", "ks_train", "ks_dev", "ks_test")
 EMOTIONS = ("neutral", "happy", "sad", "angry")
 DEFAULT_MINUTES = 15.0  # ~380 ASR utterances; 50 clips per emotion and 32 per keyword class in training
-FORMAT_VERSION = 1  # bump when the generated corpus changes for the same seed
+FORMAT_VERSION = 2  # bump when the generated corpus changes for the same seed (2: phone alignments)
 _SENTENCE_SECONDS = 2.4  # average length of a read sentence with its silences, to turn minutes into counts
 
 
@@ -287,24 +287,57 @@ def _noise(n: int, dbfs: float, rng: np.random.Generator, kind: str | None = Non
     return (x * (10 ** (dbfs / 20)) / (np.sqrt(np.mean(x ** 2)) + 1e-12)).astype(np.float32)
 
 
-def _trim(x: np.ndarray, threshold: float = 2e-3) -> np.ndarray:
+def _trim(x: np.ndarray, threshold: float = 2e-3) -> tuple[np.ndarray, int]:
+    """(x without its quiet ends, index in x where the kept part starts)."""
     idx = np.flatnonzero(np.abs(x) > threshold)
-    return x[idx[0]: idx[-1] + 1] if idx.size else x
+    return (x[idx[0]: idx[-1] + 1], int(idx[0])) if idx.size else (x, 0)
 
 
-def speak(spec: UttSpec) -> tuple[np.ndarray, int, list[list[str]]]:
-    """eSpeak NG's part of one utterance, in this process: (int16 samples [T], sample rate, phones per word)."""
+def _phone_alignment(events: list[tuple[str, int]], num_raw: int, ratio: float, lead: int, speech_len: int,
+                     start: int, n: int) -> list[tuple[str, float, float]]:
+    """eSpeak's phone events as (symbol, start s, duration s) items covering the whole clip of ``n`` samples.
+
+    An event at raw sample ``s`` starts at ``start + s * ratio - lead`` in the clip (resampling and speed change by
+    ``ratio``, the trimmed quiet start ``lead``, the placement ``start``), clipped to the speech; a phone ends
+    where the next starts. Pauses ("") and the silences around the speech become "sil".
+    """
+    if not events:
+        return []
+
+    def at(raw_sample: float) -> int:
+        return start + int(round(min(max(raw_sample * ratio - lead, 0.0), speech_len)))
+
+    bounds = [at(s) for _, s in events] + [at(num_raw)]
+    spans = [("sil", 0, bounds[0])] + [(sym or "sil", bounds[i], bounds[i + 1]) for i, (sym, _) in enumerate(events)]
+    spans.append(("sil", bounds[-1], n))
+    merged: list[list] = []
+    for sym, a, b in spans:
+        if b <= a:
+            continue
+        if merged and sym == "sil" and merged[-1][0] == "sil":
+            merged[-1][2] = b  # one silence, not a run of pauses
+        else:
+            merged.append([sym, a, b])
+    return [(sym, round(a / SAMPLE_RATE, 5), round((b - a) / SAMPLE_RATE, 5)) for sym, a, b in merged]
+
+
+def speak(spec: UttSpec) -> tuple[np.ndarray, int, list[list[str]], list[tuple[str, int]]]:
+    """eSpeak NG's part of one utterance, in this process: (int16 samples [T], sample rate, phones per word,
+    phone events [(IPA symbol, start sample)])."""
     from speechssl.data.corpora.espeak import get_engine
 
     engine = get_engine()
-    raw = engine.synthesize(spec.text, spec.voice, spec.prosody, seed=spec.seed)
+    data, events = engine.synthesize_timed(spec.text, spec.voice, spec.prosody, seed=spec.seed)
+    raw = np.frombuffer(data, dtype="<i2").astype(np.int16)
     if raw.size == 0:
         raise RuntimeError(f"eSpeak NG produced no audio for {spec.id} ({spec.text!r})")
-    return raw, engine.sample_rate, engine.phonemize(spec.text.rstrip(".?!"), spec.voice)
+    return raw, engine.sample_rate, engine.phonemize(spec.text.rstrip(".?!"), spec.voice), events
 
 
-def render(spec: UttSpec, speak_fn=speak) -> tuple[np.ndarray, list[list[str]]]:
-    """Audio float32 [T] at 16 kHz and IPA phones per word for one planned utterance.
+def render(spec: UttSpec, speak_fn=speak
+           ) -> tuple[np.ndarray, list[list[str]], list[tuple[str, float, float]]]:
+    """Audio float32 [T] at 16 kHz, IPA phones per word and the phone alignment (``_phone_alignment``; empty for
+    silence clips) for one planned utterance.
 
     ``speak_fn`` runs eSpeak: ``speak`` in this process (not bit-exact after earlier calls), or an
     ``ESpeakServer``'s (bit-exact); the rest (resampling, silences, noise) is plain numpy.
@@ -313,13 +346,14 @@ def render(spec: UttSpec, speak_fn=speak) -> tuple[np.ndarray, list[list[str]]]:
 
     rng = np.random.default_rng([spec.seed, 7])  # a stream apart from the one that planned the spec
     words: list[list[str]] = []
+    phones: list[tuple[str, float, float]] = []
     if spec.kind == "silence":
         wav = _noise(int(round(spec.clip_s * SAMPLE_RATE)), spec.noise_dbfs, rng)
     else:
-        raw, sr, words = speak_fn(spec)
+        raw, sr, words, events = speak_fn(spec)
         # One resampling does both 22050 -> 16000 Hz and the speed jitter (a Lhotse-style speed change).
         down = int(round(sr / 50 * spec.speed))
-        speech = _trim(resample_poly(raw.astype(np.float32) / 32768.0, SAMPLE_RATE // 50, down))
+        speech, lead = _trim(resample_poly(raw.astype(np.float32) / 32768.0, SAMPLE_RATE // 50, down))
         if spec.clip_s is not None:
             n = max(int(round(spec.clip_s * SAMPLE_RATE)), speech.size + 800)
             start = int(rng.integers(0, n - speech.size + 1))
@@ -329,7 +363,8 @@ def render(spec: UttSpec, speak_fn=speak) -> tuple[np.ndarray, list[list[str]]]:
         wav = np.zeros(n, dtype=np.float32)
         wav[start: start + speech.size] = speech
         wav += _noise(n, spec.noise_dbfs, rng)
-    return np.clip(wav, -1.0, 32767 / 32768), words
+        phones = _phone_alignment(events, raw.size, SAMPLE_RATE // 50 / down, lead, speech.size, start, n)
+    return np.clip(wav, -1.0, 32767 / 32768), words, phones
 
 
 def _write_wav(path: Path, wav: np.ndarray) -> None:
@@ -344,8 +379,8 @@ def _write_wav(path: Path, wav: np.ndarray) -> None:
 _SERVER = None  # this worker's eSpeak helper process
 
 
-def _server_speak(spec: UttSpec) -> tuple[np.ndarray, int, list[list[str]]]:
-    return _SERVER.speak(spec.text, spec.voice, spec.prosody, spec.seed, phone_text=spec.text.rstrip(".?!"))
+def _server_speak(spec: UttSpec) -> tuple[np.ndarray, int, list[list[str]], list[tuple[str, int]]]:
+    return _SERVER.speak_timed(spec.text, spec.voice, spec.prosody, spec.seed, phone_text=spec.text.rstrip(".?!"))
 
 
 def _worker_init() -> None:
@@ -359,27 +394,28 @@ def _worker_init() -> None:
     Finalize(_SERVER, _SERVER.close, exitpriority=10)
 
 
-def _render_chunk(args: tuple[str, list[UttSpec]]) -> list[tuple[str, int, str]]:
-    """Worker: render and write a chunk of utterances; returns (cut id, num samples, phones)."""
+def _render_chunk(args: tuple[str, list[UttSpec]]) -> list[tuple[str, int, str, list]]:
+    """Worker: render and write a chunk of utterances; returns (cut id, num samples, phones, phone alignment)."""
     out_dir, specs = args
     results = []
     for spec in specs:
         try:
-            wav, words = render(spec, _server_speak)
+            wav, words, alignment = render(spec, _server_speak)
             _write_wav(Path(out_dir) / spec.path, wav)
         except Exception as e:
             raise RuntimeError(f"mini corpus: failed to synthesise {spec.id} ({spec.text!r}, voice {spec.voice}): "
                                f"{e}") from e
-        results.append((spec.id, int(wav.size), " ".join(p for w in words for p in w)))
+        results.append((spec.id, int(wav.size), " ".join(p for w in words for p in w), alignment))
     return results
 
 
 def synthesize_specs(specs: list[UttSpec], out_dir, num_jobs: int = 2, progress: bool = True
-                     ) -> dict[str, tuple[int, str]]:
+                     ) -> dict[str, tuple[int, str, list]]:
     """Render ``specs`` to wav files under ``out_dir`` with ``num_jobs`` worker processes.
 
-    Returns ``{cut id: (num samples, phones)}``. Each worker has an ``ESpeakServer`` helper that speaks every
-    utterance from a pristine fork, so the bytes depend only on the spec (not on jobs or order).
+    Returns ``{cut id: (num samples, phones, phone alignment [(symbol, start s, duration s)])}``. Each worker
+    has an ``ESpeakServer`` helper that speaks every utterance from a pristine fork, so the bytes depend only on
+    the spec (not on jobs or order).
     """
     import multiprocessing as mp
 
@@ -392,22 +428,25 @@ def synthesize_specs(specs: list[UttSpec], out_dir, num_jobs: int = 2, progress:
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     chunk = 24
     jobs = [(str(out_dir), specs[i: i + chunk]) for i in range(0, len(specs), chunk)]
-    results: dict[str, tuple[int, str]] = {}
+    results: dict[str, tuple[int, str, list]] = {}
     with tqdm(total=len(specs), desc="synthesising mini corpus", unit="utt", disable=not progress) as bar, \
             ProcessPoolExecutor(max_workers=num_jobs, mp_context=mp.get_context(method),
                                 initializer=_worker_init) as pool:
         for out in pool.map(_render_chunk, jobs):
-            for cid, n, phones in out:
-                results[cid] = (n, phones)
+            for cid, n, phones, alignment in out:
+                results[cid] = (n, phones, alignment)
             bar.update(len(out))
     return results
 
 
 # ----------------------------------------------------------------------------------------------- manifests
 
-def _make_cut(spec: UttSpec, out_dir: Path, num_samples: int, phones: str):
+def _make_cut(spec: UttSpec, out_dir: Path, num_samples: int, phones: str, alignment=()):
+    """The cut of one utterance; ``alignment`` [(symbol, start s, duration s)] becomes the supervision's
+    ``alignment["phone"]`` (times relative to the cut, which starts at 0 of its recording)."""
     from lhotse import AudioSource, Recording, SupervisionSegment
     from lhotse.cut import MonoCut
+    from lhotse.supervision import AlignmentItem
 
     duration = num_samples / SAMPLE_RATE
     rec = Recording(id=spec.id, sources=[AudioSource(type="file", channels=[0], source=str(out_dir / spec.path))],
@@ -421,7 +460,8 @@ def _make_cut(spec: UttSpec, out_dir: Path, num_samples: int, phones: str):
     text = normalize_transcript(spec.text) if spec.kind == "speech" else ""
     sup = SupervisionSegment(id=spec.id, recording_id=spec.id, start=0.0, duration=duration, channel=0,
                              text=text, language="English", speaker=spec.speaker, gender=spec.gender,
-                             custom=custom)
+                             custom=custom,
+                             alignment={"phone": [AlignmentItem(*a) for a in alignment]} if alignment else None)
     return MonoCut(id=spec.id, start=0.0, duration=duration, channel=0, supervisions=[sup], recording=rec)
 
 

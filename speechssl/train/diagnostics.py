@@ -1,0 +1,271 @@
+"""Diagnostics that catch a dead pretraining run early: representation collapse and a loss stuck at the prior.
+
+Small-scale SSL runs fail quietly: the upper layers' outputs become constant over time (or low-rank) and the
+masked loss settles at the entropy of the unit prior, i.e. the model predicts the label frequencies whatever the
+input. These functions measure that on a fixed batch (plain torch/numpy, no speechssl.superb import):
+
+- ``temporal_std(h, lengths)``: mean over utterances and dims of the standard deviation over valid frames
+  (~0 when a layer outputs one vector per utterance);
+- ``effective_rank(h, lengths)``: RankMe effective rank of the valid frames stacked to [N, D]
+  (~D for random features, small for collapsed ones);
+- ``layer_diagnostics(encoder, batch)``: both, for every hidden state of an encoder;
+- ``unit_statistics(units)``: entropy / accuracy / perplexity of the unit prior (the loss and accuracy a model
+  that ignores its input reaches);
+- ``pnmi(units, phones)`` and ``purity(units, phones)``: phone-normalised mutual information and the cluster /
+  phone purities of the HuBERT paper (Hsu et al. 2021, section IV-C), from aligned frame labels;
+- ``CollapseMonitor``: fed each evaluation's record, returns warning strings.
+
+Example::
+
+    rec = layer_diagnostics(encoder, {"audio": wav, "audio_lens": lens})   # {"layer0_tstd": ..., ...}
+    rec.update(unit_statistics(units_of_the_batch))                         # {"prior_entropy": ..., ...}
+    for w in CollapseMonitor().update(rec):
+        logging.warning(w)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["temporal_std", "effective_rank", "layer_diagnostics", "unit_statistics", "pnmi", "purity",
+           "CollapseMonitor"]
+
+_EPS = 1e-12
+
+
+def _valid_mask(h: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Bool [B, T]: frames below each utterance's length (all frames when ``lengths`` is None)."""
+    B, T = h.shape[0], h.shape[1]
+    if lengths is None:
+        return torch.ones(B, T, dtype=torch.bool, device=h.device)
+    lengths = torch.as_tensor(lengths, device=h.device).long().clamp(0, T)
+    return torch.arange(T, device=h.device)[None] < lengths[:, None]
+
+
+def temporal_std(h: torch.Tensor, lengths: torch.Tensor | None = None) -> float:
+    """Mean over utterances and dims of the std over valid frames.
+
+    h: [B, T, D] hidden states; lengths: [B] valid frames (None: all). Utterances with fewer than 2 valid frames
+    are left out (a std over one frame says nothing); NaN when none is left.
+    """
+    if h.dim() != 3:
+        raise ValueError(f"temporal_std: h must be [B, T, D], got shape {tuple(h.shape)}")
+    x = h.detach().double()
+    m = _valid_mask(x, lengths)
+    n = m.sum(1)                                                     # [B]
+    keep = n >= 2
+    if not bool(keep.any()):
+        return float("nan")
+    w = m[..., None].to(x.dtype)                                     # [B, T, 1]
+    cnt = n.clamp_min(1).to(x.dtype)[:, None]                        # [B, 1]
+    mean = (x * w).sum(1) / cnt                                      # [B, D]
+    var = (((x - mean[:, None]) * w) ** 2).sum(1) / cnt              # [B, D] population variance
+    std = var.clamp_min(0).sqrt().mean(-1)                           # [B]
+    return float(std[keep].mean())
+
+
+def _stack_valid(h: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, D] -> [N, D] valid frames; a 2-D input is taken as already stacked."""
+    if h.dim() == 2:
+        return h
+    if h.dim() != 3:
+        raise ValueError(f"expected [B, T, D] or [N, D], got shape {tuple(h.shape)}")
+    return h[_valid_mask(h, lengths)]
+
+
+def effective_rank(h: torch.Tensor, lengths: torch.Tensor | None = None, eps: float = 1e-7) -> float:
+    """RankMe effective rank (Garrido et al. 2023) of the valid frames.
+
+    h: [B, T, D] with lengths [B], or already stacked frames [N, D]. With singular values sigma_i of the [N, D]
+    matrix, p_i = sigma_i / sum(sigma) + eps and the result is exp(-sum p_i log p_i): between 1 (all frames on a
+    line) and min(N, D) (a flat spectrum). Not centred, as in RankMe: a constant offset counts as one direction.
+    """
+    x = _stack_valid(h.detach(), lengths).double()
+    if x.shape[0] == 0:
+        return float("nan")
+    s = torch.linalg.svdvals(x)
+    total = float(s.sum())
+    if total <= 0 or not math.isfinite(total):
+        return 0.0 if total == 0 else float("nan")
+    p = s / total + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def layer_diagnostics(encoder: torch.nn.Module, batch: dict) -> dict[str, float]:
+    """Temporal std and effective rank of every hidden state of ``encoder`` on ``batch``.
+
+    batch: ``audio`` [B, T] float at 16 kHz, ``audio_lens`` [B] valid samples. Runs in eval mode under no_grad
+    (the previous mode is restored). Returns ``{"layer{i}_tstd": ..., "layer{i}_erank": ...}`` for i = 0 (the input
+    of the first transformer layer) to num_layers, over the valid frames (``EncoderOutput.lengths``).
+    """
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            out = encoder(batch["audio"], batch.get("audio_lens"))
+    finally:
+        encoder.train(was_training)
+    lengths = out.lengths
+    rec: dict[str, float] = {}
+    for i, h in enumerate(out.hidden_states):
+        h = h.float()  # bf16/fp16 under autocast: statistics in full precision
+        rec[f"layer{i}_tstd"] = temporal_std(h, lengths)
+        rec[f"layer{i}_erank"] = effective_rank(h, lengths)
+    return rec
+
+
+# ------------------------------------------------------------------------------------------------ labels
+def _as_ids(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x.cpu().numpy() if isinstance(x, torch.Tensor) else x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of integer ids, got shape {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer ids, got dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+def _entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+def unit_statistics(units: Any) -> dict[str, float]:
+    """Statistics of the unit prior of a 1-D array of unit ids (negative ids are padding and left out).
+
+    Returns ``prior_entropy`` (nats: the cross-entropy of a model that always predicts the label frequencies),
+    ``prior_acc`` (frequency of the most common unit: the accuracy of always guessing it), ``used_units``
+    (distinct ids) and ``perplexity`` (exp of the entropy: the number of equally likely units it amounts to).
+    """
+    u = _as_ids(units, "units")
+    u = u[u >= 0]
+    if u.size == 0:
+        nan = float("nan")
+        return {"prior_entropy": nan, "prior_acc": nan, "used_units": 0.0, "perplexity": nan}
+    _, counts = np.unique(u, return_counts=True)
+    p = counts / counts.sum()
+    h = _entropy(p)
+    return {"prior_entropy": h, "prior_acc": float(p.max()), "used_units": float(len(counts)),
+            "perplexity": float(math.exp(h))}
+
+
+def _joint(units: Any, phones: Any) -> np.ndarray:
+    """Joint distribution P(phone, unit) [n_phones, n_units] of two aligned id arrays (pairs with a negative id
+    on either side are padding and left out)."""
+    u, p = _as_ids(units, "units"), _as_ids(phones, "phones")
+    if u.shape != p.shape:
+        raise ValueError(f"units and phones must be aligned frame by frame, got {u.shape} and {p.shape}")
+    keep = (u >= 0) & (p >= 0)
+    u, p = u[keep], p[keep]
+    if u.size == 0:
+        return np.zeros((0, 0))
+    _, ui = np.unique(u, return_inverse=True)
+    _, pi = np.unique(p, return_inverse=True)
+    nu = int(ui.max()) + 1
+    counts = np.bincount(pi * nu + ui, minlength=(int(pi.max()) + 1) * nu).reshape(-1, nu)
+    return counts / counts.sum()
+
+
+def pnmi(units: Any, phones: Any) -> float:
+    """Phone-normalised mutual information I(phone; unit) / H(phone) of aligned frame labels, in [0, 1].
+
+    1 when the phone can be read off the unit, 0 when they are independent; NaN when there are no frames or a
+    single phone (H(phone) = 0).
+    """
+    pj = _joint(units, phones)
+    if pj.size == 0:
+        return float("nan")
+    pp, pu = pj.sum(1), pj.sum(0)
+    h_phone = _entropy(pp)
+    if h_phone <= _EPS:
+        return float("nan")
+    nz = pj > 0
+    mi = float((pj[nz] * np.log(pj[nz] / np.outer(pp, pu)[nz])).sum())
+    return max(0.0, mi) / h_phone
+
+
+def purity(units: Any, phones: Any) -> tuple[float, float]:
+    """(cluster purity, phone purity) of aligned frame labels.
+
+    Cluster purity E_u[max_p P(p|u)]: the accuracy of labelling each unit with its most frequent phone.
+    Phone purity E_p[max_u P(u|p)]: how much of each phone its most frequent unit covers. NaN without frames.
+    """
+    pj = _joint(units, phones)
+    if pj.size == 0:
+        return float("nan"), float("nan")
+    return float(pj.max(0).sum()), float(pj.max(1).sum())
+
+
+# ------------------------------------------------------------------------------------------------ monitor
+class CollapseMonitor:
+    """Turns a sequence of evaluation records into collapse warnings.
+
+    ``update(record)`` reads ``layer{i}_tstd`` / ``layer{i}_erank`` (from ``layer_diagnostics``) and, when both
+    are present, a masked loss (``loss_key``) and the unit prior entropy (``prior_key``); it returns the warnings
+    of this evaluation (strings, empty when healthy). Layer 0 (the transformer input) is the reference: a
+    collapse that starts in the CNN shows up as ``tstd_min``.
+
+    Args:
+        tstd_ratio: warn when a layer's temporal std is below this fraction of layer 0's.
+        tstd_min: warn when any layer's temporal std (layer 0's included) is below this absolute value.
+        erank_ratio: warn when a layer's effective rank is below this fraction of layer 0's.
+        loss_tolerance: the masked loss counts as "at the prior" when within this relative distance of the
+            prior entropy (0.02 = 2 %).
+        patience: warn once the loss has been at the prior for this many consecutive evaluations.
+        loss_key, prior_key: record keys of the masked loss and of the prior entropy (nats).
+    """
+
+    def __init__(self, tstd_ratio: float = 0.01, tstd_min: float = 1e-5, erank_ratio: float = 0.05,
+                 loss_tolerance: float = 0.02, patience: int = 3, loss_key: str = "diag_loss_masked",
+                 prior_key: str = "units_prior_entropy"):
+        if patience < 1:
+            raise ValueError(f"CollapseMonitor: patience must be >= 1, got {patience}")
+        self.tstd_ratio, self.tstd_min, self.erank_ratio = tstd_ratio, tstd_min, erank_ratio
+        self.loss_tolerance, self.patience = loss_tolerance, patience
+        self.loss_key, self.prior_key = loss_key, prior_key
+        self.at_prior = 0  # consecutive evaluations with the loss at the prior
+
+    @staticmethod
+    def _layers(record: dict, suffix: str) -> dict[int, float]:
+        out = {}
+        for k, v in record.items():
+            if k.startswith("layer") and k.endswith(suffix) and k[5:-len(suffix)].isdigit():
+                out[int(k[5:-len(suffix)])] = float(v)
+        return dict(sorted(out.items()))
+
+    def _layer_warnings(self, record: dict) -> list[str]:
+        warnings = []
+        tstd, erank = self._layers(record, "_tstd"), self._layers(record, "_erank")
+        t0, r0 = tstd.get(0), erank.get(0)
+        for i, t in tstd.items():
+            if not math.isfinite(t):
+                continue
+            if i > 0 and t0 is not None and t0 > self.tstd_min and t < self.tstd_ratio * t0:
+                warnings.append(f"layer {i} collapsed: temporal std {t:.2g} < {self.tstd_ratio:g} x layer 0's "
+                                f"({t0:.2g})")
+            elif t < self.tstd_min:
+                warnings.append(f"layer {i} collapsed: temporal std {t:.2g} < {self.tstd_min:g} (its output is "
+                                "constant over time)")
+        for i, r in erank.items():
+            if i > 0 and r0 is not None and math.isfinite(r) and r < self.erank_ratio * r0:
+                warnings.append(f"effective rank of layer {i} fell to {r:.3g} (layer 0: {r0:.3g})")
+        return warnings
+
+    def _loss_warning(self, record: dict) -> list[str]:
+        loss, prior = record.get(self.loss_key), record.get(self.prior_key)
+        if loss is None or prior is None or not (math.isfinite(loss) and math.isfinite(prior)) or prior <= 0:
+            return []
+        if abs(loss - prior) <= self.loss_tolerance * prior:
+            self.at_prior += 1
+        else:
+            self.at_prior = 0
+        if self.at_prior < self.patience:
+            return []
+        return [f"masked loss {loss:.3g} has stayed within {self.loss_tolerance:.0%} of the unit prior entropy "
+                f"{prior:.3g} for {self.at_prior} evaluations: the model predicts the label prior only"]
+
+    def update(self, record: dict) -> list[str]:
+        """Warnings for one evaluation's ``record`` (a dict of floats)."""
+        return self._layer_warnings(record) + self._loss_warning(record)
