@@ -249,3 +249,24 @@ def test_mini_corpus_phone_alignment_matches_the_audio():
         assert len(set(lab) - {"sil"}) >= 0.8 * len(set(phones))
     silence = next(s for s in plan.specs if s.kind == "silence")
     assert mini.render(silence)[2] == []
+
+
+def test_diagnostics_config_and_schedule(tmp_path):
+    from speechssl.config import ConfigError, from_dict
+    from speechssl.train.pretrain import PretrainConfig, _Diagnostics, _make_evaluate
+
+    base = {"data": {"train": ["x.jsonl.gz"]}, "objective": {"name": "bestrq"},
+            "trainer": {"max_steps": 100, "eval_every": 10}}
+    cfg = from_dict(PretrainConfig, {**base, "diagnostics": {"every": 30}})
+    d = _Diagnostics(cfg, None, tmp_path / "metrics.jsonl")
+    assert [s for s in range(10, 101, 10) if d.due(s)] == [30, 60, 90, 100]  # multiples of 30 and the last
+    with pytest.raises(ConfigError, match="diagnostics.num_cuts"):
+        from_dict(PretrainConfig, {**base, "diagnostics": {"num_cuts": 0}})
+    with pytest.raises(ConfigError, match="did you mean 'num_cuts'"):
+        from_dict(PretrainConfig, {**base, "diagnostics": {"num_cut": 4}})
+    # no data.valid: an evaluate callback only when trainer.eval_every is set and diagnostics are on
+    assert _make_evaluate(cfg, None, tmp_path, lambda: 0) is not None
+    off = from_dict(PretrainConfig, {**base, "diagnostics": {"enabled": False}})
+    assert _make_evaluate(off, None, tmp_path, lambda: 0) is None
+    final_only = from_dict(PretrainConfig, {**base, "trainer": {"max_steps": 100}})
+    assert _make_evaluate(final_only, None, tmp_path, lambda: 0) is None
