@@ -211,14 +211,17 @@ class CollapseMonitor:
         tstd_ratio: warn when a layer's temporal std is below this fraction of layer 0's.
         tstd_min: warn when any layer's temporal std (layer 0's included) is below this absolute value.
         erank_ratio: warn when a layer's effective rank is below this fraction of layer 0's.
-        loss_tolerance: the masked loss counts as "at the prior" when within this relative distance of the
-            prior entropy (0.02 = 2 %).
-        patience: warn once the loss has been at the prior for this many consecutive evaluations.
+        loss_tolerance: the masked loss counts as "at the prior" unless it is more than this fraction below the
+            prior entropy (0.01 = 1 %). A loss above the prior counts too: a dead model's predicted
+            distribution is near the prior, not equal to it, so its cross-entropy sits a few % above.
+        patience: warn once the loss has been at the prior for this many consecutive evaluations. Early in
+            training the loss also starts above the prior: keep ``patience x`` the evaluation interval past the
+            point where a healthy run beats the prior (the end of warm-up, typically).
         loss_key, prior_key: record keys of the masked loss and of the prior entropy (nats).
     """
 
-    def __init__(self, tstd_ratio: float = 0.01, tstd_min: float = 1e-5, erank_ratio: float = 0.05,
-                 loss_tolerance: float = 0.02, patience: int = 3, loss_key: str = "diag_loss_masked",
+    def __init__(self, tstd_ratio: float = 0.01, tstd_min: float = 1e-5, erank_ratio: float = 0.1,
+                 loss_tolerance: float = 0.01, patience: int = 3, loss_key: str = "diag_loss_masked",
                  prior_key: str = "units_prior_entropy"):
         if patience < 1:
             raise ValueError(f"CollapseMonitor: patience must be >= 1, got {patience}")
@@ -257,14 +260,13 @@ class CollapseMonitor:
         loss, prior = record.get(self.loss_key), record.get(self.prior_key)
         if loss is None or prior is None or not (math.isfinite(loss) and math.isfinite(prior)) or prior <= 0:
             return []
-        if abs(loss - prior) <= self.loss_tolerance * prior:
-            self.at_prior += 1
-        else:
-            self.at_prior = 0
+        tol = self.loss_tolerance
+        self.at_prior = self.at_prior + 1 if loss > (1 - tol) * prior else 0
         if self.at_prior < self.patience:
             return []
-        return [f"masked loss {loss:.3g} has stayed within {self.loss_tolerance:.0%} of the unit prior entropy "
-                f"{prior:.3g} for {self.at_prior} evaluations: the model predicts the label prior only"]
+        where = f"within {tol:.0%} of" if loss <= (1 + tol) * prior else "above"
+        return [f"masked loss {loss:.3g} has stayed {where} the unit prior entropy {prior:.3g} for {self.at_prior} "
+                "evaluations: the model predicts the label prior only"]
 
     def update(self, record: dict) -> list[str]:
         """Warnings for one evaluation's ``record`` (a dict of floats)."""

@@ -157,8 +157,8 @@ def _plot_series(ax, series: dict[int, list[tuple[int, float]]]) -> None:
 def plot_diagnostics(exp_dir: str | os.PathLike, out_png: str | os.PathLike, title: str | None = None
                      ) -> Path | None:
     """Draw the collapse diagnostics of ``exp_dir`` into ``out_png``; None (nothing written) when its
-    metrics.jsonl has no ``layer{i}_tstd`` keys. Panels: temporal std per layer (log scale), effective rank per
-    layer, and masked accuracy (train; ``diag_acc_masked`` on the fixed batch) against ``units_prior_acc``.
+    metrics.jsonl has no ``layer{i}_tstd`` keys. Panels: temporal std and effective rank per layer (log scales), and
+    masked accuracy (train; ``diag_acc_masked`` on the fixed batch) against ``units_prior_acc``.
     Steps with collapse warnings are marked with red vertical lines."""
     train, valid = read_metrics(exp_dir)
     tstd, erank = _layer_series(valid, "_tstd"), _layer_series(valid, "_erank")
@@ -172,10 +172,11 @@ def plot_diagnostics(exp_dir: str | os.PathLike, out_png: str | os.PathLike, tit
     from speechssl.utils.io import atomic_write
 
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.6))
-    _plot_series(axes[0], tstd)
-    if all(v > 0 for pts in tstd.values() for _, v in pts):
-        axes[0].set_yscale("log")
-    _plot_series(axes[1], erank)
+    # log scales: a collapse is a fall by orders of magnitude (rank 150 -> 2, std 0.9 -> 1e-4)
+    for ax, series in ((axes[0], tstd), (axes[1], erank)):
+        _plot_series(ax, series)
+        if all(v > 0 for pts in series.values() for _, v in pts):
+            ax.set_yscale("log")
     ax = axes[2]
     acc = [(r["step"], r["acc_masked"]) for r in train if "acc_masked" in r]
     if acc:

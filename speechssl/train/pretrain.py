@@ -91,8 +91,8 @@ class DiagnosticsConfig:
     label_cuts: int = 200          # first cuts whose unit labels give the unit prior and PNMI (hubert, wavlm)
     tstd_ratio: float = 0.01       # warn: a layer's temporal std < tstd_ratio x layer 0's
     tstd_min: float = 1.0e-5       # warn: any layer's temporal std below this
-    erank_ratio: float = 0.05      # warn: a layer's effective rank < erank_ratio x layer 0's
-    loss_tolerance: float = 0.02   # warn: masked loss within this relative distance of the unit prior entropy ...
+    erank_ratio: float = 0.1       # warn: a layer's effective rank < erank_ratio x layer 0's
+    loss_tolerance: float = 0.01   # warn: masked loss not more than this fraction below the unit prior entropy ...
     patience: int = 3              # ... for this many evaluations in a row
 
     def validate(self) -> None:
@@ -322,12 +322,21 @@ class _Diagnostics:
                  f", unit labels of {min(len(cuts), dg.label_cuts)} cuts" if self.label_stats else "")
 
     def _objective_logs(self, model, batch) -> dict[str, float]:
-        """The objective's logs on the fixed batch, prefixed ``diag_``; a mask generator of the objective's own
-        is restored afterwards so the diagnostics do not shift the training masks."""
+        """The objective's logs on the fixed batch, prefixed ``diag_``, with the same masks at every evaluation
+        (seed 0), so that changes come from the model, not from the masks. The RNGs (global, or a mask generator
+        of the objective's own) are restored afterwards: the diagnostics do not shift the training masks."""
         gen = getattr(model, "_gen", None)
         state = gen.get_state() if isinstance(gen, torch.Generator) else None
+        device = batch["audio"].device
         try:
-            _, logs = model(batch)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.default_generator.manual_seed(0)
+                if device.type == "cuda":
+                    with torch.cuda.device(device):
+                        torch.cuda.manual_seed(0)  # this device only: the one fork_rng restores
+                if state is not None:
+                    gen.manual_seed(0)
+                _, logs = model(batch)
         finally:
             if state is not None:
                 gen.set_state(state)
