@@ -23,11 +23,14 @@ EXAMPLES = """examples:
   speechssl prepare speechcommands /corpora/speech_commands data/speechcommands --version 1
   speechssl prepare musan /corpora/musan data/musan
   speechssl prepare validate data/mini                  # counts/hours per split; exit 1 on a bad cut
-  speechssl prepare validate data/mini --skip-bad       # drop bad cuts (manifests rewritten) and count them
+  speechssl prepare validate data/mini --decode         # also decode all audio (finds NaN/Inf, decode errors)
+  speechssl prepare validate data/mini --skip-bad       # drop bad cuts (originals kept as cuts_X.orig.jsonl.gz)
 
 Outputs OUT_DIR/cuts_SPLIT.jsonl.gz per split. `validate` checks every cuts_*.jsonl.gz in DIR: audio files
 present and complete, durations, and the fields each task needs (asr_*: text, sid_/asv_*: speaker, er_*:
-emotion, ks_*: keyword), plus that asv_trials.txt names existing cuts.
+emotion, ks_*: keyword), plus that asv_trials.txt names existing cuts. Without --decode only the headers are
+read (sample rate, channels, frame count against the manifest); NaN/Inf samples and decoding errors need
+--decode. DIR/validation.json lists every dropped cut id by reason.
 """
 
 # fields a split needs, by name prefix
@@ -63,8 +66,11 @@ def register(subparsers) -> None:
                         "(default) or is an error")
     p.add_argument("--check", action="store_true", help="validate the manifests after preparing them")
     p.add_argument("--skip-bad", action="store_true",
-                   help="validate: drop bad cuts (rewrite the manifests) and report counts instead of failing")
-    p.add_argument("--decode", action="store_true", help="validate: decode all audio (slow) instead of headers")
+                   help="validate: drop bad cuts and report counts instead of failing; each changed manifest is "
+                        "rewritten and its original kept as cuts_SPLIT.orig.jsonl.gz")
+    p.add_argument("--decode", action="store_true",
+                   help="validate: decode all audio (slow); without it only headers are read, so NaN/Inf samples "
+                        "and decoding errors go unnoticed")
     p.add_argument("--min-duration", type=float, default=0.025, help="validate: shortest acceptable cut (s)")
     p.add_argument("--require", action="append", default=[], metavar="FIELD",
                    help="validate: a field every cut must have (repeatable), in addition to the split defaults")
@@ -136,16 +142,18 @@ def validate_dir(d, *, skip_bad: bool = False, decode: bool = False, min_duratio
                  extra_require=()) -> int:
     """Validate every ``cuts_*.jsonl.gz`` in ``d``; print a table; write ``d/validation.json``.
 
+    With ``skip_bad`` a manifest that lost cuts is rewritten and its original kept as
+    ``cuts_SPLIT.orig.jsonl.gz`` (never overwritten: a second run keeps the first original). ``validation.json``
+    holds each split's report with every dropped cut id (``dropped_ids``) and, when rewritten, ``original``.
     Returns 0 when every cut is good (or ``skip_bad``), 1 otherwise.
     """
     from lhotse import CutSet
 
-    from speechssl.data.audio import BadCutError, summarize, validate_cuts
-    from speechssl.data.corpora.prepare import write_cuts
+    from speechssl.data.audio import HEADER_ONLY_NOTE, BadCutError, summarize, validate_cuts
     from speechssl.utils.io import atomic_write_json
 
     d = Path(d)
-    files = sorted(d.glob("cuts_*.jsonl.gz"))
+    files = sorted(f for f in d.glob("cuts_*.jsonl.gz") if not f.name.endswith(ORIG_SUFFIX))
     if not files:
         print(f"speechssl prepare validate: no cuts_*.jsonl.gz in {d}", file=sys.stderr)
         return 1
@@ -163,11 +171,14 @@ def validate_dir(d, *, skip_bad: bool = False, decode: bool = False, min_duratio
             failed = True
             continue
         report["require"] = require
+        if not decode:
+            report["note"] = HEADER_ONLY_NOTE
         reports.append((split, report))
         ids_by_split[split] = {c.id for c in kept}
         if skip_bad and report["skipped"]:
-            write_cuts(kept, f)
-            log.warning("%s: removed %d bad cuts %s", f, sum(report["skipped"].values()), report["skipped"])
+            report["original"] = str(_rewrite_keeping_original(f, kept))
+            log.warning("%s: removed %d bad cuts %s; the original is %s", f, sum(report["skipped"].values()),
+                        report["skipped"], report["original"])
     trials = d / "asv_trials.txt"
     if trials.is_file() and "asv_test" in ids_by_split:
         known = ids_by_split["asv_test"]
@@ -180,5 +191,27 @@ def validate_dir(d, *, skip_bad: bool = False, decode: bool = False, min_duratio
         else:
             print(f"asv_trials.txt: {len(lines)} trials ({sum(l[0] == '1' for l in lines)} target)")
     print(summarize(reports))
-    atomic_write_json(d / "validation.json", {split: r for split, r in reports})
+    if not decode:
+        print(f"note: {HEADER_ONLY_NOTE}")
+    out = {split: r for split, r in reports}
+    atomic_write_json(d / "validation.json", out)
     return 1 if failed else 0
+
+
+ORIG_SUFFIX = ".orig.jsonl.gz"
+
+
+def _rewrite_keeping_original(f: Path, kept) -> Path:
+    """Write ``kept`` over manifest ``f``; first copy ``f`` to ``cuts_SPLIT.orig.jsonl.gz`` unless that exists
+    (an earlier --skip-bad run's copy is the true original). The copy lands before the rewrite, so a crash in
+    between leaves both files whole."""
+    import shutil
+
+    from speechssl.data.corpora.prepare import write_cuts
+    from speechssl.utils.io import atomic_write
+
+    orig = f.with_name(f.name[: -len(".jsonl.gz")] + ORIG_SUFFIX)
+    if not orig.exists():
+        atomic_write(orig, lambda tmp: shutil.copyfile(f, tmp))
+    write_cuts(kept, f)
+    return orig

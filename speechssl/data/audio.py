@@ -4,6 +4,12 @@ Every failure is a :class:`BadCutError` that names the cut id, the audio path an
 ``reason`` (one of :data:`REASONS`), so a broken corpus is diagnosed from one line, and ``skip_bad`` modes can
 count skips by reason instead of dropping cuts silently.
 
+Length rule (every path): a file more than 25 ms shorter than its manifest says is ``truncated``; up to 25 ms
+is zero- (fast path) or reflection-padded (Lhotse). Lhotse's own default tolerance is 0.5 s, under which an 8 kHz
+file behind a 16 kHz manifest loads as half a clip at double speed plus its mirror image: every load here runs
+Lhotse at 25 ms, and the header check compares each file's sample rate and channel count with the manifest
+before anything is decoded (``rate_mismatch``, ``channel_mismatch``).
+
 Multi-channel policy: a cut that refers to several channels (a Lhotse ``MultiCut``) is down-mixed by averaging
 the channels; a ``MonoCut`` that points at one channel of a multi-channel file loads that channel only, exactly
 as its manifest says. Audio at another sampling rate is resampled on the fly to 16 kHz (scipy polyphase, no
@@ -13,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
+from contextlib import contextmanager
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -23,8 +31,11 @@ log = logging.getLogger(__name__)
 SAMPLING_RATE = 16000
 # 25 ms: shorter audio cannot produce a single feature frame (or a single CNN frame at 400 samples).
 DEFAULT_MIN_SAMPLES = 400
+# the most a file may fall short of its manifest (seconds) before it is "truncated"; Lhotse's default is 0.5 s
+MAX_SHORTFALL_S = 0.025
 
-REASONS = ("missing_file", "unreadable", "truncated", "empty", "too_short", "non_finite", "missing_field")
+REASONS = ("missing_file", "unreadable", "truncated", "rate_mismatch", "channel_mismatch", "empty", "too_short",
+           "non_finite", "missing_field")
 
 # Supervision fields the tasks use; everything else named in ``require`` is a cut custom field (e.g. units).
 SUPERVISION_FIELDS = ("text", "speaker", "emotion", "keyword", "phones", "session")
@@ -67,32 +78,64 @@ def _path_str(cut) -> str:
 def load_cut_audio(cut, *, sampling_rate: int = SAMPLING_RATE, min_samples: int = DEFAULT_MIN_SAMPLES) -> np.ndarray:
     """Load a cut's audio as float32 mono at ``sampling_rate``: ``np.ndarray [num_samples]``.
 
-    Raises :class:`BadCutError` (naming cut id and path) for a missing file, unreadable or truncated audio,
+    Raises :class:`BadCutError` (naming cut id and path) for a missing file, a file whose header disagrees with
+    the manifest (sample rate, channels, more than 25 ms fewer frames), unreadable or truncated audio,
     zero-length audio, fewer than ``min_samples`` samples, or NaN/Inf samples. Multi-channel cuts are
     down-mixed by averaging; other sampling rates are resampled on the fly.
     """
-    from lhotse.audio.utils import AudioLoadingError
-
     path = _path_str(cut)
     if cut.duration is None or cut.duration <= 0:
         raise BadCutError(cut.id, path, "empty", f"duration {cut.duration}")
-    for p in cut_audio_paths(cut):
-        if "://" not in p and not p.startswith("<") and not os.path.exists(p):
-            raise BadCutError(cut.id, p, "missing_file", "no such file")
+    _check_headers(cut)  # a header read per file: catches what Lhotse would pad or decode at the wrong speed
     fast = _fast_path_audio(cut, sampling_rate)
     if fast is not None:
         return _finish(fast, cut.id, path, min_samples)
     if cut.sampling_rate != sampling_rate:
         cut = cut.resample(sampling_rate)
+    return _finish(_lhotse_load(cut, path), cut.id, path, min_samples)
+
+
+def _lhotse_load(cut, path) -> np.ndarray:
+    """``cut.load_audio()`` under the 25 ms rule, its errors turned into :class:`BadCutError`."""
+    from lhotse.audio.utils import AudioLoadingError, DurationMismatchError
+
     try:
-        audio = cut.load_audio()
-    except AudioLoadingError as e:
+        with _lhotse_tolerance(MAX_SHORTFALL_S):
+            return cut.load_audio()
+    except (AudioLoadingError, DurationMismatchError) as e:
         msg = str(e)
-        reason = "truncated" if "diverged" in msg or "declared samples" in msg else "unreadable"
+        m = re.search(r"diff=(-?\d+)", msg)
+        if m is not None:  # Lhotse's length check: diff = declared - decoded samples
+            diff = int(m.group(1))
+            if diff > 0:
+                raise BadCutError(cut.id, path, "truncated",
+                                  f"decoded audio is {diff} samples ({diff / cut.sampling_rate:.3f} s) shorter than "
+                                  f"the manifest says (more than {MAX_SHORTFALL_S * 1000:.0f} ms): re-create the file "
+                                  "or fix the manifest's duration") from None
+            raise BadCutError(cut.id, path, "unreadable",
+                              f"decoded audio is {-diff} samples longer than the manifest says: the manifest's "
+                              "duration or sampling rate is wrong; re-create the recording from the file") from None
+        reason = "truncated" if "declared samples" in msg else "unreadable"
         raise BadCutError(cut.id, path, reason, msg.splitlines()[0][:300]) from None
     except (OSError, RuntimeError, ValueError, AssertionError) as e:
         raise BadCutError(cut.id, path, "unreadable", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
-    return _finish(audio, cut.id, path, min_samples)
+
+
+@contextmanager
+def _lhotse_tolerance(seconds: float):
+    """Run Lhotse's loader with a duration-mismatch tolerance of ``seconds`` and put the old one back.
+
+    Lhotse reads one module global on every load; its setter warns and logs on each call, so the global is
+    swapped directly. Loads run in one thread per process (DataLoader workers are processes).
+    """
+    import lhotse.audio.utils as lu
+
+    old = lu._LHOTSE_AUDIO_DURATION_MISMATCH_TOLERANCE
+    lu._LHOTSE_AUDIO_DURATION_MISMATCH_TOLERANCE = seconds
+    try:
+        yield
+    finally:
+        lu._LHOTSE_AUDIO_DURATION_MISMATCH_TOLERANCE = old
 
 
 def _finish(audio, cut_id: str, path, min_samples: int) -> np.ndarray:
@@ -127,7 +170,7 @@ def _fast_path_audio(cut, sampling_rate: int):
     frames = cut.num_samples
     try:
         with sf.SoundFile(str(src.source)) as f:
-            if f.samplerate != sampling_rate or f.channels != 1:
+            if f.samplerate != sampling_rate or f.channels != 1:  # the header check has refused these already
                 return None
             f.seek(start)
             audio = f.read(frames, dtype="float32", always_2d=False)
@@ -135,10 +178,11 @@ def _fast_path_audio(cut, sampling_rate: int):
         raise BadCutError(cut.id, str(src.source), "unreadable", str(e).splitlines()[0][:300]) from None
     short = frames - audio.shape[0]
     if short > 0:
-        # Lhotse's tolerance: up to 25 ms missing at the end is padded, more means a truncated file
-        if short > 0.025 * sampling_rate:
+        # the 25 ms rule: up to 25 ms missing at the end is padded, more means a truncated file
+        if short > MAX_SHORTFALL_S * sampling_rate:
             raise BadCutError(cut.id, str(src.source), "truncated",
-                              f"read {audio.shape[0]} of {frames} samples from offset {start}")
+                              f"read {audio.shape[0]} of {frames} samples from offset {start}: re-create the "
+                              "file or fix the manifest's duration")
         audio = np.pad(audio, (0, short))
     return audio
 
@@ -184,8 +228,9 @@ def check_fields(cut, require: Sequence[str]) -> None:
 def check_cut(cut, *, require: Sequence[str] = (), min_duration: float = 0.0, decode: bool = False) -> None:
     """Check one cut without training on it; raises :class:`BadCutError`.
 
-    Without ``decode`` the check is cheap: file existence and the header's frame count (soundfile), enough to
-    catch missing, unreadable and truncated files. ``decode=True`` reads the audio fully.
+    Without ``decode`` the check is cheap: each file's header (soundfile) against the manifest, enough to catch
+    missing, unreadable and truncated files and sample-rate or channel mismatches. NaN/Inf samples and errors
+    in the middle of a stream only show when decoding: ``decode=True`` reads the audio fully.
     """
     path = _path_str(cut)
     if cut.duration is None or cut.duration <= 0:
@@ -200,6 +245,7 @@ def check_cut(cut, *, require: Sequence[str] = (), min_duration: float = 0.0, de
 
 
 def _check_headers(cut) -> None:
+    """Header check of every file a cut reads (no decoding): exists, readable, and agrees with the manifest."""
     from lhotse.cut import MixedCut, PaddingCut
 
     if isinstance(cut, PaddingCut):
@@ -211,26 +257,42 @@ def _check_headers(cut) -> None:
     rec = getattr(cut, "recording", None)
     if rec is None:
         return
+    for src in rec.sources:
+        if src.type == "file":
+            _check_source_header(cut.id, rec, src)
+
+
+def _check_source_header(cut_id: str, rec, src) -> None:
     import soundfile as sf
 
-    for src in rec.sources:
-        if src.type != "file":
-            continue
-        p = str(src.source)
-        if not os.path.exists(p):
-            raise BadCutError(cut.id, p, "missing_file", "no such file")
-        try:
-            info = sf.info(p)
-        except Exception as e:  # noqa: BLE001 - any decoder error means unreadable
-            if p.endswith((".wav", ".flac", ".ogg")):
-                raise BadCutError(cut.id, p, "unreadable", str(e).splitlines()[0][:200]) from None
-            continue  # formats soundfile cannot probe (e.g. mp3 via audioread) are checked with decode=True
-        if info.frames == 0:
-            raise BadCutError(cut.id, p, "empty", "file has zero frames")
-        # compare in the file's own rate; tolerance as Lhotse's (25 ms)
-        expected = rec.num_samples * info.samplerate / rec.sampling_rate
-        if info.frames + 0.025 * info.samplerate < expected:
-            raise BadCutError(cut.id, p, "truncated", f"file has {info.frames} frames, manifest expects {int(expected)}")
+    p = str(src.source)
+    if not os.path.exists(p):
+        raise BadCutError(cut_id, p, "missing_file", "no such file")
+    try:
+        info = sf.info(p)
+    except Exception as e:  # noqa: BLE001 - any decoder error means unreadable
+        if p.lower().endswith((".wav", ".flac", ".ogg")):
+            raise BadCutError(cut_id, p, "unreadable", str(e).splitlines()[0][:200]) from None
+        return  # formats soundfile cannot probe (e.g. mp3): the load itself applies the 25 ms rule
+    if info.samplerate != rec.sampling_rate:
+        # Lhotse would decode at the file's rate and call it the manifest's: wrong speed, wrong length
+        raise BadCutError(cut_id, p, "rate_mismatch",
+                          f"file is {info.samplerate} Hz, the manifest says {rec.sampling_rate} Hz: re-create the "
+                          "recording from the file (Recording.from_file / speechssl prepare) or resample the file")
+    if info.channels != len(src.channels):
+        raise BadCutError(cut_id, p, "channel_mismatch",
+                          f"file has {info.channels} channel(s), the manifest reads {len(src.channels)} "
+                          f"({list(src.channels)}) from it: re-create the recording from the file")
+    if info.frames == 0:
+        raise BadCutError(cut_id, p, "empty", "file has zero frames")
+    if info.frames + MAX_SHORTFALL_S * info.samplerate < rec.num_samples:
+        raise BadCutError(cut_id, p, "truncated",
+                          f"file has {info.frames} frames, the manifest expects {rec.num_samples} (more than "
+                          f"{MAX_SHORTFALL_S * 1000:.0f} ms short): re-create the file or fix the manifest")
+
+
+HEADER_ONLY_NOTE = ("headers only: NaN/Inf samples and decoding errors inside the audio are not checked; "
+                    "run with --decode (decode=True) to find them")
 
 
 def validate_cuts(cuts, require: Sequence[str] = (), min_duration: float = 0.0, skip_bad: bool = False,
@@ -238,15 +300,17 @@ def validate_cuts(cuts, require: Sequence[str] = (), min_duration: float = 0.0, 
     """Check every cut; return ``(CutSet of good cuts, report)``.
 
     ``desc`` labels the progress bar shown for large or lazy manifests.
-    ``report`` = ``{"total": n, "kept": k, "skipped": {reason: count}, "examples": {reason: [message, ...]},
-    "duration_hours": kept hours}``. Without ``skip_bad`` the first bad cut raises :class:`BadCutError`; with it
-    bad cuts are counted by reason and logged in one warning at the end, never dropped silently.
+    ``report`` = ``{"total": n, "kept": k, "skipped": {reason: count}, "dropped_ids": {reason: [cut id, ...]}``
+    (every dropped cut), ``"examples": {reason: [message, ...]}`` (the first ``max_examples`` messages),
+    ``"decoded": decode, "duration_hours": kept hours}``. Without ``skip_bad`` the first bad cut raises
+    :class:`BadCutError`; with it bad cuts are counted by reason and logged in one warning at the end, never
+    dropped silently.
     """
     from lhotse import CutSet
 
     from tqdm.auto import tqdm
 
-    kept, skipped, examples = [], Counter(), {}
+    kept, skipped, examples, dropped = [], Counter(), {}, {}
     total, dur = 0, 0.0
     # progress only for big manifests: a mini split is checked in well under a second
     n = len(cuts) if not getattr(cuts, "is_lazy", True) else None
@@ -259,14 +323,15 @@ def validate_cuts(cuts, require: Sequence[str] = (), min_duration: float = 0.0, 
             if not skip_bad:
                 raise
             skipped[e.reason] += 1
+            dropped.setdefault(e.reason, []).append(cut.id)
             ex = examples.setdefault(e.reason, [])
             if len(ex) < max_examples:
                 ex.append(str(e))
             continue
         kept.append(cut)
         dur += cut.duration
-    report = {"total": total, "kept": len(kept), "skipped": dict(skipped), "examples": examples,
-              "duration_hours": dur / 3600.0}
+    report = {"total": total, "kept": len(kept), "skipped": dict(skipped), "dropped_ids": dropped,
+              "examples": examples, "decoded": bool(decode), "duration_hours": dur / 3600.0}
     if skipped:
         log.warning("skipped %d of %d cuts: %s; e.g. %s", sum(skipped.values()), total, dict(skipped),
                     next(iter(examples.values()))[0])

@@ -58,7 +58,9 @@ class ResumableLoader:
 
     One ``for batch in loader`` pass is one epoch (or the rest of it after a resume); when a pass ends the
     loader moves to the next epoch itself (call ``set_epoch`` to choose one). Cuts the dataset skipped as bad
-    are counted in ``loader.skipped`` and logged when the pass ends.
+    are counted in ``loader.skipped`` and logged when the pass ends. A batch whose cuts were all bad is not
+    yielded (a model cannot run on zero utterances): the loader counts it in ``loader.skipped_batches`` and
+    draws the next one, and it still counts as consumed, so a resume does not replay it.
     """
 
     def __init__(self, sampler, dataset, num_workers: int = 0, prefetch_factor: int | None = 2,
@@ -73,6 +75,7 @@ class ResumableLoader:
         self.consumed = 0  # batches of the current epoch the caller has received
         self._restored = False
         self.skipped: Counter = Counter()
+        self.skipped_batches = 0
         self._sync_dataset_epoch()
 
     def _sync_dataset_epoch(self) -> None:
@@ -104,14 +107,21 @@ class ResumableLoader:
             # own generator: creating the iterator must not draw from the global torch RNG (exact resume)
             generator=torch.Generator().manual_seed(self.epoch),
         )
+        whole_epoch, yielded, emptied = self.consumed == 0, 0, 0
         for batch in dl:
             for cut_id, reason in batch.pop("skipped", None) or ():
                 self.skipped[reason] += 1
+            # consumed counts sampler batches, yielded or not: the sampler's fast-forward replays exactly those
             self.consumed += 1
+            if is_empty_batch(batch):
+                emptied += 1
+                self.skipped_batches += 1
+                continue
+            yielded += 1
             yield batch
-        if self.skipped:
-            log.warning("epoch %d: skipped %d bad cuts so far: %s", self.epoch, sum(self.skipped.values()),
-                        dict(self.skipped))
+        log_skips(self.epoch, self.skipped, self.skipped_batches)
+        if whole_epoch:
+            check_not_all_bad(self.epoch, yielded, emptied, self.skipped)
         self.set_epoch(self.epoch + 1)
 
     def state_dict(self) -> dict:
@@ -128,19 +138,41 @@ class ResumableLoader:
         # the sampler's fast-forward replays kept + discarded batches: make that exactly what was consumed
         stats["kept_batches"] = self.consumed
         stats["discarded_batches"] = 0
-        return {"sampler": sd, "epoch": self.epoch, "consumed": self.consumed, "skipped": dict(self.skipped)}
+        return {"sampler": sd, "epoch": self.epoch, "consumed": self.consumed, "skipped": dict(self.skipped),
+                "skipped_batches": self.skipped_batches}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a ``state_dict()``; the next pass yields the first batch not consumed before it was saved."""
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
         self.skipped = Counter(state.get("skipped", {}))
+        self.skipped_batches = int(state.get("skipped_batches", 0))
         self._sync_dataset_epoch()
         self.sampler.load_state_dict(copy.deepcopy(state["sampler"]))
         self._restored = True
 
     def __len__(self):
         raise TypeError("ResumableLoader has no length: Lhotse's dynamic samplers do not know their batch count")
+
+
+def is_empty_batch(batch) -> bool:
+    """True for a dataset batch with no utterance left (every cut was bad and skipped)."""
+    ids = batch.get("cut_ids") if isinstance(batch, dict) else None
+    return ids is not None and len(ids) == 0
+
+
+def log_skips(epoch: int, skipped: Counter, skipped_batches: int) -> None:
+    if skipped:
+        log.warning("epoch %d: skipped %d bad cuts so far: %s%s", epoch, sum(skipped.values()), dict(skipped),
+                    f"; {skipped_batches} batches had no good cut and were skipped" if skipped_batches else "")
+
+
+def check_not_all_bad(epoch: int, yielded: int, emptied: int, skipped: Counter) -> None:
+    """A whole epoch that drew batches but could yield none means every cut was bad: say so instead of letting
+    the caller report an empty epoch."""
+    if yielded == 0 and emptied > 0:
+        raise RuntimeError(f"epoch {epoch}: every batch of this pass ({emptied}) held only bad cuts ({dict(skipped)} "
+                           "skipped so far): fix the data (speechssl prepare validate DIR --decode lists them)")
 
 
 def make_loader(cuts, dataset_kwargs: dict | None = None, sampler_kwargs: dict | None = None, num_workers: int = 0,

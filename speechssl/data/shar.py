@@ -24,6 +24,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from speechssl.data.sampler import check_not_all_bad, is_empty_batch, log_skips
+
 log = logging.getLogger(__name__)
 
 AUDIO_FORMATS = ("flac", "wav", "opus", "original")
@@ -326,6 +328,7 @@ class ResumableSharLoader:
         self._reset_position()
         self._restored = False
         self.skipped: Counter = Counter()
+        self.skipped_batches = 0  # batches with no good cut, not yielded (see ResumableLoader)
         self.stream.set_epoch(0)
 
     @property
@@ -366,6 +369,7 @@ class ResumableSharLoader:
             generator=torch.Generator().manual_seed(self.epoch))  # no draw from the global RNG (exact resume)
         it = iter(dl)
         pending: dict[int, deque] = {w: deque() for w in range(self._slots)}
+        whole_epoch, yielded, emptied = sum(self.consumed) == 0, 0, 0
         try:
             while not all(self.done):
                 w = self.cursor
@@ -386,18 +390,24 @@ class ResumableSharLoader:
                 item.pop(WORKER_KEY)
                 for _cut_id, reason in item.pop("skipped", None) or ():
                     self.skipped[reason] += 1
-                self.consumed[w] += 1
+                self.consumed[w] += 1  # yielded or not: the per-worker fast-forward replays consumed batches
+                if is_empty_batch(item):  # every cut bad: nothing to train on, draw the next batch
+                    emptied += 1
+                    self.skipped_batches += 1
+                    continue
+                yielded += 1
                 yield item
         finally:
             del it  # shuts the workers down when the caller stops early
-        if self.skipped:
-            log.warning("epoch %d: skipped %d bad cuts so far: %s", self.epoch, sum(self.skipped.values()),
-                        dict(self.skipped))
+        log_skips(self.epoch, self.skipped, self.skipped_batches)
+        if whole_epoch:
+            check_not_all_bad(self.epoch, yielded, emptied, self.skipped)
         self.set_epoch(self.epoch + 1)
 
     def state_dict(self) -> dict:
         return {"kind": "shar", "epoch": self.epoch, "consumed": list(self.consumed), "done": list(self.done),
-                "cursor": self.cursor, "skipped": dict(self.skipped), "num_workers": self.num_workers,
+                "cursor": self.cursor, "skipped": dict(self.skipped), "skipped_batches": self.skipped_batches,
+                "num_workers": self.num_workers,
                 "rank": self.stream.rank, "world_size": self.stream.world_size,
                 "num_shards": len(self.stream.shards)}
 
@@ -408,6 +418,7 @@ class ResumableSharLoader:
                              "written by a run on jsonl manifests?)")
         self.epoch = int(state["epoch"])
         self.skipped = Counter(state.get("skipped", {}))
+        self.skipped_batches = int(state.get("skipped_batches", 0))
         self.stream.set_epoch(self.epoch)
         same = (state.get("num_workers") == self.num_workers and state.get("world_size") == self.stream.world_size
                 and state.get("num_shards") == len(self.stream.shards))
