@@ -216,3 +216,74 @@ def test_nan_audio_needs_decode(tmp_path, synthetic_wav, capsys):
     assert main(["prepare", "validate", str(tmp_path), "--decode"]) == 1
     assert "non_finite" in capsys.readouterr().err
     assert not (tmp_path / "cuts_x.orig.jsonl.gz").exists()
+
+
+# ------------------------------------------------------------------------------- item 7: SUPERB skip_bad
+def _superb_corpus(root: Path, synthetic_wav) -> dict[str, str]:
+    """sid_{train,dev,test}: 2 'speakers' of 0.4 s clips; returns {fault: cut id} for the faults injected."""
+    from lhotse import CutSet
+
+    faults = {}
+    for split, n in (("sid_train", 4), ("sid_dev", 2), ("sid_test", 3)):
+        cuts = []
+        for k in range(2):
+            for i in range(n):
+                cid = f"{split}-{k}-{i}"
+                path = root / "wav" / f"{cid}.wav"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sf.write(path, synthetic_wav(6400, seed=100 * k + i) * (1 + k), SR)
+                cut = _rec(path).to_cut()
+                cut.supervisions = [SupervisionSegment(id=cid, recording_id=cut.recording_id, start=0,
+                                                       duration=cut.duration, speaker=f"spk{k}")]
+                cuts.append(cut)
+        write_cuts(CutSet.from_cuts(cuts), root / f"cuts_{split}.jsonl.gz")
+        if split == "sid_train":  # a missing file and a cut without its label
+            faults["missing_file"] = cuts[0].id
+            Path(cuts[0].recording.sources[0].source).unlink()
+            faults["missing_field"] = cuts[1].id
+            cuts[1].supervisions = []
+            write_cuts(CutSet.from_cuts(cuts), root / f"cuts_{split}.jsonl.gz")
+        if split == "sid_test":  # a test file rewritten at 8 kHz behind its 16 kHz manifest
+            faults["rate_mismatch"] = cuts[2].id
+            sf.write(cuts[2].recording.sources[0].source, synthetic_wav(3200, sr=8000), 8000)
+    return faults
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])  # screening fills the cache, or decodes once without one
+def test_superb_skip_bad_counts_and_reports_scored(tmp_path, synthetic_wav, cache):
+    from speechssl.config import load_config
+    from speechssl.superb.train import SuperbConfig, run_superb
+
+    faults = _superb_corpus(tmp_path / "data", synthetic_wav)
+    cfg_path = Path(__file__).resolve().parents[1] / "conf" / "superb" / "mini_sid.yaml"
+    sets = [f"data.manifest_dir={tmp_path / 'data'}", "progress=false", "head.proj_dim=16", "optim.steps=4",
+            "optim.eval_every=4", "optim.log_every=4", "data.max_duration=2", "data.train_crop=0",
+            f"cache.enabled={cache}"]
+    n = torch.get_num_threads()
+    try:
+        with pytest.raises(ValueError, match=f"{faults['missing_field']}.*skip_bad"):  # off: the first bad cut stops it
+            run_superb(load_config(SuperbConfig, cfg_path, sets + ["data.skip_bad=false", "data.dev_split=none"]),
+                       tmp_path / "strict")
+        r = run_superb(load_config(SuperbConfig, cfg_path, sets), tmp_path / "exp")
+    finally:
+        torch.set_num_threads(n)
+    assert r["scored"] == 5  # 6 test utterances, one at the wrong sample rate
+    assert r["skipped"]["sid_train"]["dropped_ids"] == {"missing_file": [faults["missing_file"]],
+                                                        "missing_field": [faults["missing_field"]]}
+    assert r["skipped"]["sid_test"] == {"skipped": {"rate_mismatch": 1},
+                                        "dropped_ids": {"rate_mismatch": [faults["rate_mismatch"]]}}
+    assert json.loads((tmp_path / "exp" / "results.json").read_text())["scored"] == 5
+
+
+def test_superb_asv_trials_naming_skipped_cuts_are_dropped_and_counted():
+    from speechssl.superb.cache import Example
+    from speechssl.superb.train import SkipLog, _drop_unscorable_trials
+
+    units = [{"tests": {"asv_test": [Example(id=i, num_samples=1) for i in ("a", "b", "c")]}}]
+    skips = SkipLog()
+    skips.add("asv_test", "d", "truncated")
+    trials = [(1, "a", "b"), (0, "a", "d"), (0, "d", "c")]
+    assert _drop_unscorable_trials(trials, units, skips) == [(1, "a", "b")]
+    assert skips.report()["trials_dropped"] == 2
+    with pytest.raises(ValueError, match="no ASV trial"):
+        _drop_unscorable_trials(trials[1:], units, SkipLog())

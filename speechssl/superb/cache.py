@@ -4,6 +4,10 @@ A frozen upstream gives the same hidden states every epoch and every learning-ra
 :class:`FeatureSource` can compute them once per cut and keep them in memory and/or on disk (one safetensors
 file per cut under a directory named by the upstream's fingerprint). It counts what the cache cost and what it
 served, so the time saved is measured rather than assumed (:meth:`FeatureSource.cache_stats`).
+
+Bad audio (``data.skip_bad``): :meth:`FeatureSource.screen` decodes each utterance once (filling the cache when
+there is one) and records the ones that raise :class:`~speechssl.data.audio.BadCutError` in ``source.bad``, so
+the task loop can drop them before any head trains.
 """
 from __future__ import annotations
 
@@ -101,6 +105,8 @@ class FeatureSource:
         self.batch_seconds, self.progress = batch_seconds, progress
         self._mem: dict[str, torch.Tensor] = {}
         self._frames: dict[str, int] = {}
+        self.bad: dict[str, Exception] = {}  # cut id -> its BadCutError, found by screen()
+        self._screened: set[str] = set()
         self.extract_s = 0.0       # upstream time spent filling the cache
         self.frames_cached = 0
         self.load_s = 0.0          # time spent reading the cache back
@@ -120,8 +126,10 @@ class FeatureSource:
             return True
         return self.cache_dir is not None and (self.cache_dir / _safe_name(cut_id)).exists()
 
-    def prepare(self, examples: Sequence[Example], desc: str = "caching hidden states") -> None:
-        """Fill the cache for ``examples`` (no-op without a cache or when all are cached)."""
+    def prepare(self, examples: Sequence[Example], desc: str = "caching hidden states", skip_bad: bool = False
+                ) -> None:
+        """Fill the cache for ``examples`` (no-op without a cache or when all are cached). ``skip_bad``: an
+        utterance whose audio is bad is recorded in ``self.bad`` and left out instead of raising."""
         if not self.cache:
             return
         todo = [e for e in examples if not self._has(e.id)]
@@ -141,7 +149,10 @@ class FeatureSource:
         t0 = time.perf_counter()
         with torch.no_grad():
             for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
-                wav, lens = pad_audio([e.load_audio() for e in batch])
+                wavs, batch = self._load_batch(batch, skip_bad)
+                if not batch:
+                    continue
+                wav, lens = pad_audio(wavs)
                 states, frames = self.run_upstream(wav, lens)
                 stacked = torch.stack(states, 0).to(self.dtype).cpu()  # [L, B, T, D]
                 for i, e in enumerate(batch):
@@ -149,6 +160,43 @@ class FeatureSource:
                     self._store(e.id, item)
                     self.frames_cached += item.shape[1]
         self.extract_s += time.perf_counter() - t0
+
+    def _load_batch(self, batch: list[Example], skip_bad: bool) -> tuple[list[np.ndarray], list[Example]]:
+        """(audio, examples) of a batch; with ``skip_bad`` the bad ones go to ``self.bad`` instead."""
+        if not skip_bad:
+            return [e.load_audio() for e in batch], batch
+        from speechssl.data.audio import BadCutError
+
+        wavs, kept = [], []
+        for e in batch:
+            try:
+                wavs.append(e.load_audio())
+            except BadCutError as err:
+                self.bad[e.id] = err
+                continue
+            kept.append(e)
+        return wavs, kept
+
+    def screen(self, examples: Sequence[Example], desc: str = "checking audio") -> list[Example]:
+        """The examples whose audio is bad (each recorded in ``self.bad``), after decoding every one once.
+
+        With a cache this is the cache fill itself, so screening costs nothing extra; without one each
+        utterance is decoded once here and again when it is trained on. Utterances screened before (another
+        split, fold or task sharing this source) are not decoded again.
+        """
+        todo = [e for e in examples if e.id not in self._screened and e.id not in self.bad]
+        if self.cache:
+            self.prepare(todo, desc=desc, skip_bad=True)
+        else:
+            from speechssl.data.audio import BadCutError
+
+            for e in todo:
+                try:
+                    e.load_audio()
+                except BadCutError as err:
+                    self.bad[e.id] = err
+        self._screened.update(e.id for e in todo)
+        return [e for e in examples if e.id in self.bad]
 
     def _store(self, cut_id: str, item: torch.Tensor) -> None:
         if self.memory:

@@ -3,7 +3,9 @@
 Protocol: duration-bucketed batches, gradient clipping, dev evaluation every ``optim.eval_every`` steps, the
 best-dev checkpoint of each trial is kept; over a learning-rate sweep (``optim.lrs``) the rate with the best dev
 score wins, and only the winner's best-dev checkpoints are scored on the test split(s). Test scores never take
-part in any choice. Writes ``EXP/results.json``, ``EXP/metrics.jsonl``, ``EXP/config.yaml`` and per-trial
+part in any choice. With ``data.skip_bad`` (the default, as in pretraining) every utterance is decoded once
+before training (the cache fill, when there is a cache) and the bad ones are dropped from every split, counted
+by reason and listed in ``results.json`` (``skipped``), which also says how many test utterances were scored. Writes ``EXP/results.json``, ``EXP/metrics.jsonl``, ``EXP/config.yaml`` and per-trial
 ``EXP/trials/lr-LR[/fold-F]/{best.safetensors,summary.json}`` (``--resume`` reuses finished trials).
 
 The loop stands on its own rather than on the generic pretraining trainer: its unit of work is a small head over
@@ -59,6 +61,7 @@ class DataConfig:
     train_crop: float = 0.0           # seconds; random training crops (SID: 8)
     min_duration: float = 0.0         # drop shorter training utterances (ASV: 2)
     max_utts: int = 0                 # use at most this many utterances per split (0 = all; quick checks)
+    skip_bad: bool = True             # drop bad utterances (unreadable audio, no label), counted in results.json
     folds: list[int] = field(default_factory=list)  # cross-validation fold ids (IEMOCAP sessions 1..5)
     fold_field: str = "session"
     fold_splits: list[str] = field(default_factory=list)  # splits pooled for cross-validation
@@ -141,10 +144,40 @@ class SuperbConfig:
 # ------------------------------------------------------------------------------------------------------ data
 
 
+class SkipLog:
+    """Utterances dropped under ``data.skip_bad``, by split and reason; every id is kept for results.json."""
+
+    def __init__(self):
+        self.by_split: dict[str, dict[str, str]] = {}  # split -> {cut id: reason}
+        self.origin: dict[str, str] = {}  # cut id -> the split it was read from
+        self.trials_dropped = 0
+
+    def add(self, split: str, cut_id: str, reason: str) -> None:
+        self.by_split.setdefault(split, {})[cut_id] = reason
+
+    def __contains__(self, cut_id: str) -> bool:
+        return any(cut_id in ids for ids in self.by_split.values())
+
+    def counts(self, split: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for reason in self.by_split.get(split, {}).values():
+            out[reason] = out.get(reason, 0) + 1
+        return out
+
+    def report(self) -> dict:
+        out = {split: {"skipped": self.counts(split),
+                       "dropped_ids": {r: sorted(i for i, x in ids.items() if x == r) for r in self.counts(split)}}
+               for split, ids in self.by_split.items() if ids}
+        if self.trials_dropped:
+            out["trials_dropped"] = self.trials_dropped
+        return out
+
+
 def load_examples(manifest_dir: str, split: str, field_name: str, *, max_utts: int = 0,
-                  min_duration: float = 0.0, fold_field: str | None = None) -> list[Example]:
-    """Examples of ``manifest_dir/cuts_SPLIT.jsonl.gz`` with their ``field_name`` label; a cut without it is an
-    error naming the cut."""
+                  min_duration: float = 0.0, fold_field: str | None = None,
+                  skips: SkipLog | None = None) -> list[Example]:
+    """Examples of ``manifest_dir/cuts_SPLIT.jsonl.gz`` with their ``field_name`` label. A cut without it is an
+    error naming the cut, or, given ``skips`` (``data.skip_bad``), counted there as ``missing_field``."""
     from lhotse import CutSet
 
     from speechssl.data.audio import supervision_field
@@ -158,7 +191,13 @@ def load_examples(manifest_dir: str, split: str, field_name: str, *, max_utts: i
             continue
         label = supervision_field(cut, field_name)
         if label is None or label == "":
-            raise ValueError(f"cut {cut.id} in {path} has no supervision field '{field_name}'")
+            if skips is None:
+                raise ValueError(f"cut {cut.id} in {path} has no supervision field '{field_name}': fix the manifest "
+                                 "or set data.skip_bad=true to skip such cuts (counted in results.json)")
+            skips.add(split, cut.id, "missing_field")
+            continue
+        if skips is not None:
+            skips.origin[cut.id] = split
         session = supervision_field(cut, fold_field) if fold_field else None
         out.append(Example(id=cut.id, num_samples=int(round(cut.duration * SR)), label=label, cut=cut,
                            session=None if session is None else int(session)))
@@ -526,10 +565,10 @@ def _build_source(cfg: SuperbConfig, device: torch.device) -> FeatureSource:
                          batch_seconds=cfg.cache.batch_seconds, progress=cfg.progress)
 
 
-def _units(cfg: SuperbConfig, task: Task) -> list[dict]:
+def _units(cfg: SuperbConfig, task: Task, skips: SkipLog | None = None) -> list[dict]:
     """The train/dev/test example sets: one unit, or one per cross-validation fold."""
     d, t = cfg.data, cfg.task
-    kw = dict(max_utts=d.max_utts)
+    kw = dict(max_utts=d.max_utts, skips=skips)
     if d.folds:
         pool = []
         for split in d.fold_splits or [d.train_split or f"{t}_train"]:
@@ -556,6 +595,40 @@ def _units(cfg: SuperbConfig, task: Task) -> list[dict]:
     return [{"fold": None, "train": train, "dev": dev, "tests": tests}]
 
 
+def _drop_bad(u: dict, source: FeatureSource, skips: SkipLog) -> None:
+    """Screen a unit's utterances (one decode each) and drop the bad ones from every list, counted in ``skips``
+    under the split each was read from. A list left empty is an error naming the split."""
+    lists = [("train", u["train"]), ("dev", u["dev"])] + [(f"test {k}", v) for k, v in u["tests"].items()]
+    bad = {e.id for e in source.screen([e for _, exs in lists for e in exs])}
+    if not bad:
+        return
+    for cut_id in bad:
+        skips.add(skips.origin.get(cut_id, "?"), cut_id, source.bad[cut_id].reason)
+    keep = lambda exs: [e for e in exs if e.id not in bad]  # noqa: E731
+    u["train"], u["dev"] = keep(u["train"]), keep(u["dev"])
+    u["tests"] = {k: keep(v) for k, v in u["tests"].items()}
+    for name, exs in [("train", u["train"]), ("dev", u["dev"])] + [(f"test {k}", v) for k, v in u["tests"].items()]:
+        if not exs:
+            raise ValueError(f"every {name} utterance{'' if u['fold'] is None else ' of fold %s' % u['fold']} is "
+                             f"bad ({skips.report()}): fix the data (speechssl prepare validate DIR --decode)")
+    example = source.bad[next(iter(sorted(bad)))]
+    log.warning("skipped %d bad utterances (data.skip_bad): %s; e.g. %s", len(bad),
+                {s: skips.counts(s) for s in skips.by_split}, example)
+
+
+def _drop_unscorable_trials(trials: list, units: list[dict], skips: SkipLog) -> list:
+    """ASV trials whose enrolment or test utterance was skipped cannot be scored: drop and count them."""
+    kept_ids = {e.id for u in units for exs in u["tests"].values() for e in exs}
+    kept = [t for t in trials if t[1] in kept_ids and t[2] in kept_ids]
+    skips.trials_dropped = len(trials) - len(kept)
+    if skips.trials_dropped:
+        log.warning("%d of %d ASV trials name skipped utterances and are not scored", skips.trials_dropped,
+                    len(trials))
+    if not kept:
+        raise ValueError("no ASV trial is left to score: every trial names a skipped utterance")
+    return kept
+
+
 def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = False,
                source_pool: dict | None = None) -> dict | list[dict]:
     """Run one task on one upstream with an optional learning-rate sweep; returns what results.json holds.
@@ -576,11 +649,12 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
                       c_miss=cfg.asv.c_miss, c_fa=cfg.asv.c_fa)
     if cfg.task == "asv" and not cfg.data.trials:
         raise ConfigError("task asv needs config key data.trials (the test trial list)")
-    units = _units(cfg, task)
+    skips = SkipLog() if cfg.data.skip_bad else None
+    units = _units(cfg, task, skips)
     trials = read_trials(cfg.data.trials) if cfg.task == "asv" else None
     if trials is not None:  # fail before training, not after it
         ids = {e.id for u in units for exs in u["tests"].values() for e in exs}
-        missing = sorted({x for _, a, b in trials for x in (a, b) if x not in ids})
+        missing = sorted({x for _, a, b in trials for x in (a, b) if x not in ids and not (skips and x in skips)})
         if missing:
             raise ValueError(f"{cfg.data.trials}: {len(missing)} trial utterances are not in the test split(s) "
                              f"{cfg.data.test_splits or ['asv_test']}, e.g. {missing[:3]}")
@@ -606,6 +680,8 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
     for u in units:
         u["work"] = (out if scratch is None else Path(scratch.name)) / (
             "labels" if u["fold"] is None else f"labels/fold-{u['fold']}")
+        if skips is not None:  # before the labels are fitted: a dropped utterance adds no label
+            _drop_bad(u, source, skips)
         task.fit(u["train"], u["work"])
         u["dev_context"] = {}
         if cfg.task == "asv":
@@ -613,13 +689,15 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
         if source.cache:
             for name, exs in [("train", u["train"]), ("dev", u["dev"])] + list(u["tests"].items()):
                 source.prepare(exs, desc=f"caching {name}")
+    if trials is not None and skips is not None:
+        trials = _drop_unscorable_trials(trials, units, skips)
     t_start = time.perf_counter()
     threads = torch.get_num_threads()
     if cfg.num_threads > 0 and device.type == "cpu":
         torch.set_num_threads(cfg.num_threads)
     try:
         return _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume, upstream_params,
-                                t_start, cache_since, engine)
+                                t_start, cache_since, engine, skips)
     finally:
         torch.set_num_threads(threads)
         if scratch is not None:
@@ -627,7 +705,7 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
 
 
 def _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume, upstream_params, t_start,
-                     cache_since, engine):
+                     cache_since, engine, skips=None):
     # sweep: every lr on every fold, scored on dev only
     summaries: dict[float, list[dict]] = {}
     for lr in lrs:
@@ -662,6 +740,7 @@ def _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume,
     from safetensors.torch import load_file
 
     test_scores: dict[str, list[dict]] = {}
+    scored: dict[str, int] = {}  # test utterances scored per split (summed over folds)
     for u, s in zip(units, summaries[best_lr]):
         tdir = out / "trials" / f"lr-{best_lr:g}"
         if u["fold"] is not None:
@@ -678,6 +757,7 @@ def _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume,
             sc = evaluate(task, model, source, exs, int(cfg.data.eval_max_duration * SR), engine, **ctx)
             sc["fold"] = u["fold"]
             test_scores.setdefault(split, []).append(sc)
+            scored[split] = scored.get(split, 0) + len(exs)
             if engine.is_main:
                 append_jsonl(out / "metrics.jsonl", {"lr": best_lr, "fold": u["fold"], "split": split,
                                                      **{k: v for k, v in sc.items() if not isinstance(v, list)}})
@@ -690,10 +770,12 @@ def _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume,
         "layer_weights": layer_weights, "num_states": source.upstream.num_states,
         "layer": cfg.layer, "steps": cfg.optim.steps, "train_s": round(time.perf_counter() - t_start, 2),
         "cache": source.cache_stats(since=cache_since),
+        "skipped": skips.report() if skips is not None else None,
     }
     results = []
     for split, scs in test_scores.items():
-        r = {**common, "split": split, "value": float(np.mean([sc[task.metric] for sc in scs]))}
+        r = {**common, "split": split, "value": float(np.mean([sc[task.metric] for sc in scs])),
+             "scored": scored[split]}
         if len(scs) > 1:
             r["folds"] = [{"fold": sc["fold"], "value": sc[task.metric]} for sc in scs]
         else:
@@ -704,6 +786,6 @@ def _sweep_and_score(cfg, task, source, units, lrs, trials, out, device, resume,
         atomic_write_json(out / "results.json", final)
     engine.barrier()
     for r in results:
-        log.info("%s on %s (%s): %s = %.4f (best lr %g)", cfg.task, r["split"], cfg.upstream, task.metric,
-                 r["value"], best_lr)
+        log.info("%s on %s (%s): %s = %.4f (best lr %g, %d utterances scored)", cfg.task, r["split"], cfg.upstream,
+                 task.metric, r["value"], best_lr, r["scored"])
     return final
