@@ -12,7 +12,13 @@ from speechssl import export_pretrained, load_pretrained  # noqa: E402
 from speechssl.config import ConfigError  # noqa: E402
 from speechssl.models import build_encoder, get_preset  # noqa: E402
 from speechssl.models.convert_hf import config_from_hf, config_to_hf  # noqa: E402
+from speechssl.models.encoder import EncoderConfig  # noqa: E402
+from speechssl.models.frames import block_valid_frames  # noqa: E402
 from speechssl.models.io import load_checkpoint_parts  # noqa: E402
+
+# EncoderConfig.padding_rule lives in encoder.py; the tests that need it wait for it
+HAS_PADDING_RULE = "padding_rule" in EncoderConfig.__dataclass_fields__
+needs_padding_rule = pytest.mark.skipif(not HAS_PADDING_RULE, reason="EncoderConfig has no padding_rule field yet")
 
 HF = {
     "wav2vec2": (transformers.Wav2Vec2Config, transformers.Wav2Vec2Model),
@@ -49,6 +55,29 @@ def batch(lengths=(6001, 4400)):
     lens = torch.tensor(lengths)
     mask = (torch.arange(wav.shape[1])[None] < lens[:, None]).long()
     return wav, lens, mask
+
+
+def fairseq_frame_mask(lens: torch.Tensor, num_samples: int, num_frames: int) -> torch.Tensor:
+    """fairseq HuBERT's forward_padding_mask, step by step: the sample padding mask cut to a multiple of the frame
+    count, one block per frame, a frame padding only when all of its block is. Returns valid frames (True)."""
+    pad = torch.arange(num_samples)[None] >= lens[:, None]
+    extra = num_samples % num_frames
+    if extra:
+        pad = pad[:, :-extra]
+    return ~pad.view(pad.shape[0], num_frames, -1).all(-1)
+
+
+def run_hf(hf, wav, mask, padding_rule="cnn", **kw):
+    """transformers' forward; with padding_rule "fairseq_block" it is fairseq HuBERT/WavLM's forward: the same
+    modules and maths (the import tests check that on unpadded input), with fairseq's frame mask in place of
+    transformers' CNN length arithmetic."""
+    if padding_rule == "fairseq_block":
+        lens = mask.sum(-1)
+        hf._get_feature_vector_attention_mask = lambda n, am, **_: fairseq_frame_mask(lens, wav.shape[1], n)
+    try:
+        return hf(wav, attention_mask=mask, output_hidden_states=True, **kw)
+    finally:
+        hf.__dict__.pop("_get_feature_vector_attention_mask", None)
 
 
 def assert_states_close(hf_states, ours, lengths=None, atol=1e-4):
@@ -240,9 +269,12 @@ def test_fairseq_checkpoint_import(model_type, layer_norm, tmp_path):
     torch.save({"cfg": {"model": model_cfg, "task": {"normalize": False}}, "model": sd}, path)
     enc = load_pretrained(path)
     assert enc.config.feature_grad_mult == 0.1 and enc.config.layerdrop == 0.05
+    rule = getattr(enc.config, "padding_rule", "cnn")
+    if HAS_PADDING_RULE:  # fairseq HuBERT/WavLM mask by blocks, fairseq wav2vec 2.0 by CNN lengths
+        assert rule == ("cnn" if model_type == "wav2vec2" else "fairseq_block")
     wav, lens, mask = batch()
     with torch.no_grad():
-        ref = hf(wav, attention_mask=mask, output_hidden_states=True)
+        ref = run_hf(hf, wav, mask, rule)
         out = enc(wav, lens)
     assert_states_close(ref.hidden_states, out.hidden_states, out.lengths)
     parts = load_checkpoint_parts(path)
@@ -275,7 +307,154 @@ def test_speechssl_format_round_trip_and_parts(tmp_path):
     # a corrupted config names the problem
     cfg["encoder"]["num_layers"] = 5
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match="missing"):
+    with pytest.raises(ConfigError, match="num_layers: 4 -> 5"):  # the config saved with the weights disagrees
+        load_pretrained(tmp_path / "m")
+    from speechssl.models.io import save_state_dict
+
+    save_state_dict(enc.state_dict(), tmp_path / "m" / "model.safetensors")  # an older dir: no stored config
+    with pytest.raises(ConfigError, match="missing"):  # the parameter check still refuses it
         load_pretrained(tmp_path / "m")
     with pytest.raises(FileNotFoundError):
         load_pretrained(tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------ fairseq padding rule (issue 13, item 12)
+
+def test_block_valid_frames_is_fairseqs_forward_padding_mask():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        T = int(torch.randint(400, 9000, (1,), generator=g))
+        Tp = int(torch.randint(1, T // 20 + 1, (1,), generator=g))
+        lens = torch.randint(0, T + 1, (6,), generator=g)
+        lens[0] = T
+        assert block_valid_frames(lens, T, Tp).tolist() == fairseq_frame_mask(lens, T, Tp).sum(-1).tolist()
+
+
+def _fairseq_ckpt(tmp_path, model_type="hubert", layer_norm=False):
+    hf = small_hf(model_type, layer_norm)
+    model_cfg = {
+        "_name": model_type, "extractor_mode": "layer_norm" if layer_norm else "default",
+        "conv_feature_layers": "[(32, 10, 5)] + [(32, 3, 2)] * 1 + [(32, 2, 2)]", "conv_bias": layer_norm,
+        "encoder_layers": 2, "encoder_embed_dim": 64, "encoder_ffn_embed_dim": 128, "encoder_attention_heads": 4,
+        "layer_norm_first": layer_norm, "conv_pos": 16, "conv_pos_groups": 4,
+    }
+    if model_type == "wavlm":
+        model_cfg.update(relative_position_embedding=True, num_buckets=32, max_distance=64)
+    path = tmp_path / f"{model_type}.pt"
+    torch.save({"cfg": {"model": model_cfg, "task": {"normalize": False}},
+                "model": hf_to_fairseq_names(hf.state_dict(), layer_norm)}, path)
+    return hf, path
+
+
+@needs_padding_rule
+@pytest.mark.parametrize("model_type,layer_norm", [("hubert", False), ("hubert", True), ("wavlm", False)])
+def test_fairseq_padded_batch_follows_the_block_rule(model_type, layer_norm, tmp_path):
+    hf, path = _fairseq_ckpt(tmp_path, model_type, layer_norm)
+    enc = load_pretrained(path)
+    assert enc.config.padding_rule == "fairseq_block"
+    wav, lens, mask = batch((6001, 4400, 3001))
+    with torch.no_grad():
+        fairseq = run_hf(hf, wav, mask, "fairseq_block")
+        cnn = run_hf(hf, wav, mask, "cnn")
+        out = enc(wav, lens)
+    T = out.hidden_states[0].shape[1]
+    assert out.lengths.tolist() == block_valid_frames(lens, wav.shape[1], T).tolist()
+    assert (out.lengths > enc.num_frames(lens)).any()  # the rules disagree on this batch, so the test can tell
+    assert_states_close(fairseq.hidden_states, out.hidden_states, out.lengths, atol=1e-5)
+    # the CNN rule (what a rule-blind import would compute) is measurably different near utterance ends
+    gap = max((a[1:, :200] - b[1:, :200]).abs().max().item() for a, b in zip(cnn.hidden_states, out.hidden_states))
+    assert gap > 1e-3
+    # the rule survives a speechssl export; an HF export keeps transformers' own (CNN) rule, as HF dirs load
+    export_pretrained(enc, tmp_path / "ours")
+    assert load_pretrained(tmp_path / "ours").config.padding_rule == "fairseq_block"
+    export_pretrained(enc, tmp_path / "hfdir", format="hf")
+    assert load_pretrained(tmp_path / "hfdir").config.padding_rule == "cnn"
+
+
+@needs_padding_rule
+def test_fairseq_wav2vec2_and_transformers_checkpoints_keep_the_cnn_rule(tmp_path):
+    hf, path = _fairseq_ckpt(tmp_path, "wav2vec2", True)
+    assert load_pretrained(path).config.padding_rule == "cnn"
+    hf.save_pretrained(tmp_path / "hf")
+    assert load_pretrained(tmp_path / "hf").config.padding_rule == "cnn"
+
+
+# ------------------------------------------------------- config.json edits that keep shapes (issue 13, item 10)
+
+@pytest.mark.parametrize("edit,key", [({"num_heads": 8}, "num_heads"),
+                                      ({"model_type": "wavlm"}, "model_type"),
+                                      ({"layer_norm_eps": 1e-6}, "layer_norm_eps")])
+def test_shape_keeping_config_edits_are_refused(edit, key, tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    enc = build_encoder("tiny_hubert").eval()
+    export_pretrained(enc, tmp_path / "m")
+    cfg_file = tmp_path / "m" / "config.json"
+    original = cfg_file.read_text()
+    cfg = json.loads(original)
+    cfg["encoder"].update(edit)
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=f"{key}.*Restore config.json"):
+        load_pretrained(tmp_path / "m")
+    # training-only settings may change; the weights load under them
+    cfg_file.write_text(original)
+    cfg = json.loads(original)
+    cfg["encoder"].update(layerdrop=0.0, dropout=0.0)
+    cfg_file.write_text(json.dumps(cfg))
+    assert load_pretrained(tmp_path / "m").config.layerdrop == 0.0
+
+
+def test_dirs_without_the_stored_config_still_load(tmp_path):
+    from speechssl.models.io import CONFIG_META_KEY, save_state_dict
+    from safetensors import safe_open
+
+    enc = build_encoder("tiny_hubert").eval()
+    export_pretrained(enc, tmp_path / "m")
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="pt") as f:
+        assert CONFIG_META_KEY in f.metadata()
+    save_state_dict(enc.state_dict(), tmp_path / "m" / "model.safetensors")  # as speechssl wrote it before
+    assert load_pretrained(tmp_path / "m").config.num_heads == enc.config.num_heads
+
+
+def test_relabelled_model_type_cannot_export_to_hf(tmp_path):
+    import dataclasses
+
+    wavlm_no_bias = dataclasses.replace(get_preset("tiny_hubert"), model_type="wavlm")
+    with pytest.raises(ConfigError, match="relative_position"):
+        config_to_hf(wavlm_no_bias)
+    with pytest.raises(ConfigError, match="relative_position"):
+        export_pretrained(build_encoder(wavlm_no_bias), tmp_path / "x", format="hf")
+    assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------- transformers' own pipeline on a padded batch (item 11)
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("extractor_mode", ["layer_norm", "group_norm"])
+def test_hf_pipeline_on_padded_batch(extractor_mode, normalize, tmp_path):
+    import numpy as np
+
+    torch.manual_seed(0)
+    enc = build_encoder("tiny_hubert", extractor_mode=extractor_mode, normalize_waveform=normalize,
+                        conv_bias=extractor_mode == "layer_norm", num_layers=2).eval()
+    export_pretrained(enc, tmp_path / "hf", format="hf")
+    fe = transformers.AutoFeatureExtractor.from_pretrained(tmp_path / "hf")
+    model = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
+    wav, lens, _ = batch((16000, 9000))
+    clips = [wav[i, :n].numpy() for i, n in enumerate(lens.tolist())]
+    with torch.no_grad():
+        ours = enc(wav, lens)
+        piped = model(**fe(clips, padding=True, return_tensors="pt", sampling_rate=16000)).last_hidden_state
+        masked = model(**fe(clips, padding=True, return_tensors="pt", sampling_rate=16000,
+                            return_attention_mask=True)).last_hidden_state
+
+    def err(h):
+        return max((h[i, :n] - ours.last_hidden_state[i, :n]).abs().max().item()
+                   for i, n in enumerate(ours.lengths.tolist()))
+
+    if extractor_mode == "layer_norm":  # the exported preprocessor config alone gives speechssl's outputs
+        assert err(piped) < 1e-4
+    else:  # transformers' group-norm convention passes no mask: documented difference, the mask restores it
+        assert err(piped) > 1e-2
+    assert err(masked) < 1e-4

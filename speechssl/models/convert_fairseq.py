@@ -1,5 +1,10 @@
 """fairseq (and unilm WavLM) checkpoints -> speechssl: config from ``cfg["model"]`` and the known key mapping.
 
+Padding: fairseq HuBERT and unilm WavLM mark a frame of a padded batch as padding only when every sample of its
+block is padding (``forward_padding_mask``), not by the CNN length arithmetic that wav2vec 2.0 and transformers
+use; the config records the source's rule (``padding_rule``, see ``speechssl.models.frames``) so an imported
+checkpoint matches its source on padded batches too.
+
 Loaded with ``torch.load(weights_only=True)`` only. Checkpoints whose config is an argparse Namespace or an
 omegaconf object cannot be read that way; the error explains the one-off conversion to plain dicts.
 
@@ -33,6 +38,7 @@ from torch import Tensor
 from speechssl.config import ConfigError
 
 from .encoder import EncoderConfig
+from .frames import fairseq_padding_rule, with_padding_rule
 
 __all__ = ["read_fairseq_checkpoint", "config_from_fairseq", "state_dict_from_fairseq", "parse_conv_layers"]
 
@@ -88,7 +94,7 @@ def config_from_fairseq(model_cfg: dict[str, Any], task_cfg: dict[str, Any] | No
     if mode not in ("default", "layer_norm"):
         raise ConfigError(f"fairseq extractor_mode={mode!r} is not supported")
     conv = parse_conv_layers(c.get("conv_feature_layers", "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2"))
-    return EncoderConfig(
+    cfg = EncoderConfig(
         model_type=model_type,
         frontend="cnn",
         conv_layers=conv,
@@ -112,6 +118,7 @@ def config_from_fairseq(model_cfg: dict[str, Any], task_cfg: dict[str, Any] | No
         num_buckets=int(c.get("num_buckets", 320)),
         max_distance=int(c.get("max_distance", 800)),
     )
+    return with_padding_rule(cfg, fairseq_padding_rule(model_type))
 
 
 _LAYER_MAP = {

@@ -83,6 +83,12 @@ def config_to_hf(cfg: EncoderConfig) -> dict[str, Any]:
     if not (uniform_heads and uniform_ffn):
         raise ConfigError("format='hf' cannot express per-layer head/FFN sizes (a pruned model); "
                           "use format='speechssl'")
+    if cfg.relative_position != (cfg.model_type == "wavlm"):
+        # transformers builds WavLM with relative-position weights and the others without: a mismatch would load
+        # with those weights drawn at random (or silently dropped)
+        raise ConfigError(f"format='hf': model_type={cfg.model_type!r} with relative_position={cfg.relative_position} "
+                          "has no transformers equivalent (its WavLM always has the gated relative position bias, "
+                          "wav2vec2/HuBERT never); was config.json edited? use format='speechssl'")
     if not cfg.feature_proj_layer_norm and cfg.model_type != "hubert":
         raise ConfigError("feature_proj_layer_norm=false is only expressible for model_type 'hubert' in HF format")
     hf: dict[str, Any] = {

@@ -5,10 +5,17 @@ Nothing here unpickles arbitrary objects: safetensors, or ``torch.load(weights_o
 speechssl format: ``config.json`` = ``{"format": "speechssl", "encoder": EncoderConfig dict, "meta": {...}}`` and
 ``model.safetensors`` (encoder state dict). Extra heads (HuBERT final_proj, label embeddings, quantizer ...) go to
 ``parts.safetensors`` as ``PART/param`` keys, read with ``load_checkpoint_parts``.
+
+Loading is strict: every parameter the config implies must be in the weights, nothing else may be, and shapes
+must agree. Edits of ``config.json`` that keep every shape (``num_heads``, ``model_type: wavlm`` on a HuBERT)
+would still load silently and compute something else, so ``model.safetensors`` also stores the encoder config it
+was saved with (metadata key ``speechssl_encoder_config``) and a speechssl dir whose ``config.json`` disagrees with
+it on any architecture key is refused. Directories written before that key existed load as before.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -21,10 +28,17 @@ from speechssl.utils.io import atomic_write, atomic_write_json
 
 from .encoder import Encoder, EncoderConfig
 
-__all__ = ["load_pretrained", "export_pretrained", "load_checkpoint_parts", "read_checkpoint", "save_state_dict"]
+__all__ = ["load_pretrained", "export_pretrained", "load_checkpoint_parts", "read_checkpoint", "save_state_dict",
+           "check_config_matches_weights", "hf_preprocessor_config"]
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 _OPTIONAL_KEYS = {"mask_emb"}  # HF omits masked_spec_embed when mask_time_prob == 0
+CONFIG_META_KEY = "speechssl_encoder_config"  # model.safetensors metadata: the encoder config saved with the weights
+# keys that act only in training: config.json may change them (e.g. layerdrop 0 to fine-tune) and still fit the weights
+TRAINING_ONLY_KEYS = frozenset({"dropout", "attention_dropout", "activation_dropout", "feature_dropout",
+                                "final_dropout", "layerdrop", "feature_grad_mult"})
 
 
 def save_state_dict(sd: dict[str, Tensor], path: PathLike, metadata: Optional[dict[str, str]] = None) -> None:
@@ -74,6 +88,34 @@ def _build_and_load(cfg: EncoderConfig, sd: dict[str, Tensor], source: str) -> E
     return enc
 
 
+def _architecture(cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """The keys of an encoder config dict that the weights depend on, with defaults for keys a dir written by an
+    older speechssl lacks (so a field added later compares equal to its default)."""
+    full = {**EncoderConfig().to_dict(), **cfg_dict}
+    return {k: v for k, v in full.items() if k not in TRAINING_ONLY_KEYS}
+
+
+def check_config_matches_weights(cfg_dict: dict[str, Any], weights: Path, cfg_file: Path) -> None:
+    """Refuse a speechssl dir whose config.json was changed after its weights were saved (ConfigError naming
+    every changed key); a weights file without the stored config (written before it existed) passes."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        saved = (f.metadata() or {}).get(CONFIG_META_KEY)
+    if saved is None:
+        return
+    before, now = _architecture(json.loads(saved)), _architecture(cfg_dict)
+    changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    if changed:
+        what = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        raise ConfigError(
+            f"{cfg_file}: the encoder config differs from the one {weights.name} was saved with ({what}"
+            f"{', ...' if len(changed) > 6 else ''}). The weights were trained for the saved architecture, so the "
+            f"edited one would compute something else. Restore config.json (the saved encoder config is the "
+            f"'{CONFIG_META_KEY}' metadata of {weights.name}); to change only training settings, edit "
+            f"{', '.join(sorted(TRAINING_ONLY_KEYS))}")
+
+
 def read_checkpoint(path: PathLike, map_location: str = "cpu"
                     ) -> tuple[EncoderConfig, dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
     """-> (config, encoder state dict in our names, extra tensors, meta) for any supported checkpoint kind."""
@@ -91,6 +133,7 @@ def read_checkpoint(path: PathLike, map_location: str = "cpu"
             cfg = EncoderConfig.from_dict(meta_cfg["encoder"])
             from safetensors.torch import load_file
 
+            check_config_matches_weights(meta_cfg["encoder"], p / "model.safetensors", cfg_file)
             sd = load_file(str(p / "model.safetensors"), device=str(map_location))
             extra: dict[str, Tensor] = {}
             if (p / "parts.safetensors").is_file():
@@ -134,6 +177,23 @@ def load_checkpoint_parts(path: PathLike, map_location: str = "cpu") -> dict[str
     return parts
 
 
+def hf_preprocessor_config(cfg: EncoderConfig) -> dict[str, Any]:
+    """preprocessor_config.json for an HF export: the Wav2Vec2FeatureExtractor settings under which
+    transformers' own pipeline (feature extractor, then model) reproduces speechssl's outputs.
+
+    Layer-norm models get ``return_attention_mask: true``: the extractor then normalises each utterance over its
+    own samples and the model masks the padding frames, as speechssl does. Group-norm models keep transformers'
+    convention (no mask: they were trained without one in fairseq and transformers): on a padded batch HF's
+    pipeline then attends to padding frames (and, with ``do_normalize``, normalises over the padding), so its
+    outputs differ from speechssl's; passing ``return_attention_mask=True`` to the extractor restores them.
+    """
+    return {
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
+        "padding_value": 0.0, "do_normalize": cfg.normalize_waveform,
+        "return_attention_mask": cfg.extractor_mode == "layer_norm",
+    }
+
+
 def export_pretrained(encoder: Encoder, out_dir: PathLike, format: str = "speechssl",
                       meta: Optional[dict[str, Any]] = None,
                       parts: Optional[dict[str, dict[str, Tensor]]] = None) -> Path:
@@ -143,22 +203,24 @@ def export_pretrained(encoder: Encoder, out_dir: PathLike, format: str = "speech
     out.mkdir(parents=True, exist_ok=True)
     sd = encoder.state_dict()
     if format == "speechssl":
-        save_state_dict(sd, out / "model.safetensors")
+        cfg_dict = encoder.config.to_dict()
+        # the config travels with the weights too, so a later edit of config.json is caught on loading
+        save_state_dict(sd, out / "model.safetensors", metadata={CONFIG_META_KEY: json.dumps(cfg_dict)})
         if parts:
             flat = {f"{name}/{k}": v for name, p_sd in parts.items() for k, v in p_sd.items()}
             save_state_dict(flat, out / "parts.safetensors")
-        atomic_write_json(out / "config.json", {"format": "speechssl", "encoder": encoder.config.to_dict(),
+        atomic_write_json(out / "config.json", {"format": "speechssl", "encoder": cfg_dict,
                                                 "meta": dict(meta or {})})
     elif format == "hf":
         from .convert_hf import config_to_hf, state_dict_to_hf
 
         hf_cfg = config_to_hf(encoder.config)
+        if getattr(encoder.config, "padding_rule", "cnn") != "cnn":
+            log.warning("%s: transformers marks padding frames by the CNN length rule, this encoder by %r (its "
+                        "fairseq source's): on padded batches the HF model differs near utterance ends",
+                        out, encoder.config.padding_rule)
         save_state_dict(state_dict_to_hf(sd, encoder.config), out / "model.safetensors")
-        atomic_write_json(out / "preprocessor_config.json", {
-            "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
-            "padding_value": 0.0, "do_normalize": encoder.config.normalize_waveform,
-            "return_attention_mask": encoder.config.extractor_mode == "layer_norm",
-        })
+        atomic_write_json(out / "preprocessor_config.json", hf_preprocessor_config(encoder.config))
         atomic_write_json(out / "config.json", hf_cfg)
     else:
         raise ValueError(f"export format must be 'speechssl' or 'hf', got {format!r}")
