@@ -86,10 +86,10 @@ def load_cut_audio(cut, *, sampling_rate: int = SAMPLING_RATE, min_samples: int 
     path = _path_str(cut)
     if cut.duration is None or cut.duration <= 0:
         raise BadCutError(cut.id, path, "empty", f"duration {cut.duration}")
-    _check_headers(cut)  # a header read per file: catches what Lhotse would pad or decode at the wrong speed
-    fast = _fast_path_audio(cut, sampling_rate)
+    fast = _fast_path_audio(cut, sampling_rate)  # checks the header of the one file it opens
     if fast is not None:
         return _finish(fast, cut.id, path, min_samples)
+    _check_headers(cut)  # a header read per file: catches what Lhotse would pad or decode at the wrong speed
     if cut.sampling_rate != sampling_rate:
         cut = cut.resample(sampling_rate)
     return _finish(_lhotse_load(cut, path), cut.id, path, min_samples)
@@ -168,9 +168,11 @@ def _fast_path_audio(cut, sampling_rate: int):
 
     start = int(round(cut.start * sampling_rate))
     frames = cut.num_samples
+    if not os.path.exists(str(src.source)):
+        raise BadCutError(cut.id, str(src.source), "missing_file", "no such file")
     try:
         with sf.SoundFile(str(src.source)) as f:
-            if f.samplerate != sampling_rate or f.channels != 1:  # the header check has refused these already
+            if f.samplerate != sampling_rate or f.channels != 1:  # the general path's header check names it
                 return None
             f.seek(start)
             audio = f.read(frames, dtype="float32", always_2d=False)
