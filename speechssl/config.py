@@ -29,11 +29,24 @@ from typing import Any, Sequence
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "save_config", "parse_overrides"]
+__all__ = ["ConfigError", "ExperimentError", "from_dict", "to_dict", "load_config", "save_config",
+           "parse_overrides"]
 
 
 class ConfigError(ValueError):
     """A config key is unknown or its value has the wrong type."""
+
+
+class ExperimentError(ConfigError):
+    """The experiment directory or a checkpoint cannot be used as asked (an earlier run in --out, an incompatible
+    or damaged checkpoint). A ConfigError, so every command already turns it into one line and exit code 2."""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'line L, column C: problem' of a YAML error (PyYAML counts from 0), or its text when it has no position."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def _suggest(key: str, valid: Sequence[str]) -> str:
@@ -168,7 +181,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         key = key.strip()
         if not key:
             raise ConfigError(f"override '{item}' has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)}); quote it, "
+                              "e.g. --set 'key=[1, 2]'") from None
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -196,8 +213,11 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: Sequence[
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        with open(p) as f:
-            loaded = yaml.safe_load(f)
+        try:
+            with open(p) as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}; fix the file") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         data = loaded or {}

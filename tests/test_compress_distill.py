@@ -237,7 +237,8 @@ def test_prune_stage1_resume_is_exact(tmp_path):
     assert main(["prune", "--out", str(tmp_path / "a"), *base, "--set", "trainer.max_steps=4"]) == 0
     assert main(["prune", "--out", str(tmp_path / "b"), *base, "--set", "trainer.max_steps=2"]) == 0
     shutil.rmtree(tmp_path / "b" / "pruned")  # as if stopped inside stage 1
-    assert main(["prune", "--out", str(tmp_path / "b"), *base, "--set", "trainer.max_steps=4", "--resume"]) == 0
+    assert main(["prune", "--out", str(tmp_path / "b"), *base, "--set", "trainer.max_steps=4", "--resume",
+                 "--allow-schedule-change"]) == 0
 
     def losses(d):
         rows = [json.loads(l) for l in (d / "stage1" / "metrics.jsonl").read_text().splitlines()]

@@ -147,8 +147,9 @@ def test_cli_pretrain_and_resume(manifest, tmp_path, capsys):
             "--set", "model.overrides={num_layers: 1}", "--set", "optim.lr=1e-3", "--set", "trainer.progress=false"]
     assert main(args) == 0
     assert "step=2" in capsys.readouterr().out
-    assert main(args + ["--set", "trainer.max_steps=3", "--resume"]) == 0  # continues from step 2
+    assert main(args + ["--set", "trainer.max_steps=3", "--resume"]) == 2  # a longer lr curve: refused, unless
+    assert main(args + ["--set", "trainer.max_steps=3", "--resume", "--allow-schedule-change"]) == 0  # from step 2
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 3]  # logged at the last step of each run (log_every 5)
-    assert main(args + ["--set", "trainer.max_stepz=3"]) == 2  # config error: exit code 2
+    assert main(args + ["--set", "trainer.max_stepz=3", "--resume"]) == 2  # config error: exit code 2
     assert "did you mean 'max_steps'" in capsys.readouterr().err

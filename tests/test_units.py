@@ -106,14 +106,17 @@ def test_cli_kmeans_and_label(tmp_path, cuts_file, capsys):
     cuts = _load(out)
     assert len(cuts) == 4 and all(c.custom["kmeans"].frame_shift == 0.01 for c in cuts)
     assert all(0 <= np.asarray(c.load_custom("kmeans")).max() < 8 for c in cuts)
-    # clear errors
-    assert main(["kmeans", "--cuts", str(cuts_file), "--out", str(km_dir), "--n-clusters", "100000",
+    # clear errors (into a new directory: the finished one above is refused without --overwrite), which leave
+    # no directory behind
+    bad = tmp_path / "km_bad"
+    assert main(["kmeans", "--cuts", str(cuts_file), "--out", str(bad), "--n-clusters", "100000",
                  "--fraction", "0.5"]) == 2
     assert "raise --fraction or lower --n-clusters" in capsys.readouterr().err
-    assert main(["kmeans", "--cuts", str(cuts_file), "--out", str(km_dir), "--n-clusters", "4",
+    assert main(["kmeans", "--cuts", str(cuts_file), "--out", str(bad), "--n-clusters", "4",
                  "--layer", "3"]) == 2
     assert "--layer applies to model features" in capsys.readouterr().err
-    assert main(["kmeans", "--cuts", str(tmp_path / "nope.jsonl.gz"), "--out", str(km_dir), "--n-clusters", "4"]) == 2
+    assert not bad.exists()
+    assert main(["kmeans", "--cuts", str(tmp_path / "nope.jsonl.gz"), "--out", str(bad), "--n-clusters", "4"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["label", "--cuts", str(cuts_file), "--kmeans", str(tmp_path), "--out", str(out)]) == 2
     assert "not a k-means directory" in capsys.readouterr().err

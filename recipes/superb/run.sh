@@ -24,7 +24,7 @@ exp=exp/superb
 mode=frozen            # frozen | finetune | adapter | lora
 lrs=""                 # learning-rate sweep, e.g. "[1e-4,1e-3,1e-2]" (no spaces)
 overrides=""           # more space-separated KEY=VALUE overrides for every run, e.g. "optim.steps=2000"
-resume=false
+resume=false           # true: reuse the finished trials in EXP/NAME; false: score again (--overwrite clears an earlier run)
 
 . "$(dirname "$0")/../lib/stages.sh"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -83,7 +83,7 @@ if stage_in 1; then
     [ -n "$trials" ] && args+=(--set "data.trials=$trials")
     [ -n "$lrs" ] && args+=(--set "optim.lrs=$lrs")
     for o in $overrides; do args+=(--set "$o"); done
-    [ "$resume" = true ] && args+=(--resume)
+    if [ "$resume" = true ]; then args+=(--resume); else args+=(--overwrite); fi
     log "Stage 1: SUPERB ($tasks) on $name"
     speechssl superb "${args[@]}"
   done

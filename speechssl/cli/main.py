@@ -1,7 +1,8 @@
 """The ``speechssl`` command: a thin argparse layer over the library, one module per subcommand.
 
 Each module in ``COMMANDS`` defines ``register(subparsers)``, which adds its parser and sets ``func`` to a
-callable taking the parsed args and returning an exit code.
+callable taking the parsed args and returning an exit code. Commands that write an experiment directory
+(``speechssl.cli.common.OUTPUTS``) get ``--overwrite`` here, and their output directory is checked before they run.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from speechssl.cli.common import OUTPUTS, add_overwrite_arg
+
     for name, module in COMMANDS.items():
         try:
             mod = importlib.import_module(module)
@@ -42,7 +45,30 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         mod.register(sub)
+        if name in OUTPUTS and name in sub.choices:
+            add_overwrite_arg(sub.choices[name], OUTPUTS[name][1])
     return parser
+
+
+def _run_command(args) -> int:
+    """Check the output directory (before any model is built), run the command, and remove a directory it
+    created when it fails its checks (a ConfigError, or exit code 2)."""
+    from speechssl.cli.common import OUTPUTS, check_arg_inputs, out_dir_of
+    from speechssl.config import ConfigError
+
+    guard = out_dir_of(args)
+    try:
+        if guard is not None and not OUTPUTS[args.command][3]:  # no --config to validate first: claim now
+            check_arg_inputs(args)
+            guard.claim()
+        rc = int(args.func(args) or 0)
+    except ConfigError:
+        if guard is not None:
+            guard.discard_if_new()
+        raise
+    if rc == 2 and guard is not None:
+        guard.discard_if_new()
+    return rc
 
 
 def main(argv=None) -> int:
@@ -56,12 +82,13 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from speechssl.config import ConfigError
+    from speechssl.config import ConfigError, ExperimentError
 
     try:
-        return int(args.func(args) or 0)
+        return _run_command(args)
     except ConfigError as e:
-        print(f"speechssl {args.command}: config error: {e}", file=sys.stderr)
+        kind = "" if isinstance(e, ExperimentError) else "config error: "
+        print(f"speechssl {args.command}: {kind}{e}", file=sys.stderr)
         return 2
 
 

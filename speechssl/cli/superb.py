@@ -47,15 +47,20 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="experiment directory to write")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value for every config, e.g. --set upstream=exp/x/final (repeatable)")
-    p.add_argument("--resume", action="store_true", help="reuse the finished learning-rate trials in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished learning-rate trials in --out (an earlier run there is refused without "
+                        "--resume or --overwrite)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from speechssl.cli.common import check_inputs, claim_out, out_dir_for
     from speechssl.config import load_config
     from speechssl.superb.train import SuperbConfig, run_superb
 
     cfgs = [load_config(SuperbConfig, c, args.overrides) for c in args.config]  # all config errors up front
+    for cfg in cfgs:
+        check_inputs(cfg)  # upstream and manifest directory present, before any model loads
     main_rank = int(os.environ.get("RANK", "0")) == 0  # several processes (accelerate launch / torchrun)
     if not main_rank:
         logging.getLogger("speechssl").setLevel(logging.WARNING)
@@ -63,9 +68,13 @@ def run(args: argparse.Namespace) -> int:
     if len(cfgs) > 1 and len(set(tasks)) != len(tasks):
         print(f"speechssl superb: several configs for the same task ({tasks}); run them separately")
         return 2
+    outs = [Path(args.out) / c.task if len(cfgs) > 1 else Path(args.out) for c in cfgs]
+    guards = [out_dir_for(args, out) for out in outs]  # every task directory checked before any is cleared
+    claim_out(args)  # --out itself (with several configs: an earlier single-task run there)
+    for guard in guards:
+        guard.claim()
     pool: dict = {}
-    for cfg in cfgs:
-        out = Path(args.out) / cfg.task if len(cfgs) > 1 else Path(args.out)
+    for cfg, out in zip(cfgs, outs):
         results = run_superb(cfg, out, resume=args.resume, source_pool=pool)
         for r in (results if isinstance(results, list) else [results]) if main_rank else []:
             print(f"{r['task']} {r['split']} {r['metric']}={r['value']:.4f} upstream={r['upstream']} "

@@ -638,11 +638,6 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
     """
     out = Path(out_dir)
     engine = Engine(cfg.precision, cfg.device)
-    if engine.is_main:  # only rank 0 writes into the experiment directory
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        if not resume and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
     device = engine.device
     task = build_task(cfg.task, cfg.head, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, specaug=cfg.specaug,
                       decoding=cfg.decoding, balanced=cfg.balanced, p_target=cfg.asv.p_target,
@@ -670,6 +665,11 @@ def run_superb(cfg: SuperbConfig, out_dir: str | os.PathLike, resume: bool = Fal
         if shareable:
             source_pool[key] = source
     source.progress = cfg.progress and engine.is_main
+    if engine.is_main:  # the data, trials and upstream are checked: only now rank 0 writes into the directory
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        if not resume and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
     upstream_params = source.upstream.upstream_params()
     cache_since = source.counters()
     log.info("superb %s: upstream %s (%s, %d params, %d states x %d dims), %d fold(s), lrs %s", cfg.task,

@@ -8,10 +8,16 @@ A checkpoint directory holds::
     scaler.pt             fp16 GradScaler state (only with precision=fp16)
     loader-R.pt           data loader / sampler state of rank R (consumed batches, epoch)
     rng-R.pt              python, numpy, torch and cuda RNG states of rank R
-    trainer_state.json    step, epoch, bad-step counter, best metric (written last)
+    trainer_state.json    step, epoch, bad-step counter, best metric, max_steps and schedule
+    manifest.json         every other file with its size in bytes (written last)
 
 It is assembled in ``checkpoints/.tmp-step-N`` and renamed into place with ``os.replace``, so a run killed while
 writing leaves the previous checkpoints untouched and at worst a stale ``.tmp-*`` folder (removed next time).
+A checkpoint is complete or it is not a checkpoint: ``step-N`` counts only when its manifest is readable and every
+file it lists is there with that size, so a file lost or cut short later (a full disk, a copy interrupted, a
+hand edit) makes the directory incomplete; ``latest_checkpoint`` reports it by name, and any other entry that is
+no checkpoint, and falls back to the previous complete one. Checkpoints written before manifests existed count
+when their required files are there and ``model.safetensors`` is whole.
 Nothing is ever unpickled: tensors come back through safetensors or ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
@@ -32,10 +38,14 @@ from torch import nn
 __all__ = [
     "save_checkpoint_dir", "finalize_checkpoint", "list_checkpoints", "latest_checkpoint", "prune_checkpoints",
     "load_trainer_state", "load_model_weights", "load_torch", "get_rng_state", "set_rng_state", "clean_tmp",
-    "save_state_file",
+    "save_state_file", "scan_checkpoints", "checkpoint_problem", "safetensors_problem", "has_step_dirs",
+    "MANIFEST",
 ]
 log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+# what every checkpoint holds (the loader, scaler and other ranks' files are optional: the manifest lists them)
+_REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng-0.pt", "trainer_state.json")
 
 
 def tmp_dir_for(ckpt_root: Path, step: int) -> Path:
@@ -78,6 +88,12 @@ def finalize_checkpoint(tmp: Path, final: Path, trainer_state: dict) -> None:
     for p in tmp.iterdir():
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
+    # the manifest goes last: a checkpoint without it, or whose files differ from it, is not a checkpoint
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump({"files": files}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
     if final.exists():  # the same step saved again after a resume: move the old one away first
         old = final.with_name(f".old-{final.name}")
         shutil.rmtree(old, ignore_errors=True)
@@ -102,21 +118,104 @@ def clean_tmp(ckpt_root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints as (step, path), oldest first."""
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (missing, truncated, a damaged header), or None when it is.
+    Reads the header only: the file must be exactly 8 + header length + the end of the last tensor's data."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path} is truncated ({size} bytes)"
+            n = int.from_bytes(head, "little")
+            if 8 + n > size:
+                return f"{path} is truncated ({size} bytes; its header alone needs {8 + n})"
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # ValueError: a header that is not JSON
+        return f"{path} has a damaged header ({type(e).__name__})"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        return f"{path} has a damaged header (no tensor offsets)"
+    if size != 8 + n + end:
+        return f"{path} is truncated ({size} bytes; its header describes {8 + n + end})"
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why directory ``ckpt`` is not a complete checkpoint, or None when it is (see the module docstring)."""
+    ckpt = Path(ckpt)
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():
+        if not (ckpt / "trainer_state.json").is_file():
+            return "incomplete: no manifest.json (killed while it was written, or not a checkpoint)"
+        # written before manifests existed: the required files must be there and the weights whole
+        missing = [f for f in _REQUIRED if not (ckpt / f).is_file()]
+        if missing:
+            return f"incomplete: {', '.join(missing)} missing"
+        return safetensors_problem(ckpt / "model.safetensors")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        files = {str(k): int(v) for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "incomplete: manifest.json is unreadable"
+    problems = []
+    for name, size in files.items():
+        p = ckpt / name
+        if not p.is_file():
+            problems.append(f"{name} missing")
+        elif p.stat().st_size != size:
+            problems.append(f"{name} is {p.stat().st_size} bytes, the manifest says {size}")
+    problems += [f"{f} missing" for f in _REQUIRED if f not in files and f"{f} missing" not in problems]
+    return "incomplete: " + "; ".join(problems) if problems else None
+
+
+def scan_checkpoints(ckpt_root: Path) -> tuple[list[tuple[int, Path]], list[str]]:
+    """(complete checkpoints as (step, path) oldest first, one line per other entry of ``ckpt_root``: an
+    incomplete ``step-N`` or something that is no checkpoint). Half-written ``.tmp-*`` / ``.old-*`` folders are
+    expected after a kill and are not reported."""
     root = Path(ckpt_root)
     if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
+        return [], []
+    out, problems = [], []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith((".tmp-", ".old-")):
+            continue
         m = _STEP_RE.match(p.name)
-        if m and (p / "trainer_state.json").is_file():
+        if m is None or not p.is_dir():
+            problems.append(f"{p}: not a checkpoint (expected step-N directories); ignored")
+            continue
+        why = checkpoint_problem(p)
+        if why is None:
             out.append((int(m.group(1)), p))
-    return sorted(out)
+        else:
+            problems.append(f"{p}: {why}; skipped")
+    return sorted(out), problems
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    ckpts = list_checkpoints(ckpt_root)
+def has_step_dirs(ckpt_root: Path) -> bool:
+    """Whether ``ckpt_root`` holds any ``step-N`` entry, complete or not (an earlier run's)."""
+    root = Path(ckpt_root)
+    return root.is_dir() and any(_STEP_RE.match(p.name) for p in root.iterdir())
+
+
+def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first."""
+    return scan_checkpoints(ckpt_root)[0]
+
+
+def latest_checkpoint(ckpt_root: Path, report: bool = True) -> Path | None:
+    """The newest complete checkpoint; with ``report`` every incomplete or unknown entry is logged as a warning
+    (the run then resumes from an older checkpoint than the newest directory: the user must know)."""
+    ckpts, problems = scan_checkpoints(ckpt_root)
+    if report:
+        for line in problems:
+            log.warning("checkpoint %s", line)
+        if problems and ckpts:
+            log.warning("resuming from the newest complete checkpoint, %s", ckpts[-1][1])
     return ckpts[-1][1] if ckpts else None
 
 
@@ -133,7 +232,7 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int, keep: set[int] = frozense
 def load_torch(path: Path, map_location="cpu"):
     if isinstance(map_location, torch.device) and map_location.type == "cpu":
         map_location = "cpu"  # accelerate's multi-process CPU device is cpu:0, which torch.load cannot map to
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return load_file_checked(path, torch.load, map_location=map_location, weights_only=True)
 
 
 def load_trainer_state(ckpt: Path) -> dict:
@@ -156,12 +255,44 @@ def save_state_file(state: dict, path: Path) -> None:
 
 
 def load_model_weights(model: nn.Module, ckpt: Path, strict: bool = True) -> None:
+    """Load ``ckpt/model.safetensors`` into ``model``; a damaged file or weights of another architecture raise
+    ExperimentError (one line at the command line) naming the checkpoint and the differences."""
     from safetensors.torch import load_model
 
-    missing, unexpected = load_model(model, str(Path(ckpt) / "model.safetensors"), strict=False)
-    if strict and (missing or unexpected):
-        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {sorted(missing)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
+    from speechssl.config import ExperimentError
+
+    path = Path(ckpt) / "model.safetensors"
+    why = safetensors_problem(path)
+    if why is not None:
+        raise ExperimentError(f"checkpoint file {why}: move {ckpt} away to resume from the previous checkpoint")
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)  # handles tied (de-duplicated) weights
+        shapes = []
+    except RuntimeError as e:  # torch's "size mismatch for KEY: copying a param with shape ..." lines
+        missing, unexpected = [], []
+        shapes = [x.strip() for x in str(e).splitlines() if "size mismatch" in x]
+        if not shapes:
+            raise
+    if shapes or (strict and (missing or unexpected)):
+        raise ExperimentError(
+            f"checkpoint {ckpt} does not match the model built from this config (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}{', ' + '; '.join(shapes[:2]) if shapes else ''}): resume with "
+            "the config the run was started with (its config.yaml), or start a new --out")
+
+
+def load_file_checked(path: Path, loader, *args, **kwargs):
+    """``loader(path, ...)`` with an unreadable file (damaged after its checkpoint was complete) reported as
+    ExperimentError naming the file, instead of a library traceback that names none."""
+    from speechssl.config import ExperimentError
+
+    try:
+        return loader(str(path), *args, **kwargs)
+    except Exception as e:  # safetensors, zip (torch.save) and pickle-free loaders raise many types
+        if isinstance(e, ExperimentError):
+            raise
+        raise ExperimentError(f"checkpoint file {path} cannot be read ({type(e).__name__}: {str(e)[:120]}): it is "
+                              f"damaged; move {Path(path).parent} away to resume from the previous "
+                              "checkpoint") from e
 
 
 def get_rng_state() -> dict:

@@ -26,6 +26,13 @@ audio_sec_per_sec, mem_peak_mb and the model's logs; eval lines have ``"split": 
 see ``speechssl.train.checkpoint``), ``final/`` through ``save_final``, TensorBoard events when enabled, and
 ``config.yaml`` when a ``run_config`` dataclass is given.
 
+Nothing in ``out_dir`` changes before ``fit`` has checked what it resumes. A fresh run is refused when
+``checkpoints/`` holds an earlier run's ``step-N``. ``--resume`` takes the newest complete checkpoint: an
+incomplete one is reported and skipped (see ``speechssl.train.checkpoint``). The resume is refused when
+``max_steps``, ``optim.lr`` or the schedule differ from the checkpoint's, unless
+``trainer.allow_schedule_change`` is set, and when its weights do not fit the model. All of these raise
+``ExperimentError``.
+
 Layer-drop and DDP: layer-drop skips whole layers at random and independently on each rank, so some parameters
 get no gradient on some ranks. We run DDP with ``find_unused_parameters=True`` (auto-enabled when a module
 reports ``layerdrop > 0``): DDP then marks the skipped parameters ready and all-reduces zeros for them. The
@@ -63,7 +70,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from speechssl.config import ConfigError
+from speechssl.config import ConfigError, ExperimentError, to_dict
 from speechssl.train import checkpoint as ckpt_lib
 from speechssl.train.optim import OptimConfig, ScheduleConfig, build_optimizer, build_scheduler, default_param_groups
 
@@ -91,6 +98,9 @@ class TrainerConfig:
     progress: bool = True          # tqdm bar on the main process
     ckpt_at_end: bool = True       # save a checkpoint after the last update (off for benchmarks / smoke runs)
     distributed_strategy: str = "ddp"  # ddp | fsdp (FSDP2 sharding per transformer layer; layer-drop shared across ranks; no fp16)
+    # resume although max_steps, optim.lr or the schedule differ from the checkpoint's (the lr curve then changes
+    # from the resumed step on); off, such a resume is refused (--allow-schedule-change sets it)
+    allow_schedule_change: bool = False
 
     def validate(self) -> None:
         if self.precision not in ("no", "bf16", "fp16"):
@@ -277,7 +287,52 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "bad_steps": self.bad_steps,
                 "total_bad_steps": self.total_bad_steps, "best_value": self.best_value,
                 "best_step": self.best_step, "best_metric": self.best_metric,
-                "distributed_strategy": "fsdp" if self.fsdp else "ddp"}
+                "distributed_strategy": "fsdp" if self.fsdp else "ddp", "lr_schedule": self._lr_schedule()}
+
+    def _lr_schedule(self) -> dict:
+        """What fixes the learning-rate curve, as flat config keys: a resume compares it with the checkpoint's."""
+        out = {"trainer.max_steps": self.cfg.max_steps, "optim.lr": self.optim_cfg.lr}
+        out.update({f"schedule.{k}": v for k, v in to_dict(self.schedule_cfg).items()})
+        return out
+
+    def _schedule_changes(self, ckpt: Path) -> list[str]:
+        """'key old -> new' for every lr-curve key that differs from the checkpoint's (none for checkpoints
+        written before the curve was recorded)."""
+        saved = ckpt_lib.load_trainer_state(ckpt).get("lr_schedule")
+        if not isinstance(saved, dict):
+            return []
+        now = self._lr_schedule()
+        return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                if saved.get(k) != now.get(k)]
+
+    def _resume_checkpoint(self, resume: bool, report: bool) -> Path | None:
+        """The checkpoint to resume from, checked before anything is written: a fresh run never starts over an
+        earlier run's checkpoints (they would count as newest, and keep_last would delete the new ones), a resume
+        with only incomplete checkpoints is refused, and so is a changed lr curve unless allowed."""
+        if not resume:
+            if ckpt_lib.has_step_dirs(self.ckpt_root):
+                raise ExperimentError(
+                    f"{self.ckpt_root} holds checkpoints of an earlier run: resume it (--resume) or clear it "
+                    "(--overwrite)")
+            return None
+        ckpt = ckpt_lib.latest_checkpoint(self.ckpt_root, report=report)
+        if ckpt is None and ckpt_lib.has_step_dirs(self.ckpt_root):
+            raise ExperimentError(
+                f"--resume: no complete checkpoint in {self.ckpt_root} (the incomplete ones are listed above): "
+                "move them away to start from scratch, or use --overwrite")
+        if ckpt is None:
+            if report:
+                log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_root)
+            return None
+        changes = self._schedule_changes(ckpt)
+        if changes and not self.cfg.allow_schedule_change:
+            raise ExperimentError(
+                f"--resume would change the learning-rate curve of {ckpt}: {'; '.join(changes)}; resume with the "
+                "run's values, or pass --allow-schedule-change (trainer.allow_schedule_change=true) to continue "
+                "on the new curve from this step")
+        if changes and report:
+            log.warning("resuming %s on a changed learning-rate curve: %s", ckpt, "; ".join(changes))
+        return ckpt
 
     def _shard_fsdp(self, model: nn.Module) -> nn.Module:
         """FSDP2 per transformer layer, then the root; rank 0 first keeps an unsharded CPU copy."""
@@ -368,13 +423,17 @@ class Trainer:
 
             opts = StateDictOptions(full_state_dict=True)
             target = self.model if self.fsdp else acc.unwrap_model(self.model)
-            set_model_state_dict(target, load_file(str(ckpt / "model.safetensors")), options=opts)
+            set_model_state_dict(target, ckpt_lib.load_file_checked(ckpt / "model.safetensors", load_file),
+                                 options=opts)
             set_optimizer_state_dict(target, self.optimizer.optimizer,
                                      ckpt_lib.load_torch(ckpt / "optimizer.pt"), options=opts)
         else:
             ckpt_lib.load_model_weights(acc.unwrap_model(self.model), ckpt)
             self.optimizer.optimizer.load_state_dict(ckpt_lib.load_torch(ckpt / "optimizer.pt", acc.device))
+        bases = list(self.scheduler.base_lrs)  # this config's peak lrs; loading puts the checkpoint's back
         self.scheduler.load_state_dict(ckpt_lib.load_torch(ckpt / "scheduler.pt"))
+        if self.cfg.allow_schedule_change:
+            self._follow_new_schedule(bases)
         if acc.scaler is not None and (ckpt / "scaler.pt").is_file():
             acc.scaler.load_state_dict(ckpt_lib.load_torch(ckpt / "scaler.pt"))
         self.step, self.epoch = int(st["step"]), int(st["epoch"])
@@ -383,11 +442,24 @@ class Trainer:
         rank = acc.process_index
         loader_path = ckpt / f"loader-{rank}.pt"
         loader_state = ckpt_lib.load_torch(loader_path) if loader_path.is_file() else None
+        if loader_state is None and (ckpt / "loader-0.pt").is_file():  # never silently restart the epoch
+            log.warning("checkpoint %s has no loader state for rank %d (world size changed?): that rank starts "
+                        "its epoch %d over", ckpt, rank, self.epoch)
         rng_path = ckpt / f"rng-{rank}.pt"
         if not rng_path.is_file():  # resumed with more ranks than saved: reuse rank 0's and offset nothing
             log.warning("checkpoint %s has no RNG state for rank %d (world size changed?)", ckpt, rank)
             rng_path = ckpt / "rng-0.pt"
         return loader_state, ckpt_lib.load_torch(rng_path)
+
+    def _follow_new_schedule(self, bases: list[float]) -> None:
+        """After a resume allowed to change the lr curve: this config's peak lrs and curve from the resumed step on
+        (the scheduler's lambdas are this config's already; its base lrs and the current lr came from the file)."""
+        sched = self.scheduler
+        sched.base_lrs = list(bases)
+        for group, base, fn in zip(self.optimizer.param_groups, bases, sched.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def _truncate_metrics(self) -> None:
         """After a resume, drop metric lines logged after the checkpoint so the file reads as one run."""
@@ -571,14 +643,9 @@ class Trainer:
         cfg = self.cfg
         acc = self.accelerator = self._make_accelerator()
         main = acc.is_main_process
-        if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            ckpt_lib.clean_tmp(self.ckpt_root)
-            if self.run_config is not None:
-                from speechssl.config import save_config
-
-                save_config(self.run_config, self.out_dir / "config.yaml")
-        acc.wait_for_everyone()
+        acc.wait_for_everyone()  # rank 0 has cleared an --overwrite directory before any rank looks into it
+        # everything is validated (the checkpoint, its lr curve, its weights) before anything is written
+        ckpt = self._resume_checkpoint(resume, report=main)
         # distinct dropout/masking streams per rank; the model itself was built by the caller (DDP syncs it)
         from accelerate.utils import set_seed
 
@@ -596,21 +663,25 @@ class Trainer:
             self.model, self.optimizer = model, acc.prepare(optimizer)
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
-        if cfg.tensorboard:
-            acc.init_trackers("tb")
 
         loader_state = rng_state = None
-        ckpt = ckpt_lib.latest_checkpoint(self.ckpt_root) if resume else None
-        if resume and ckpt is None:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_root)
         if ckpt is not None:
             loader_state, rng_state = self._load_checkpoint(ckpt)
-            if main:
+        if main:  # all checks passed: now the directory may change
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt_lib.clean_tmp(self.ckpt_root)
+            if self.run_config is not None:
+                from speechssl.config import save_config
+
+                save_config(self.run_config, self.out_dir / "config.yaml")
+            if ckpt is not None:
                 log.info("resumed from %s (step %d, epoch %d)", ckpt, self.step, self.epoch)
                 self._truncate_metrics()
-        elif main and self.metrics_path.exists():
-            self.metrics_path.unlink()  # a fresh run in an existing directory
+            elif self.metrics_path.exists():
+                self.metrics_path.unlink()  # a fresh run in a directory that holds no earlier run
         acc.wait_for_everyone()
+        if cfg.tensorboard:
+            acc.init_trackers("tb")
 
         self.loader = self.make_train_loader()
         if hasattr(self.loader, "set_epoch"):
