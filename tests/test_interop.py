@@ -17,8 +17,6 @@ from speechssl.models.frames import block_valid_frames  # noqa: E402
 from speechssl.models.io import load_checkpoint_parts  # noqa: E402
 
 # EncoderConfig.padding_rule lives in encoder.py; the tests that need it wait for it
-HAS_PADDING_RULE = "padding_rule" in EncoderConfig.__dataclass_fields__
-needs_padding_rule = pytest.mark.skipif(not HAS_PADDING_RULE, reason="EncoderConfig has no padding_rule field yet")
 
 HF = {
     "wav2vec2": (transformers.Wav2Vec2Config, transformers.Wav2Vec2Model),
@@ -269,9 +267,8 @@ def test_fairseq_checkpoint_import(model_type, layer_norm, tmp_path):
     torch.save({"cfg": {"model": model_cfg, "task": {"normalize": False}}, "model": sd}, path)
     enc = load_pretrained(path)
     assert enc.config.feature_grad_mult == 0.1 and enc.config.layerdrop == 0.05
-    rule = getattr(enc.config, "padding_rule", "cnn")
-    if HAS_PADDING_RULE:  # fairseq HuBERT/WavLM mask by blocks, fairseq wav2vec 2.0 by CNN lengths
-        assert rule == ("cnn" if model_type == "wav2vec2" else "fairseq_block")
+    rule = enc.config.padding_rule  # fairseq HuBERT/WavLM mask by blocks, fairseq wav2vec 2.0 by CNN lengths
+    assert rule == ("cnn" if model_type == "wav2vec2" else "fairseq_block")
     wav, lens, mask = batch()
     with torch.no_grad():
         ref = run_hf(hf, wav, mask, rule)
@@ -346,7 +343,6 @@ def _fairseq_ckpt(tmp_path, model_type="hubert", layer_norm=False):
     return hf, path
 
 
-@needs_padding_rule
 @pytest.mark.parametrize("model_type,layer_norm", [("hubert", False), ("hubert", True), ("wavlm", False)])
 def test_fairseq_padded_batch_follows_the_block_rule(model_type, layer_norm, tmp_path):
     hf, path = _fairseq_ckpt(tmp_path, model_type, layer_norm)
@@ -371,7 +367,6 @@ def test_fairseq_padded_batch_follows_the_block_rule(model_type, layer_norm, tmp
     assert load_pretrained(tmp_path / "hfdir").config.padding_rule == "cnn"
 
 
-@needs_padding_rule
 def test_fairseq_wav2vec2_and_transformers_checkpoints_keep_the_cnn_rule(tmp_path):
     hf, path = _fairseq_ckpt(tmp_path, "wav2vec2", True)
     assert load_pretrained(path).config.padding_rule == "cnn"

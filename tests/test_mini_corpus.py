@@ -59,7 +59,7 @@ def test_all_splits_written_with_fields(corpus):
             if split.startswith("ks_") and sup.custom["keyword"] == "_silence_":
                 assert sup.text == "" and sup.speaker is None
                 continue
-            assert sup.speaker in {s.id for s in mini.SPEAKERS}
+            assert sup.speaker in {s.id for s in mini.SPEAKERS + mini.POOL_SPEAKERS}
             assert sup.text and sup.text == normalize_transcript(sup.text) and sup.text.upper() == sup.text
             phones = sup.custom["phones"].split()
             assert len(phones) >= 2, cut.id  # even "go" has two phones
@@ -79,7 +79,9 @@ def test_speakers_and_split_design(corpus):
     _, cs = corpus
     spk = {split: {_sup(c).speaker for c in cuts} - {None} for split, cuts in cs.items()}
     assert len(set().union(*spk.values())) >= 16
-    assert len(spk["pretrain"]) >= 16 and spk["pretrain"] == {s.id for s in mini.TRAIN_SPEAKERS}
+    # the pretraining pool: training-side and pool-only voices, never a held-out (test) speaker
+    assert spk["pretrain"] == {s.id for s in mini.TRAIN_SPEAKERS + mini.POOL_SPEAKERS}
+    assert not spk["pretrain"] & {s.id for s in mini.HELD_OUT_SPEAKERS}
     assert spk["sid_train"] == spk["sid_dev"] == spk["sid_test"] and len(spk["sid_train"]) >= 16
     assert spk["asr_test"] - spk["asr_train"], "some ASR test speakers must be unseen in training"
     assert spk["asr_test"] & spk["asr_train"], "ASR test also covers seen speakers"
@@ -97,6 +99,12 @@ def test_speakers_and_split_design(corpus):
     evaluation = {c.id for s in ("asr_dev", "asr_test", "er_dev", "er_test", "ks_dev", "ks_test", "asv_test")
                   for c in cs[s]}
     assert not {c.id for c in cs["pretrain"]} & evaluation
+    # The pool is its own audio: no cut or transcript of a labelled split, and half of it reverberant.
+    labelled = {c.id for s, cuts in cs.items() if s != "pretrain" for c in cuts}
+    assert not {c.id for c in cs["pretrain"]} & labelled
+    assert not set(text["pretrain"]) & {t for s, ts in text.items() if s != "pretrain" for t in ts}
+    rooms = [_sup(c).custom.get("rt60", 0.0) for c in cs["pretrain"]]
+    assert 0.25 < np.mean([r > 0 for r in rooms]) < 0.75 and all(r == 0 or 0.15 <= r <= 0.6 for r in rooms)
 
 
 def test_asv_trials_balanced_and_over_held_out_speakers(corpus):

@@ -25,3 +25,6 @@ done
 
 # True when stage $1 lies within [stage, stop_stage].
 stage_in() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
+
+# True (with a log line) when KM_DIR already holds a fitted k-means: recipes reuse it instead of refitting.
+km_done() { [ -f "$1/kmeans.json" ] && log "k-means in $1 exists; reusing it (delete it to refit)"; }

@@ -63,8 +63,8 @@ pretrain_iter() {  # pretrain_iter CONFIG OUT UNIT_NAME [ARGS...]: resumes when 
 if stage_in 1; then
   log "Stage 1: k-means K=$km1_k on MFCC of ${km_fraction} of $data/cuts_${train_split}.jsonl.gz"
   # shellcheck disable=SC2086
-  speechssl kmeans --cuts "$data/cuts_${train_split}.jsonl.gz" --out "$exp/km_mfcc" --feature mfcc \
-    --n-clusters "$km1_k" --fraction "$km_fraction" --seed "$seed" $km_opts
+  km_done "$exp/km_mfcc" || speechssl kmeans --cuts "$data/cuts_${train_split}.jsonl.gz" --out "$exp/km_mfcc" \
+    --feature mfcc --n-clusters "$km1_k" --fraction "$km_fraction" --seed "$seed" $km_opts
 fi
 
 if stage_in 2; then
@@ -85,7 +85,7 @@ unit2=hubert_l${km2_layer}
 if stage_in 4; then
   log "Stage 4: k-means K=$km2_k on layer $km2_layer of $iter1_dir/final"
   # shellcheck disable=SC2086
-  speechssl kmeans --cuts "$data/cuts_${train_split}.jsonl.gz" --out "$exp/km_${unit2}" \
+  km_done "$exp/km_${unit2}" || speechssl kmeans --cuts "$data/cuts_${train_split}.jsonl.gz" --out "$exp/km_${unit2}" \
     --feature "$iter1_dir/final" --layer "$km2_layer" --n-clusters "$km2_k" --fraction "$km_fraction" \
     --seed "$seed" $km_opts
 fi

@@ -44,8 +44,8 @@ if stage_in 1; then
   [ -n "$km_model" ] || { echo "$0: stage 1 needs --km-model MODEL_DIR (or start at --stage 3)" >&2; exit 1; }
   log "Stage 1: k-means K=$km_k on layer $km_layer of $km_model"
   # shellcheck disable=SC2086
-  speechssl kmeans --cuts "$data/cuts_${train_split}.jsonl.gz" --out "$exp/km_${units}" --feature "$km_model" \
-    --layer "$km_layer" --n-clusters "$km_k" --fraction "$km_fraction" --seed "$seed" $km_opts
+  km_done "$exp/km_${units}" || speechssl kmeans --cuts "$data/cuts_${train_split}.jsonl.gz" --out "$exp/km_${units}" \
+    --feature "$km_model" --layer "$km_layer" --n-clusters "$km_k" --fraction "$km_fraction" --seed "$seed" $km_opts
 fi
 
 if stage_in 2; then

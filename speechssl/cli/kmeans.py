@@ -28,8 +28,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--cuts", required=True, help="cut manifest (jsonl/jsonl.gz)")
     p.add_argument("--out", required=True, metavar="KM_DIR", help="directory to write the k-means model to")
-    p.add_argument("--feature", default="mfcc", metavar="mfcc|MODEL",
-                   help="'mfcc' (39-dim, 100 Hz) or a model path loadable by speechssl.load_pretrained")
+    p.add_argument("--feature", default="mfcc", metavar="mfcc|mfcc_cmvn|MODEL",
+                   help="'mfcc' (39-dim, 100 Hz), 'mfcc_cmvn' (the same, mean and variance normalised per "
+                        "utterance) or a model path loadable by speechssl.load_pretrained")
     p.add_argument("--layer", type=int, default=None, help="hidden-state index for model features (0 = input)")
     p.add_argument("--n-clusters", type=int, required=True, help="number of units K")
     p.add_argument("--fraction", type=float, default=0.1, help="share of cuts to fit on (default 0.1)")

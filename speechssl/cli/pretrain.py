@@ -12,6 +12,9 @@ EXAMPLES = """examples:
   # a short CPU run of the mini demo, overriding steps and batch size
   speechssl pretrain --config conf/pretrain/mini_wav2vec2.yaml --out exp/wav2vec2 \\
       --set trainer.max_steps=50 --set data.max_duration=60
+  # as many updates as fit in 20 minutes on this machine (timed before training; recorded in EXP/config.yaml)
+  speechssl pretrain --config conf/pretrain/small_hubert.yaml --out exp/small --minutes 20 \
+      --set data.train=[exp/small/data/cuts_train_mfcc.jsonl.gz]
   # continue exactly where the last checkpoint left off
   speechssl pretrain --config conf/pretrain/mini_wav2vec2.yaml --out exp/wav2vec2 --resume
   # 8 GPUs (or several nodes) through accelerate / torchrun
@@ -30,13 +33,33 @@ def register(subparsers) -> None:
         epilog=EXAMPLES, formatter_class=EXAMPLES_FORMATTER,
     )
     add_experiment_args(p)
+    p.add_argument("--minutes", type=float, default=None,
+                   help="budget: set trainer.max_steps to the updates that fit in this many minutes of wall time "
+                        "on this machine (timed on the run's own batches before training; a --resume keeps the "
+                        "steps recorded in OUT/config.yaml)")
     p.set_defaults(func=run)
+
+
+def budget_steps(cfg, out: str, minutes: float, resume: bool) -> int:
+    """The steps for a ``--minutes`` budget: timed now, or on ``--resume`` the ones the run started with."""
+    from pathlib import Path
+
+    import yaml
+
+    from speechssl.train.pretrain import steps_for_budget
+
+    saved = Path(out) / "config.yaml"
+    if resume and saved.is_file():
+        return int(yaml.safe_load(saved.read_text())["trainer"]["max_steps"])
+    return steps_for_budget(cfg, minutes)
 
 
 def run(args: argparse.Namespace) -> int:
     from speechssl.train.pretrain import PretrainConfig, run_pretrain
 
     cfg = experiment_config(PretrainConfig, args)
+    if args.minutes is not None:
+        cfg.trainer.max_steps = budget_steps(cfg, args.out, args.minutes, args.resume)
     logs = run_pretrain(cfg, args.out, resume=args.resume)
     keys = [k for k in ("step", "loss", "acc_masked", "acc", "valid_loss", "valid_acc_masked", "valid_acc") if k in logs]
     print(" ".join(f"{k}={logs[k]:.4g}" if isinstance(logs[k], float) else f"{k}={logs[k]}" for k in keys))

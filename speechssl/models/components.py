@@ -151,14 +151,26 @@ def log_mel_fbank(wav: Tensor, n_mels: int = 80, sample_rate: int = 16000, win: 
 
 
 class FbankFrontend(nn.Module):
-    """80-dim log-mel -> per-utterance mean/variance normalisation -> small conv subsampler (Fast-HuBERT style).
+    """80-dim log-mel -> mean/variance normalisation -> small conv subsampler (Fast-HuBERT style).
 
-    ``conv_layers`` [[C, k, s], ...] are Conv1d over time (padding k // 2) + GELU; strides 2, 2 give 40 ms frames.
+    ``conv_layers`` [[C, k, s], ...] are Conv1d over time (padding k // 2) + GELU; strides 2, 2 give 40 ms frames,
+    one stride 2 gives 20 ms frames (MelHuBERT). ``input_norm`` chooses the normalisation:
+
+    - ``"utterance"``: per utterance and bin, over its valid frames. Removes loudness and the long-term spectral
+      envelope, which carry much of a speaker's identity and of prosody.
+    - ``"global"``: one mean and standard deviation per bin for the whole corpus (buffers ``input_mean`` /
+      ``input_std`` [n_mels], saved with the weights; :meth:`set_input_stats` fills them before training), so the
+      model sees loudness and spectral envelope as they are.
     """
 
-    def __init__(self, conv_layers: Sequence[Sequence[int]], n_mels: int = 80, bias: bool = True):
+    NORMS = ("utterance", "global")
+
+    def __init__(self, conv_layers: Sequence[Sequence[int]], n_mels: int = 80, bias: bool = True,
+                 input_norm: str = "utterance"):
         super().__init__()
-        self.n_mels = n_mels
+        if input_norm not in self.NORMS:
+            raise ValueError(f"encoder config 'input_norm' must be one of {self.NORMS}, got {input_norm!r}")
+        self.n_mels, self.input_norm = n_mels, input_norm
         blocks = []
         c_in = n_mels
         for c, k, s in conv_layers:
@@ -167,6 +179,26 @@ class FbankFrontend(nn.Module):
         self.conv_layers = nn.ModuleList(blocks)
         self.layers = [list(map(int, l)) for l in conv_layers]
         self.register_buffer("mel_filters", mel_filterbank(512, n_mels, 16000), persistent=False)
+        if input_norm == "global":
+            self.register_buffer("input_mean", torch.zeros(n_mels))
+            self.register_buffer("input_std", torch.ones(n_mels))
+
+    @torch.no_grad()
+    def set_input_stats(self, mean: Tensor, std: Tensor) -> None:
+        """Corpus statistics for ``input_norm: global``: mean, std [n_mels] of the raw log-mel frames."""
+        if self.input_norm != "global":
+            raise ValueError("set_input_stats is for encoder config input_norm 'global'")
+        self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-3))
+
+    def apply_norm(self, feats: Tensor, lengths: Optional[Tensor]) -> Tensor:
+        """The configured normalisation of raw log-mel frames [B, N, M] -> [B, N, M] (padding set to 0)."""
+        if self.input_norm == "utterance":
+            return self.normalize(feats, lengths)
+        x = (feats - self.input_mean) / self.input_std
+        if lengths is None:
+            return x
+        return x * (torch.arange(feats.shape[1], device=feats.device)[None] < lengths[:, None]).unsqueeze(-1)
 
     @staticmethod
     def normalize(feats: Tensor, lengths: Optional[Tensor]) -> Tensor:

@@ -28,6 +28,7 @@ from .components import (
     conv_out_frames,
     log_mel_fbank,
 )
+from .frames import PADDING_RULES, valid_frames
 
 __all__ = ["EncoderConfig", "EncoderOutput", "EncoderGates", "Encoder", "build_encoder", "BASE_CONV_LAYERS"]
 
@@ -69,6 +70,9 @@ class EncoderConfig:
     layer_heads: Optional[list[list[int]]] = None  # kept ORIGINAL head indices per layer ([] = no attention)
     layer_ffn_dims: Optional[list[int]] = None  # FFN width per layer (0 = no FFN block)
     n_mels: int = 80  # fbank front end only
+    input_norm: str = "utterance"  # fbank front end: "utterance" | "global" log-mel normalisation (FbankFrontend)
+    # which frames of a padded batch are padding: "cnn" (length arithmetic) | "fairseq_block" (fairseq HuBERT/WavLM)
+    padding_rule: str = "cnn"
 
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the offending key."""
@@ -76,6 +80,12 @@ class EncoderConfig:
             raise ConfigError(f"encoder config 'model_type' must be wav2vec2|hubert|wavlm|bestrq, got {self.model_type!r}")
         if self.frontend not in ("cnn", "fbank"):
             raise ConfigError(f"encoder config 'frontend' must be 'cnn' or 'fbank', got {self.frontend!r}")
+        if self.input_norm not in FbankFrontend.NORMS:
+            raise ConfigError(f"encoder config 'input_norm' must be one of {'|'.join(FbankFrontend.NORMS)}, "
+                             f"got {self.input_norm!r}")
+        if self.padding_rule not in PADDING_RULES:
+            raise ConfigError(f"encoder config 'padding_rule' must be one of {'|'.join(PADDING_RULES)}, "
+                             f"got {self.padding_rule!r}")
         if self.extractor_mode not in ("group_norm", "layer_norm"):
             raise ConfigError(f"encoder config 'extractor_mode' must be group_norm|layer_norm, got {self.extractor_mode!r}")
         if not self.conv_layers or any(len(l) != 3 for l in self.conv_layers):
@@ -169,7 +179,8 @@ class Encoder(nn.Module):
                 config.conv_layers, config.extractor_mode, config.conv_bias)
             self.downsample_rate = strides
         else:
-            self.feature_extractor = FbankFrontend(config.conv_layers, config.n_mels, bias=True)
+            self.feature_extractor = FbankFrontend(config.conv_layers, config.n_mels, bias=True,
+                                                    input_norm=config.input_norm)
             self.downsample_rate = strides * FBANK_HOP
         c = int(config.conv_layers[-1][0])
         self.feature_projection = FeatureProjection(
@@ -257,7 +268,9 @@ class Encoder(nn.Module):
             if cfg.normalize_waveform:
                 wav = self._normalize_waveform(wav, lengths)
             x = self.feature_extractor(wav, conv_gates)
-            frames = self.num_frames(lengths) if lengths is not None else None
+            frames = None
+            if lengths is not None:  # the checkpoint source's rule (speechssl.models.frames)
+                frames = valid_frames(cfg.padding_rule, lengths, wav.shape[1], x.shape[-1], self.num_frames(lengths))
             return x, frames, None
         # fbank: either given features (lengths = fbank frames) or computed from the waveform
         if features is None:
@@ -270,7 +283,7 @@ class Encoder(nn.Module):
             if features.dim() != 3 or features.shape[-1] != cfg.n_mels:
                 raise ValueError(f"features must be [B, F, {cfg.n_mels}], got {tuple(features.shape)}")
             feats, feat_lens = features.float(), lengths
-        feats = FbankFrontend.normalize(feats, feat_lens)
+        feats = self.feature_extractor.apply_norm(feats, feat_lens)
         x = self.feature_extractor(feats, conv_gates)
         frames = self.num_frames_from_features(feat_lens) if feat_lens is not None else None
         # stack the normalised input frames to the encoder frame rate (BEST-RQ quantizer input)

@@ -16,14 +16,12 @@ The encoder reads the rule from ``EncoderConfig.padding_rule``; :func:`valid_fra
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import torch
 from torch import Tensor
 
 __all__ = ["PADDING_RULES", "valid_frames", "block_valid_frames", "fairseq_padding_rule", "with_padding_rule"]
 
-log = logging.getLogger(__name__)
 
 PADDING_RULES = ("cnn", "fairseq_block")
 
@@ -59,14 +57,7 @@ def fairseq_padding_rule(model_type: str) -> str:
 
 
 def with_padding_rule(cfg, rule: str):
-    """``cfg`` recording ``rule``. An EncoderConfig without the ``padding_rule`` field (an encoder.py that
-    predates it) keeps the CNN rule, with a warning: padded batches then differ from the source near utterance
-    ends, equal-length ones do not."""
+    """``cfg`` (an EncoderConfig) recording ``rule``."""
     if rule not in PADDING_RULES:
         raise ValueError(f"padding rule must be one of {PADDING_RULES}, got {rule!r}")
-    if "padding_rule" in {f.name for f in dataclasses.fields(cfg)}:
-        return dataclasses.replace(cfg, padding_rule=rule)
-    if rule != "cnn":
-        log.warning("this EncoderConfig has no 'padding_rule' field: the checkpoint's %s padding rule is not "
-                    "kept, so padded batches differ from its source near utterance ends", rule)
-    return cfg
+    return dataclasses.replace(cfg, padding_rule=rule)

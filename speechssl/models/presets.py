@@ -108,10 +108,18 @@ def tiny_bestrq() -> EncoderConfig:
                  layer_norm_first=True)
 
 
+def small_hubert() -> EncoderConfig:
+    """The small-data recipe's encoder (recipes/ssl/small.sh): the tiny transformer (4 pre-LN layers of 256) on an
+    fbank front end with one stride-2 conv (20 ms frames, as MelHuBERT) and corpus-level input normalisation, so
+    that loudness and the spectral envelope (speaker, prosody) reach the model."""
+    return _tiny("hubert", frontend="fbank", conv_layers=[[256, 3, 2]], conv_bias=True, layer_norm_first=True,
+                 input_norm="global", feature_dropout=0.1)
+
+
 PRESETS: dict[str, Callable[[], EncoderConfig]] = {
     f.__name__: f
     for f in (wav2vec2_base, wav2vec2_large, hubert_base, hubert_large, wavlm_base, wavlm_large, bestrq,
-              tiny_wav2vec2, tiny_hubert, tiny_wavlm, tiny_bestrq)
+              tiny_wav2vec2, tiny_hubert, tiny_wavlm, tiny_bestrq, small_hubert)
 }
 
 

@@ -435,11 +435,102 @@ def _save_final(cfg: PretrainConfig):
     return save
 
 
+def _train_cuts(cfg: PretrainConfig):
+    """The training cuts in manifest (or shard) order, lazily."""
+    d = cfg.data
+    if d.train:
+        return _filter(_open_cuts(d.train, "train"), d)
+    from speechssl.data.shar import open_shar_cuts
+
+    return _filter(open_shar_cuts(d.shar_dir, split_for_dataloading=False, shuffle_shards=False), d)
+
+
+INPUT_STATS_CUTS = 200  # cuts read for the corpus-level log-mel statistics (evenly spread over the first 4x)
+
+
+@torch.no_grad()
+def set_input_statistics(cfg: PretrainConfig, encoder) -> None:
+    """Fill the fbank front end's corpus statistics (``input_norm: global``) from the training cuts: per-bin mean
+    and standard deviation of the raw log-mel frames of up to ``INPUT_STATS_CUTS`` cuts. Deterministic (no
+    sampling), so every rank computes the same values; skipped when the weights come from ``model.init_from``."""
+    from itertools import islice
+
+    from speechssl.data.audio import BadCutError, load_cut_audio
+    from speechssl.models.components import log_mel_fbank
+
+    front = encoder.feature_extractor
+    if getattr(front, "input_norm", None) != "global" or cfg.model.init_from:
+        return
+    head = list(islice(_train_cuts(cfg), 4 * INPUT_STATS_CUTS))  # manifests are often sorted by speaker
+    cuts = head[:: -(-len(head) // INPUT_STATS_CUTS) or 1]
+    total = torch.zeros(front.n_mels, dtype=torch.float64)
+    sq = torch.zeros_like(total)
+    frames = 0
+    for cut in cuts:
+        try:
+            wav = torch.from_numpy(load_cut_audio(cut))[None]
+        except BadCutError:
+            continue  # the loader counts and reports bad cuts; statistics need only the good ones
+        x = log_mel_fbank(wav, front.n_mels, filters=front.mel_filters)[0].double()
+        total += x.sum(0)
+        sq += (x * x).sum(0)
+        frames += x.shape[0]
+    if frames == 0:
+        raise ConfigError("config key 'data.train': no readable audio among the first training cuts to compute the "
+                          "fbank input statistics (model input_norm: global)")
+    mean = total / frames
+    front.set_input_stats(mean.float(), (sq / frames - mean * mean).clamp_min(0).sqrt().float())
+    log.info("fbank input statistics from %d frames of %d cuts", frames, len(cuts))
+
+
+def steps_for_budget(cfg: PretrainConfig, minutes: float, probe_steps: int = 6) -> int:
+    """Optimiser updates that fit in ``minutes`` of wall-clock time on this machine.
+
+    Times ``probe_steps`` updates (after two untimed ones: allocator and worker start-up) of a throwaway copy of
+    the model on the run's own first batches, with the RNG state restored afterwards, and divides the budget by
+    the median update time plus 5% for logging, evaluations and checkpoints. The run itself then has a fixed
+    number of steps, so its schedule, resume and results do not depend on the clock."""
+    import statistics
+    import time
+
+    if minutes <= 0:
+        raise ConfigError(f"--minutes must be > 0, got {minutes}")
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.trainer.seed)
+        model = build_model(cfg)
+        set_input_statistics(cfg, model.encoder)
+        model.train()
+        loader = build_train_loader(cfg, model.encoder)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
+        batches = iter(loader)
+        times = []
+        for i in range(probe_steps + 2):
+            start = time.perf_counter()
+            for _ in range(cfg.trainer.grad_accum):
+                try:
+                    batch = next(batches)
+                except StopIteration:  # fewer batches than the probe needs: go round again
+                    batches = iter(loader)
+                    batch = next(batches)
+                loss, _ = model(batch)
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        del model, loader, opt
+    per_step = statistics.median(times) * 1.05
+    steps = max(1, int(minutes * 60 / per_step))
+    log.info("budget %.1f min: %.3f s per update on this machine -> trainer.max_steps=%d", minutes, per_step, steps)
+    return steps
+
+
 def run_pretrain(cfg: PretrainConfig, out_dir: str | Path, resume: bool = False) -> dict:
     """Pretrain an encoder per ``cfg`` into ``out_dir``; returns the trainer's final logs."""
     torch.manual_seed(cfg.trainer.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_model(cfg)
     encoder = model.encoder
+    set_input_statistics(cfg, encoder)
     n_params = sum(p.numel() for p in encoder.parameters())
     log.info("encoder %s: %.1fM parameters; objective %s", cfg.model.preset, n_params / 1e6, cfg.objective.name)
     held: dict[str, Trainer] = {}  # the evaluate callback reads the trainer's step (diagnostics.every)

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16000
 MFCC_FRAME_SHIFT = 0.01
+# hand-crafted unit features: 39-dim MFCC (+ deltas), raw or normalised per utterance (mean and variance per
+# coefficient over the utterance: targets about what is said rather than about the speaker or the channel)
+HANDCRAFTED = ("mfcc", "mfcc_cmvn")
 
 __all__ = ["FeatureSpec", "FeatureReader", "fit_kmeans", "label_cuts", "load_cuts"]
 
@@ -36,7 +39,7 @@ __all__ = ["FeatureSpec", "FeatureReader", "fit_kmeans", "label_cuts", "load_cut
 class FeatureSpec:
     """How units' features are computed; saved in ``kmeans.json`` so that ``label`` recomputes the same ones."""
 
-    feature: str  # "mfcc" or a model path
+    feature: str  # "mfcc", "mfcc_cmvn" or a model path
     layer: int | None = None
     frame_shift: float = MFCC_FRAME_SHIFT  # seconds per feature frame (= label period)
     dim: int = 39
@@ -60,7 +63,8 @@ class FeatureReader:
     """Frame features of cuts: ``reader(cuts) -> list of float32 arrays [T_i, D]``.
 
     Args:
-        feature: "mfcc", or a model (directory / checkpoint path, or an Encoder) whose ``hidden_states[layer]``
+        feature: "mfcc", "mfcc_cmvn" (normalised per utterance), or a model (directory / checkpoint path, or an
+            Encoder) whose ``hidden_states[layer]``
             are the features (index 0 = transformer input, i = output of layer i, as transformers defines them).
         layer: required for a model.
         device: where the model runs.
@@ -71,18 +75,19 @@ class FeatureReader:
     def __init__(self, feature, layer: int | None = None, device: str = "cpu", batch_size: int = 16):
         self.device = torch.device(device)
         self.batch_size = max(1, int(batch_size))
-        if isinstance(feature, str) and feature == "mfcc":
+        if isinstance(feature, str) and feature in HANDCRAFTED:
             if layer is not None:
-                raise ValueError("--layer applies to model features, not mfcc")
+                raise ValueError(f"--layer applies to model features, not {feature}")
             self.model = None
-            self.spec = FeatureSpec("mfcc", None, MFCC_FRAME_SHIFT, 39)
+            self.spec = FeatureSpec(feature, None, MFCC_FRAME_SHIFT, 39)
             return
         if isinstance(feature, torch.nn.Module):
             model, name = feature, "<encoder>"
         else:
             path = Path(feature)
             if not path.exists():
-                raise FileNotFoundError(f"--feature must be 'mfcc' or an existing model path; {path} does not exist")
+                raise FileNotFoundError(f"--feature must be one of {'|'.join(HANDCRAFTED)} or an existing model path; "
+                                        f"{path} does not exist")
             from speechssl import load_pretrained
 
             model, name = load_pretrained(str(path)), str(path.resolve())
@@ -115,7 +120,10 @@ class FeatureReader:
             for i, w in enumerate(wavs):
                 audio[i, : len(w)] = torch.from_numpy(w)
             feats, n = compute_mfcc(audio, lens)
-            return [feats[i, : int(n[i])].numpy().astype(np.float32) for i in range(len(wavs))]
+            out = [feats[i, : int(n[i])].numpy().astype(np.float32) for i in range(len(wavs))]
+            if self.spec.feature == "mfcc_cmvn":
+                out = [(f - f.mean(0)) / (f.std(0) + 1e-5) for f in out]
+            return out
         out = []
         for w in wavs:
             x = torch.from_numpy(w)[None].to(self.device)
@@ -246,7 +254,7 @@ def label_cuts(cuts, km_dir, out_path, *, name: str = "kmeans", storage_dir=None
     if not spec:
         raise ValueError(f"{km_dir}/kmeans.json has no meta.features: was it written by `speechssl kmeans`?")
     rel = (getattr(km, "meta", {}) or {}).get("feature_relative")
-    if spec["feature"] != "mfcc" and not Path(spec["feature"]).exists() and rel:
+    if spec["feature"] not in HANDCRAFTED and not Path(spec["feature"]).exists() and rel:
         moved = Path(km_dir) / rel
         if not moved.exists():
             raise FileNotFoundError(f"{km_dir}/kmeans.json: its feature model is neither at {spec['feature']} "

@@ -7,8 +7,13 @@ helper process, ``espeak.ESpeakServer``), writes 16 kHz 16-bit wav files under `
 and the same audio bytes, whatever ``num_jobs`` is.
 
 Speakers: 24 eSpeak voices (accents en-us and en-gb x variants m1..m7, f1..f5), each with its own base
-pitch, pitch range, rate and volume. 16 are "training side" speakers (pretraining, ASR train, SID, ER,
-KS train, ASV train); 8 are held out (unseen ASR dev/test speakers, KS dev/test, ASV test).
+pitch, pitch range, rate and volume. 16 are "training side" speakers (ASR train, SID, ER, KS train, ASV
+train); 8 are held out (unseen ASR dev/test speakers, KS dev/test, ASV test).
+
+The ``pretrain`` split is an unlabelled pool of its own (``POOL_FACTOR`` x the read-sentence minutes): new
+sentences by the training-side speakers and 24 pool-only voices (six more accents), in every prosody class,
+with wider speed and noise ranges and half of it in a synthetic room (``custom.rt60``). It shares no audio and
+no transcript with the labelled splits and holds no held-out speaker.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ SPLITS = ("pretrain", "asr_train", "asr_dev", "asr_test", "sid_train", "sid_dev"
           "asv_train", "asv_test", "er_train", "er_dev", "er_test", "ks_train", "ks_dev", "ks_test")
 EMOTIONS = ("neutral", "happy", "sad", "angry")
 DEFAULT_MINUTES = 15.0  # ~380 ASR utterances; 50 clips per emotion and 32 per keyword class in training
-FORMAT_VERSION = 2  # bump when the generated corpus changes for the same seed (2: phone alignments)
+FORMAT_VERSION = 3  # bump when the generated corpus changes for the same seed (2: phone alignments, 3: pool)
+POOL_FACTOR = 3.0  # the pretraining pool holds about this many times the read-sentence minutes
 _SENTENCE_SECONDS = 2.4  # average length of a read sentence with its silences, to turn minutes into counts
 
 
@@ -66,7 +72,28 @@ def _make_speakers() -> tuple[MiniSpeaker, ...]:
     return tuple(speakers)
 
 
+def _make_pool_speakers() -> tuple[MiniSpeaker, ...]:
+    # Voices heard only in the pretraining pool: other accents and eSpeak variants, so pretraining meets more
+    # voices than the labelled splits and none of the held-out test speakers.
+    rng = np.random.default_rng(20261201)
+    accents = (("nyc", "en-us-nyc"), ("rp", "en-gb-x-rp"), ("sc", "en-gb-scotland"), ("cb", "en-029"),
+               ("ln", "en-gb-x-gbclan"), ("cw", "en-gb-x-gbcwmd"))
+    variants = (("adam", "m"), ("anika", "f"), ("aunty", "f"), ("benjamin", "m"), ("caleb", "m"),
+                ("david", "m"), ("edward", "m"), ("grandma", "f"), ("ian", "m"), ("linda", "f"), ("m8", "m"),
+                ("max", "m"), ("michel", "m"), ("norbert", "m"), ("f1", "f"), ("f4", "f"))
+    speakers = []
+    for i, (accent, lang) in enumerate(accents):
+        for j in range(4):
+            variant, gender = variants[(4 * i + j) % len(variants)]
+            speakers.append(MiniSpeaker(
+                id=f"{accent}-{variant}", voice=f"{lang}+{variant}", gender=gender,
+                pitch=int(rng.integers(30, 71)), pitch_range=int(rng.integers(30, 76)),
+                rate=int(rng.integers(140, 211)), volume=int(rng.integers(60, 121)), held_out=False))
+    return tuple(speakers)
+
+
 SPEAKERS = _make_speakers()
+POOL_SPEAKERS = _make_pool_speakers()
 TRAIN_SPEAKERS = tuple(s for s in SPEAKERS if not s.held_out)
 HELD_OUT_SPEAKERS = tuple(s for s in SPEAKERS if s.held_out)
 # Unseen ASR speakers: two in dev, the other six in test. KS dev/test: four held-out speakers each.
@@ -99,6 +126,7 @@ class UttSpec:
     lead_s: float = 0.1
     trail_s: float = 0.1
     noise_dbfs: float = -60.0      # RMS level of the added background noise
+    rt60: float = 0.0              # room reverberation time in seconds (0 = dry)
     clip_s: float | None = None    # fixed clip length (keyword clips), speech placed at a random offset
     emotion: str | None = None
     keyword: str | None = None
@@ -133,6 +161,15 @@ def _speech_spec(uid: str, path: str, spk: MiniSpeaker, text: str, seed: int, em
         noise_dbfs=float(rng.uniform(-65, -42)), emotion=emotion, **extra)
 
 
+def _pool_spec(uid: str, spk: MiniSpeaker, text: str, seed: int) -> UttSpec:
+    """A pretraining-pool utterance: any prosody class, wider speed and noise ranges, half of them in a room."""
+    rng = np.random.default_rng([seed, 11])
+    emotion = EMOTIONS[int(rng.choice(4, p=[0.4, 0.2, 0.2, 0.2]))]
+    spec = _speech_spec(uid, f"audio/pool/{spk.id}/{uid}.wav", spk, text, seed, emotion=emotion)
+    return replace(spec, speed=float(rng.uniform(0.9, 1.1)), noise_dbfs=float(rng.uniform(-65, -32)),
+                   rt60=float(rng.uniform(0.15, 0.6)) if rng.random() < 0.5 else 0.0, emotion=None)
+
+
 def _punctuate(sentence: str) -> str:
     return sentence + ("?" if sentence.startswith(("did ", "where ")) else ".")
 
@@ -154,6 +191,7 @@ def _counts(minutes: float) -> dict[str, int]:
         "sent_held_out": max(2, round(0.25 * n_sent / len(HELD_OUT_SPEAKERS))),
         "er": min(10, max(1, round(minutes / 3))),      # clips per speaker per emotion
         "ks": min(10, max(1, round(minutes / 7))),      # clips per speaker per keyword class
+        "pool": max(len(TRAIN_SPEAKERS) + len(POOL_SPEAKERS), round(POOL_FACTOR * n_sent)),  # pool sentences
     }
 
 
@@ -189,7 +227,6 @@ def plan_mini(minutes: float = DEFAULT_MINUTES, seed: int = 0) -> MiniPlan:
                 splits[f"sid_{part}"].append(uid)
                 if part == "train":
                     splits["asv_train"].append(uid)
-                    splits["pretrain"].append(uid)
 
     # Emotion clips: training-side speakers in 5 sessions like IEMOCAP; sessions 1-3 train, 4 dev, 5 test.
     short = iter(grammar.unique_sentences(c["er"] * len(EMOTIONS) * len(TRAIN_SPEAKERS), short=True,
@@ -205,8 +242,6 @@ def plan_mini(minutes: float = DEFAULT_MINUTES, seed: int = 0) -> MiniPlan:
                                           _seed_for(seed, 2, k), emotion=emotion, session=session))
                 k += 1
                 splits[split].append(uid)
-                if split == "er_train":
-                    splits["pretrain"].append(uid)
 
     # Keyword clips of about 1 s: train on training-side speakers, dev/test on held-out speakers.
     rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
@@ -234,6 +269,17 @@ def plan_mini(minutes: float = DEFAULT_MINUTES, seed: int = 0) -> MiniPlan:
                                    noise_dbfs=float(r.uniform(-60, -38)))
                     specs.append(spec)
                 splits[split].append(uid)
+
+    # The pretraining pool: unlabelled sentences of its own (no transcript shared with a labelled split) by the
+    # training-side speakers and the pool-only voices; none by a held-out (test) speaker.
+    pool_speakers = TRAIN_SPEAKERS + POOL_SPEAKERS
+    said = {normalize_transcript(s.text) for s in specs}
+    pool_text = iter(grammar.unique_sentences(c["pool"], exclude=said))
+    for i in range(c["pool"]):
+        spk = pool_speakers[i % len(pool_speakers)]
+        uid = f"mini-pool-{spk.id}-{i // len(pool_speakers):04d}"
+        specs.append(_pool_spec(uid, spk, _punctuate(next(pool_text)), _seed_for(seed, 6, i)))
+        splits["pretrain"].append(uid)
 
     trials = _asv_trials(splits["asv_test"], {s.id: s.speaker for s in specs},
                          np.random.default_rng(np.random.SeedSequence([seed, 5])))
@@ -285,6 +331,29 @@ def _noise(n: int, dbfs: float, rng: np.random.Generator, kind: str | None = Non
                                        for h in (1, 2, 3))
     x = x - x.mean()
     return (x * (10 ** (dbfs / 20)) / (np.sqrt(np.mean(x ** 2)) + 1e-12)).astype(np.float32)
+
+
+def _room_response(rt60: float, rng: np.random.Generator) -> np.ndarray:
+    """A synthetic room impulse response [N]: the direct path, then exponentially decaying noise that falls by
+    60 dB in ``rt60`` seconds, starting 3-10 ms after it (early reflections), at a direct-to-reverberant ratio
+    of 0 to 8 dB."""
+    n = int(rt60 * SAMPLE_RATE)
+    gap = int(rng.integers(48, 160))
+    tail = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / n)
+    drr_db = rng.uniform(0.0, 8.0)
+    tail *= 10 ** (-drr_db / 20) / (np.sqrt(np.sum(tail ** 2)) + 1e-12)
+    h = np.zeros(gap + n)
+    h[0] = 1.0
+    h[gap:] = tail
+    return h
+
+
+def _reverberate(wav: np.ndarray, rt60: float, rng: np.random.Generator) -> np.ndarray:
+    """``wav`` [T] in a room (``_room_response``), cut to its length and rescaled to its RMS."""
+    from scipy.signal import fftconvolve
+
+    out = fftconvolve(wav, _room_response(rt60, rng))[: wav.size]
+    return (out * np.sqrt(np.mean(wav ** 2)) / (np.sqrt(np.mean(out ** 2)) + 1e-12)).astype(np.float32)
 
 
 def _trim(x: np.ndarray, threshold: float = 2e-3) -> tuple[np.ndarray, int]:
@@ -362,6 +431,8 @@ def render(spec: UttSpec, speak_fn=speak
             n = start + speech.size + int(round(spec.trail_s * SAMPLE_RATE))
         wav = np.zeros(n, dtype=np.float32)
         wav[start: start + speech.size] = speech
+        if spec.rt60 > 0:
+            wav = _reverberate(wav, spec.rt60, rng)
         wav += _noise(n, spec.noise_dbfs, rng)
         phones = _phone_alignment(events, raw.size, SAMPLE_RATE // 50 / down, lead, speech.size, start, n)
     return np.clip(wav, -1.0, 32767 / 32768), words, phones
@@ -457,6 +528,8 @@ def _make_cut(spec: UttSpec, out_dir: Path, num_samples: int, phones: str, align
     for key in ("emotion", "keyword", "session"):
         if getattr(spec, key) is not None:
             custom[key] = getattr(spec, key)
+    if spec.rt60 > 0:
+        custom["rt60"] = round(spec.rt60, 3)
     text = normalize_transcript(spec.text) if spec.kind == "speech" else ""
     sup = SupervisionSegment(id=spec.id, recording_id=spec.id, start=0.0, duration=duration, channel=0,
                              text=text, language="English", speaker=spec.speaker, gender=spec.gender,
@@ -527,6 +600,7 @@ def prepare_mini(out_dir, minutes: float = DEFAULT_MINUTES, seed: int = 0, num_j
                    for s, c in cutsets.items()}})
     atomic_write_json(stamp_path, stamp)
     print(f"mini corpus in {out_dir}: {len(SPEAKERS)} speakers "
-          f"({len(TRAIN_SPEAKERS)} training side, {len(HELD_OUT_SPEAKERS)} held out), "
+          f"({len(TRAIN_SPEAKERS)} training side, {len(HELD_OUT_SPEAKERS)} held out) and {len(POOL_SPEAKERS)} "
+          f"pretraining-pool voices, "
           f"{len(plan.trials)} ASV trials\n{summary}", file=sys.stderr)
     return cutsets
