@@ -8,7 +8,9 @@ cd "$(dirname "$0")"
 stage=0
 stop_stage=100
 ngpu=0
-minutes=15         # size of the synthetic corpus: minutes of read sentences (+ emotion and keyword clips)
+minutes=15         # size of the synthetic corpus: minutes of read sentences (+ emotion and keyword clips, and a
+                   # pretraining pool of 3x this)
+pretrain_steps=1000  # updates of the small-data HuBERT (about 5 minutes on 2 CPU cores)
 seed=0
 nj=2
 data=data
@@ -30,34 +32,25 @@ if stage_in 1; then
 fi
 
 if stage_in 2; then
-  log "Stage 2: k-means (K=50) on MFCC of half the pretraining cuts, then MFCC units on every pretraining cut"
-  bash ../../recipes/ssl/hubert.sh --stage 1 --stop-stage 2 --data "$data/mini" --train-split pretrain \
-    --exp "$exp/hubert_km" --km1-k 50 --km-fraction 0.5 --seed "$seed"
+  log "Stage 2: k-means (K=100) on per-utterance normalised MFCC of the pretraining pool, units on every pool cut"
+  bash ../../recipes/ssl/small.sh --stage 1 --stop-stage 2 --data "$data/mini" --train-split pretrain \
+    --exp "$exp/hubert_small" --seed "$seed"
 fi
 
 if stage_in 3; then
-  log "Stage 3: HuBERT iteration 1 (tiny encoder, MFCC units) -> $exp/hubert_iter1/final"
-  bash ../../recipes/ssl/hubert.sh --stage 3 --stop-stage 3 --data "$data/mini" --train-split pretrain \
-    --exp "$exp/hubert_km" --iter1-dir "$exp/hubert_iter1" --ngpu "$ngpu" --ref-gpus 1 --seed "$seed" \
-    --iter1-config ../../conf/pretrain/mini_hubert_iter1.yaml
+  log "Stage 3: small-data HuBERT ($pretrain_steps updates, fbank front end, 4 x 256) -> $exp/hubert_small/final"
+  bash ../../recipes/ssl/small.sh --stage 3 --stop-stage 3 --data "$data/mini" --train-split pretrain \
+    --exp "$exp/hubert_small" --steps "$pretrain_steps" --seed "$seed"
 fi
 
 if stage_in 4; then
-  log "Stage 4: k-means (K=100) on layer 3 of HuBERT iteration 1, then layer-3 units on every pretraining cut"
-  bash ../../recipes/ssl/hubert.sh --stage 4 --stop-stage 5 --data "$data/mini" --train-split pretrain \
-    --exp "$exp/hubert_km" --iter1-dir "$exp/hubert_iter1" --km2-layer 3 --km2-k 100 --km-fraction 0.5 \
-    --seed "$seed"
+  log "Stage 4: k-means (K=100) on layer 3 of $exp/hubert_small/final, units on every pool cut (WavLM targets)"
+  bash ../../recipes/ssl/wavlm.sh --stage 1 --stop-stage 2 --data "$data/mini" --train-split pretrain \
+    --exp "$exp/wavlm" --km-model "$exp/hubert_small/final" --km-layer 3 --km-k 100 --km-fraction 0.3 --seed "$seed"
 fi
 
 if stage_in 5; then
-  log "Stage 5: HuBERT iteration 2 (layer-3 units) -> $exp/hubert_iter2/final"
-  bash ../../recipes/ssl/hubert.sh --stage 6 --stop-stage 6 --data "$data/mini" --train-split pretrain \
-    --exp "$exp/hubert_km" --iter2-dir "$exp/hubert_iter2" --km2-layer 3 --km2-k 100 --ngpu "$ngpu" \
-    --ref-gpus 1 --seed "$seed" --iter2-config ../../conf/pretrain/mini_hubert_iter2.yaml
-fi
-
-if stage_in 6; then
-  log "Stage 6: short wav2vec 2.0, WavLM and BEST-RQ runs; training curves -> $exp/pretrain_report"
+  log "Stage 5: short wav2vec 2.0, WavLM and BEST-RQ runs; training curves -> $exp/pretrain_report"
   bash ../../recipes/ssl/wav2vec2.sh --data "$data/mini" --train-split pretrain --exp "$exp/wav2vec2" \
     --ngpu "$ngpu" --ref-gpus 1 --seed "$seed" --config ../../conf/pretrain/mini_wav2vec2.yaml
   bash ../../recipes/ssl/wavlm.sh --stage 3 --stop-stage 3 --data "$data/mini" --train-split pretrain \
@@ -65,39 +58,38 @@ if stage_in 6; then
     --config ../../conf/pretrain/mini_wavlm.yaml
   bash ../../recipes/ssl/bestrq.sh --data "$data/mini" --train-split pretrain --exp "$exp/bestrq" \
     --ngpu "$ngpu" --ref-gpus 1 --seed "$seed" --config ../../conf/pretrain/mini_bestrq.yaml
-  speechssl report "$exp/hubert_iter1" "$exp/hubert_iter2" "$exp/wav2vec2" "$exp/wavlm" "$exp/bestrq" \
-    --out "$exp/pretrain_report"
+  speechssl report "$exp/hubert_small" "$exp/wav2vec2" "$exp/wavlm" "$exp/bestrq" --out "$exp/pretrain_report"
 fi
 
-if stage_in 7; then
-  log "Stage 7: DistilHuBERT: 2-layer student of $exp/hubert_iter2/final -> $exp/distilhubert/final"
+if stage_in 6; then
+  log "Stage 6: DistilHuBERT: 2-layer student of $exp/hubert_small/final -> $exp/distilhubert/final"
   bash ../../recipes/compress/distilhubert.sh --stage 1 --stop-stage 1 --data "$data/mini" --train-split pretrain \
-    --teacher "$exp/hubert_iter2/final" --exp "$exp/distilhubert" --ngpu "$ngpu" --seed "$seed" \
+    --teacher "$exp/hubert_small/final" --exp "$exp/distilhubert" --ngpu "$ngpu" --seed "$seed" \
     --config ../../conf/distill/mini_distilhubert.yaml
 fi
 
-if stage_in 8; then
-  log "Stage 8: DPHuBERT: prune $exp/hubert_iter2/final to 50% sparsity -> $exp/dphubert/final"
+if stage_in 7; then
+  log "Stage 7: DPHuBERT: prune $exp/hubert_small/final to 50% sparsity -> $exp/dphubert/final"
   bash ../../recipes/compress/dphubert.sh --stage 1 --stop-stage 1 --data "$data/mini" --train-split pretrain \
-    --teacher "$exp/hubert_iter2/final" --exp "$exp/dphubert" --target 0.5 --ngpu "$ngpu" --seed "$seed" \
+    --teacher "$exp/hubert_small/final" --exp "$exp/dphubert" --target 0.5 --ngpu "$ngpu" --seed "$seed" \
     --config ../../conf/prune/mini_dphubert.yaml
 fi
 
-if stage_in 9; then
-  log "Stage 9: profile teacher vs students (params, MACs / 10 s, CPU RTF; kept heads/FFN PNG) -> $exp/compress_profile"
-  speechssl profile "$exp/hubert_iter2/final" "$exp/distilhubert/final" "$exp/dphubert/final" \
-    --names hubert_iter2 distilhubert dphubert --threads 2 --repeats 3 --out "$exp/compress_profile"
+if stage_in 8; then
+  log "Stage 8: profile teacher vs students (params, MACs / 10 s, CPU RTF; kept heads/FFN PNG) -> $exp/compress_profile"
+  speechssl profile "$exp/hubert_small/final" "$exp/distilhubert/final" "$exp/dphubert/final" \
+    --names hubert_small distilhubert dphubert --threads 2 --repeats 3 --out "$exp/compress_profile"
 fi
 
-if stage_in 10; then
-  log "Stage 10: SUPERB (asr pr sid asv er ks, mini configs) on fbank and the mini encoders -> $exp/superb"
+if stage_in 9; then
+  log "Stage 9: SUPERB (asr pr sid asv er ks, mini configs) on fbank, a random-init control of the small HuBERT, it and its students -> $exp/superb"
   # the recipe skips, with a log line, an encoder whose directory is missing (its stage was not run)
   bash ../../recipes/superb/run.sh --stage 1 --stop-stage 1 --conf-prefix mini_ \
-    --upstreams "fbank $exp/hubert_iter2/final $exp/distilhubert/final $exp/dphubert/final" \
+    --upstreams "fbank random:$exp/hubert_small/final $exp/hubert_small/final $exp/distilhubert/final $exp/dphubert/final" \
     --data "$data/mini" --trials "$data/mini/asv_trials.txt" --exp "$exp/superb" --overrides "progress=false"
 fi
 
-if stage_in 11; then
-  log "Stage 11: SUPERB table (Markdown + CSV) and layer-weight plots -> $exp/superb/report"
+if stage_in 10; then
+  log "Stage 10: SUPERB table (Markdown + CSV) and layer-weight plots -> $exp/superb/report"
   speechssl report $(ls -d "$exp"/superb/*/ | grep -v -e '/report/$' -e '/cache/$') --out "$exp/superb/report"
 fi

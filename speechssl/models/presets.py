@@ -109,11 +109,10 @@ def tiny_bestrq() -> EncoderConfig:
 
 
 def small_hubert() -> EncoderConfig:
-    """The small-data recipe's encoder (recipes/ssl/small.sh): the tiny transformer (4 pre-LN layers of 256) on an
-    fbank front end with one stride-2 conv (20 ms frames, as MelHuBERT) and corpus-level input normalisation, so
-    that loudness and the spectral envelope (speaker, prosody) reach the model."""
-    return _tiny("hubert", frontend="fbank", conv_layers=[[256, 3, 2]], conv_bias=True, layer_norm_first=True,
-                 input_norm="global", feature_dropout=0.1)
+    """The small-data recipe's encoder (recipes/ssl/small.sh): the tiny transformer (4 post-LN layers of 256) on
+    an fbank front end with one stride-2 conv (20 ms frames, as MelHuBERT) and corpus-level input normalisation,
+    so that loudness and the spectral envelope (speaker, prosody) reach the model."""
+    return _tiny("hubert", frontend="fbank", conv_layers=[[256, 3, 2]], conv_bias=True, input_norm="global")
 
 
 PRESETS: dict[str, Callable[[], EncoderConfig]] = {
