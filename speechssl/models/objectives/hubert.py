@@ -4,6 +4,11 @@ Logits for label set ``s`` are ``normalize(proj_s(x)) @ normalize(E_s).T / tau``
 O(frames x K) memory (fairseq builds a [frames, K, dim] tensor of negatives instead). Cross-entropy is taken on
 masked frames (weight ``pred_masked_weight``) and optionally on unmasked ones (``pred_nomask_weight``), summed over
 label sets and normalised per masked frame, plus ``feature_pen_weight * mean(CNN_out^2)``.
+
+With ``recon_weight > 0`` (fbank front end only) a linear head also reconstructs the normalised input log-mel
+frames (stacked to the encoder frame rate) from the final hidden state, masked and unmasked frames alike, with
+an L1 loss. Unit targets are about what is said; the reconstruction makes the model keep what they ignore
+(loudness, spectral envelope, pitch: speaker and prosody), which a small model otherwise discards.
 """
 from __future__ import annotations
 
@@ -52,12 +57,14 @@ class HubertObjective(Objective):
         feature_pen_weight: weight of the CNN feature penalty (10).
         untie_final_proj: one projection per label set instead of one shared.
         seed: own mask generator (default: the global RNG).
+        recon_weight: weight of the L1 reconstruction of the normalised input log-mel frames (0 = off; fbank
+            front end only).
     """
 
     def __init__(self, encoder: nn.Module, num_classes=100, *, final_dim: int = 256, logit_temp: float = 0.1,
                  mask_prob: float = 0.8, mask_length: int = 10, pred_masked_weight: float = 1.0,
                  pred_nomask_weight: float = 0.0, feature_pen_weight: float = 10.0, untie_final_proj: bool = False,
-                 seed: int | None = None):
+                 seed: int | None = None, recon_weight: float = 0.0):
         super().__init__(encoder, mask_prob=mask_prob, mask_length=mask_length, seed=seed)
         self.num_classes = normalize_num_classes(num_classes)
         self.label_sets = list(self.num_classes)
@@ -73,6 +80,14 @@ class HubertObjective(Objective):
         self.final_proj = nn.Linear(D, final_dim * (n if self.untie_final_proj else 1))
         self.label_embs = nn.Parameter(torch.empty(sum(self.num_classes.values()), final_dim))
         nn.init.uniform_(self.label_embs)  # as fairseq; the cosine makes only directions matter
+        self.recon_weight = float(recon_weight)
+        self.recon_proj = None
+        if self.recon_weight > 0:
+            cfg = encoder.config
+            if cfg.frontend != "fbank":
+                raise ValueError("recon_weight needs the fbank front end (encoder config frontend: fbank): it "
+                                 "reconstructs the input log-mel frames")
+            self.recon_proj = nn.Linear(D, cfg.n_mels * (encoder.downsample_rate // 160))
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, final_dim={self.final_dim}, logit_temp={self.logit_temp}"
@@ -104,6 +119,12 @@ class HubertObjective(Objective):
             proj = proj.view(x.shape[0], len(self.label_sets), self.final_dim)[:, name_index]
         with fp32(x.device.type):
             return F.normalize(proj.float(), dim=-1) @ F.normalize(emb.float(), dim=-1).t() / self.logit_temp
+
+    def reconstruction_loss(self, x: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+        """Mean L1 error per valid frame and input dim: x [B, T', D], target [B, T', M*s], valid [B, T'] bool."""
+        with fp32(x.device.type):
+            err = (self.recon_proj(x[valid]).float() - target[valid].float()).abs()
+            return err.mean()
 
     def forward(self, batch: dict) -> tuple[Tensor, dict]:
         audio, lens = self.audio_of(batch)
@@ -162,6 +183,10 @@ class HubertObjective(Objective):
         pen = out.features_pen.float()
         loss = (self.pred_masked_weight * loss_m + self.pred_nomask_weight * loss_u) / sample_size \
             + self.feature_pen_weight * pen
+        if self.recon_proj is not None:
+            recon = self.reconstruction_loss(x, out.input_features, valid)
+            loss = loss + self.recon_weight * recon
+            logs["loss_recon"] = float(recon.detach())
         self._remember(batch, sample_size)
         logs.update({
             "loss": float(loss.detach()),
