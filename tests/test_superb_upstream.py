@@ -250,6 +250,30 @@ def test_random_upstream_of_model_dir_same_architecture_fresh_weights(tmp_path):
     assert not torch.allclose(s1[-1], s2[-1])
 
 
+def test_random_upstream_keeps_input_statistics_redraws_parameters(tmp_path):
+    """The control of an fbank model with corpus input statistics sees its input as the model does."""
+    from speechssl.models import build_encoder, export_pretrained
+    from speechssl.superb.cache import upstream_fingerprint
+
+    torch.manual_seed(5)
+    enc = build_encoder("small_hubert", num_layers=2)
+    enc.feature_extractor.set_input_stats(torch.linspace(-5, 1, 80), torch.linspace(1, 3, 80))
+    path = tmp_path / "small" / "final"
+    export_pretrained(enc, path)
+    rand = build_upstream(f"random:{path}").encoder
+    assert torch.equal(rand.feature_extractor.input_mean, torch.linspace(-5, 1, 80))
+    assert torch.equal(rand.feature_extractor.input_std, torch.linspace(1, 3, 80))
+    assert not torch.equal(rand.feature_projection.projection.weight, enc.feature_projection.projection.weight)
+    key = upstream_fingerprint(f"random:{path}")
+    assert upstream_fingerprint(f"random:{path}") == key
+    enc.feature_extractor.set_input_stats(torch.zeros(80), torch.ones(80))  # new statistics: a new cache key
+    import shutil
+
+    shutil.rmtree(path)
+    export_pretrained(enc, path)
+    assert upstream_fingerprint(f"random:{path}") != key
+
+
 def test_random_upstream_is_deterministic_and_leaves_global_rng(tmp_path):
     path = _saved_tiny_model(tmp_path)
     wav, lens = torch.randn(2, 4000) * 0.1, torch.tensor([4000, 3000])

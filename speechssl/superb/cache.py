@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from speechssl.superb.upstream import Upstream, is_random_spec, random_init_config
+from speechssl.superb.upstream import Upstream, is_random_spec, random_init_buffers, random_init_config
 
 __all__ = ["Example", "FeatureSource", "upstream_fingerprint", "pad_audio"]
 
@@ -62,13 +62,15 @@ def upstream_fingerprint(spec: str, mode: str = "frozen", extra: str = "", seed:
     """A short hash naming a cache directory: the upstream spec, its files' sizes and mtimes, and ``extra``.
 
     A ``random:TARGET`` spec hashes differently from TARGET itself (the spec string leads), and its states
-    depend on the architecture and ``seed`` rather than on TARGET's weights: those two go into the key, so a
-    changed seed or architecture never reuses stale states while retraining TARGET keeps its control's cache.
+    depend on the architecture, ``seed`` and TARGET's buffers (input statistics) rather than on TARGET's weights:
+    those go into the key, so a changed seed, architecture or statistics never reuses stale states.
     """
     parts = [spec, mode, extra]
     if is_random_spec(spec):
         arch = random_init_config(spec).to_dict()
         parts += [f"seed={int(seed)}", json.dumps(arch, sort_keys=True, default=str)]
+        parts += [f"{k}:{hashlib.sha1(v.numpy().tobytes()).hexdigest()}"
+                  for k, v in sorted(random_init_buffers(spec).items())]
         return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
     p = Path(spec)
     if p.exists():

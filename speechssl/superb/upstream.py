@@ -25,7 +25,7 @@ import torch.nn as nn
 from speechssl.superb.featurizer import cut_to_frames, expected_frames
 
 __all__ = ["Upstream", "EncoderUpstream", "FbankUpstream", "MfccUpstream", "LoRALinear", "BottleneckAdapter",
-           "build_upstream", "build_random_encoder", "random_init_config", "is_random_spec", "count_params",
+           "build_upstream", "build_random_encoder", "random_init_buffers", "random_init_config", "is_random_spec", "count_params",
            "MODES"]
 
 log = logging.getLogger(__name__)
@@ -317,11 +317,27 @@ def random_init_config(spec: str):
         raise ConfigError(f"config key upstream: cannot read the architecture for '{spec}': {e}") from None
 
 
+def random_init_buffers(spec: str) -> dict[str, torch.Tensor]:
+    """The saved buffers of a ``random:MODEL`` target (e.g. the fbank front end's corpus input statistics): data
+    statistics, not learned weights, so the control keeps them and sees its input exactly as the pretrained model
+    does. Empty for presets and for models without such buffers."""
+    target = str(spec)[len(RANDOM_PREFIX):]
+    if not (target and os.path.exists(target)) or target.endswith((".yaml", ".yml")):
+        return {}
+    from speechssl import load_pretrained
+
+    with torch.random.fork_rng(devices=[]):
+        model = load_pretrained(target)
+    params = {name for name, _ in model.named_parameters()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in params}
+
+
 def build_random_encoder(spec: str, seed: int = 0) -> nn.Module:
     """A freshly initialised encoder of the architecture ``random:TARGET`` names, in eval mode.
 
-    The weights are drawn right after ``torch.manual_seed(seed)`` (the SUPERB config's ``seed``), so reruns and the
-    hidden-state cache see the same model; the global RNG is left as it was.
+    Every parameter is drawn right after ``torch.manual_seed(seed)`` (the SUPERB config's ``seed``), so reruns and
+    the hidden-state cache see the same model; the global RNG is left as it was. Buffers of a model target are
+    kept (``random_init_buffers``).
     """
     from speechssl.models.encoder import Encoder
 
@@ -329,6 +345,9 @@ def build_random_encoder(spec: str, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):  # keep the caller's RNG stream (head init, crops) unchanged
         torch.manual_seed(seed)
         encoder = Encoder(cfg)
+        buffers = random_init_buffers(spec)  # loading the target builds (and so initialises) a model too
+    if buffers:
+        encoder.load_state_dict(buffers, strict=False)
     return encoder.eval()
 
 
