@@ -45,11 +45,15 @@ def speechssl(*args: str, log: Path) -> None:
 
 def units(data: Path, split: str, out: Path, log: Path) -> Path:
     """MFCC k-means units on the pretraining split, once (stages 1-2 of recipes/ssl/small.sh)."""
+    import os
+
     labelled = out / "data" / f"cuts_{split}_mfcc.jsonl.gz"
     if not labelled.exists():
+        # the recipe calls `speechssl`: the one installed beside this interpreter
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         subprocess.run(["bash", str(ROOT / "recipes/ssl/small.sh"), "--stage", "1", "--stop-stage", "2",
                         "--data", str(data), "--train-split", split, "--exp", str(out)],
-                       check=True, stdout=open(log, "a"), stderr=subprocess.STDOUT)
+                       check=True, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
     return labelled
 
 
@@ -77,6 +81,8 @@ def superb(upstream: str, out: Path, tasks: list[str], data: Path, seed: int, lo
     if not (out / tasks[-1] / "results.json").exists():
         args = ["superb", "--out", str(out), "--overwrite", "--set", f"upstream={upstream}", "--set",
                 f"data.manifest_dir={data}", "--set", "progress=false", "--set", f"seed={seed}"]
+        if "asv" in tasks:
+            args += ["--set", f"data.trials={data / 'asv_trials.txt'}"]
         for t in tasks:
             args += ["--config", str(ROOT / "conf/superb" / f"mini_{t}.yaml")]
         speechssl(*args, log=log)
