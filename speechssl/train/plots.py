@@ -31,33 +31,30 @@ def read_metrics(exp_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"{exp_dir}: no metrics.jsonl (is it an experiment directory?)")
     train, valid = [], []
+    for rec in _records(path):
+        if "step" not in rec or rec.get("split") == "diagnostics":
+            continue
+        (valid if rec.get("split") == "valid" else train).append(rec)
+    return train, valid
+
+
+def _records(path: Path):
+    """The JSON records of a metrics file, skipping a line cut short by a kill."""
     with open(path) as f:
         for line in f:
             try:
-                rec = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if "step" not in rec or rec.get("split") == "diagnostics":
-                continue
-            (valid if rec.get("split") == "valid" else train).append(rec)
-    return train, valid
 
 
 def read_warnings(exp_dir: str | os.PathLike) -> list[tuple[int, list[str]]]:
     """(step, warnings) of every evaluation at which the collapse monitor warned, in file order."""
     path = Path(exp_dir) / "metrics.jsonl"
-    out = []
     if not path.is_file():
-        return out
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("split") == "diagnostics" and rec.get("warnings"):
-                out.append((int(rec.get("step", 0)), [str(w) for w in rec["warnings"]]))
-    return out
+        return []
+    return [(int(rec.get("step", 0)), [str(w) for w in rec["warnings"]]) for rec in _records(path)
+            if rec.get("split") == "diagnostics" and rec.get("warnings")]
 
 
 def _is_diagnostic(key: str) -> bool:
