@@ -42,11 +42,14 @@ TRAINING_ONLY_KEYS = frozenset({"dropout", "attention_dropout", "activation_drop
 
 
 def save_state_dict(sd: dict[str, Tensor], path: PathLike, metadata: Optional[dict[str, str]] = None) -> None:
-    """Atomically write a state dict as safetensors (tensors made contiguous and unshared)."""
+    """Atomically write a state dict as safetensors (tensors made contiguous and unshared).
+
+    ``metadata`` replaces the default ``{"format": "pt"}`` (which transformers' loader wants): safetensors writes
+    the metadata of a file in hash order, so only a single key keeps the same weights the same bytes."""
     from safetensors.torch import save_file
 
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata={"format": "pt", **(metadata or {})}))
+    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=dict(metadata) if metadata else {"format": "pt"}))
 
 
 def _load_weights(d: Path, map_location: str) -> dict[str, Tensor]:
