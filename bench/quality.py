@@ -67,6 +67,16 @@ def steps_for(labelled: Path, frontend: str, minutes: float) -> int:
     return steps_for_budget(cfg, minutes)
 
 
+def done_steps(exp: Path) -> int | None:
+    """The steps a finished run was given (its config.yaml), so a rerun reports what was trained."""
+    import yaml
+
+    cfg = exp / "config.yaml"
+    if (exp / "final").exists() and cfg.is_file():
+        return int(yaml.safe_load(cfg.read_text())["trainer"]["max_steps"])
+    return None
+
+
 def scores(results_dir: Path, tasks: list[str]) -> dict[str, float]:
     """{task: value in % } from the results.json files ``speechssl superb`` wrote."""
     out = {}
@@ -94,18 +104,18 @@ def summarize(values: list[float]) -> tuple[float, float]:
 
 
 def table(res: dict, tasks: list[str]) -> str:
-    head = "| upstream | minutes | steps | " + " | ".join(f"{t.upper()} {METRIC[t]}" for t in tasks) + " |"
-    lines = [head, "|" + "---|" * (3 + len(tasks))]
+    head = "| upstream | minutes | steps | seeds | " + " | ".join(f"{t.upper()} {METRIC[t]}" for t in tasks) + " |"
+    lines = [head, "|" + "---|" * (4 + len(tasks))]
     for row in res["rows"]:
         cells = []
         for t in tasks:
             m, s = summarize([r[t] for r in row["scores"]])
             cells.append(f"{m:.1f} +- {s:.1f}")
-        lines.append(f"| {row['name']} | {row.get('minutes', '')} | {row.get('steps', '')} | " + " | ".join(cells)
-                     + " |")
+        lines.append(f"| {row['name']} | {row.get('minutes', '')} | {row.get('steps', '')} | {len(row['scores'])} | "
+                     + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"mean +- standard deviation over {len(res['seeds'])} seed(s) (pretraining seed; the random-init "
-                 "control and FBANK use the same seeds for their heads). Lower is better for PR.")
+    lines.append("mean +- standard deviation over the seeds (pretraining seed and head seed; the random-init control "
+                 "draws its weights and head from the same seeds, FBANK its head). Lower is better for PR and ASV.")
     return "\n".join(lines)
 
 
@@ -143,6 +153,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.0, 5.0, 10.0], help="pretraining minutes")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--frontends", nargs="+", default=["fbank", "cnn"], choices=["fbank", "cnn"])
+    ap.add_argument("--cnn-seeds", type=int, nargs="+", default=None,
+                    help="seeds for the CNN side (default: --seeds); it is the slower one")
     ap.add_argument("--tasks", nargs="+", default=["pr", "ks", "sid", "er"], choices=list(METRIC))
     ap.add_argument("--out", default=str(ROOT / "bench/out/quality"))
     ap.add_argument("--quick", action="store_true", help="one 0.3-minute budget, one seed, fbank only")
@@ -162,11 +174,12 @@ def main() -> None:
     fbank = [superb("fbank", out / f"fbank-s{s}", args.tasks, data, s, log) for s in args.seeds]
     res["rows"].append({"name": "fbank", "kind": "baseline", "scores": fbank})
     for fe in args.frontends:
+        seeds = args.cnn_seeds if fe == "cnn" and args.cnn_seeds else args.seeds
         for minutes in sorted(args.budgets):
-            steps = steps_for(labelled, fe, minutes)
+            steps = done_steps(out / f"{fe}-{minutes:g}min-s{seeds[0]}") or steps_for(labelled, fe, minutes)
             row = {"name": f"hubert_{fe}", "kind": "pretrained", "frontend": fe, "minutes": minutes,
-                   "steps": steps, "scores": []}
-            for s in args.seeds:
+                   "steps": steps, "seeds": seeds, "scores": []}
+            for s in seeds:
                 exp = out / f"{fe}-{minutes:g}min-s{s}"
                 if not (exp / "final").exists():
                     speechssl("pretrain", "--config", str(ROOT / "conf/pretrain/small_hubert.yaml"), "--out",
@@ -178,9 +191,9 @@ def main() -> None:
                                             log))
                 print(f"[{time.time() - t0:6.0f} s] {fe} {minutes:g} min seed {s}: {row['scores'][-1]}", flush=True)
             res["rows"].append(row)
-        largest = out / f"{fe}-{max(args.budgets):g}min-s{args.seeds[0]}" / "final"
-        rand = [superb(f"random:{largest}", out / f"random_{fe}-s{s}", args.tasks, data, s, log) for s in args.seeds]
-        res["rows"].append({"name": f"random_{fe}", "kind": "baseline", "scores": rand})
+        largest = out / f"{fe}-{max(args.budgets):g}min-s{seeds[0]}" / "final"
+        rand = [superb(f"random:{largest}", out / f"random_{fe}-s{s}", args.tasks, data, s, log) for s in seeds]
+        res["rows"].append({"name": f"random_{fe}", "kind": "baseline", "seeds": seeds, "scores": rand})
     res["seconds"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(res, indent=1))
     md = table(res, args.tasks)
