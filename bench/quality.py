@@ -29,10 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LOWER_IS_BETTER = {"pr": True, "asr": True, "asv": True}
 METRIC = {"pr": "PER%", "asr": "WER%", "ks": "acc%", "sid": "acc%", "er": "acc%", "asv": "EER%"}
-# the CNN side: same transformer, the tiny raw-waveform CNN (20 ms frames) instead of the fbank front end
+# the CNN side: same transformer, the tiny raw-waveform CNN (20 ms frames) instead of the fbank front end, and
+# the same loss less the input reconstruction
 CNN_OVERRIDES = ["model.overrides.frontend=cnn", "model.overrides.conv_layers=[[128,10,5],[128,3,2],[128,3,2],"
                  "[128,3,2],[128,3,2],[128,2,2],[128,2,2]]", "model.overrides.conv_bias=false",
-                 "model.overrides.input_norm=utterance", "objective.kwargs.feature_pen_weight=10.0"]
+                 "model.overrides.input_norm=utterance", "objective.kwargs.feature_pen_weight=10.0",
+                 # the input reconstruction reads the fbank front end's input frames: not available to the CNN
+                 "objective.kwargs.recon_weight=0.0"]
 
 
 def speechssl(*args: str, log: Path) -> None:
