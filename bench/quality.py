@@ -132,15 +132,16 @@ def plot(res: dict, tasks: list[str], path: Path) -> None:
     for ax, t in zip(axes, tasks):
         for row in res["rows"]:
             m, s = summarize([r[t] for r in row["scores"]])
-            if row["kind"] == "baseline":
-                ax.axhline(m, ls="--", color="k" if row["name"] == "fbank" else "tab:gray", label=row["name"])
-                ax.axhspan(m - s, m + s, color="k" if row["name"] == "fbank" else "tab:gray", alpha=0.08)
+            if row["kind"] == "baseline":  # FBANK black; each random-init control in its front end's colour
+                color = {"fbank": "k", "random_fbank": "tab:blue", "random_cnn": "tab:orange"}.get(row["name"], "gray")
+                ax.axhline(m, ls="--", color=color, label=row["name"])
+                ax.axhspan(m - s, m + s, color=color, alpha=0.08)
         for fe in res["frontends"]:
             pts = [r for r in res["rows"] if r["kind"] == "pretrained" and r["frontend"] == fe]
             xs = [r["minutes"] for r in pts]
             ms = [summarize([x[t] for x in r["scores"]]) for r in pts]
             ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3,
-                        label=f"HuBERT, {fe} front end")
+                        color="tab:blue" if fe == "fbank" else "tab:orange", label=f"HuBERT, {fe} front end")
         ax.set_title(f"{t.upper()} ({METRIC[t]}, {'lower' if LOWER_IS_BETTER.get(t) else 'higher'} is better)")
         ax.set_xlabel("pretraining minutes (2 CPU cores)")
         ax.grid(alpha=0.3)
