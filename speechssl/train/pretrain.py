@@ -287,13 +287,9 @@ class _Diagnostics:
         return every == 0 or step % every == 0 or step >= self.cfg.trainer.max_steps
 
     def _source_cuts(self):
-        """The first cuts of data.valid, else of data.train, else of the Shar shards (in shard order)."""
+        """The first cuts of data.valid, else of the training data (manifests or Shar shards, in order)."""
         d = self.cfg.data
-        if d.valid or d.train:
-            return _filter(_open_cuts(d.valid or d.train, "valid" if d.valid else "train"), d)
-        from speechssl.data.shar import open_shar_cuts
-
-        return _filter(open_shar_cuts(d.shar_dir, split_for_dataloading=False, shuffle_shards=False), d)
+        return _filter(_open_cuts(d.valid, "valid"), d) if d.valid else _train_cuts(self.cfg)
 
     def _build(self) -> None:
         from itertools import islice
