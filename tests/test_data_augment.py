@@ -25,7 +25,7 @@ def noise(tmp_path_factory):
 
 
 def _plain(speech):
-    return SpeechDataset(None, units=["km"])[speech]
+    return SpeechDataset(units=["km"], num_frames=lambda n: n // 320)[speech]
 
 
 def test_disabled_by_default():
@@ -36,7 +36,7 @@ def test_disabled_by_default():
 def test_noise_keeps_labels_and_length(speech, noise):
     aug = Augmenter(AugmentConfig(enabled=True, noise_prob=1.0, snr=[5.0, 5.0]), noise=noise)
     ref = _plain(speech)
-    b = SpeechDataset(None, units=["km"], augment=aug, seed=1)[speech]
+    b = SpeechDataset(units=["km"], num_frames=lambda n: n // 320, augment=aug, seed=1)[speech]
     assert torch.equal(b["audio_lens"], ref["audio_lens"]) and b["cut_ids"] == ref["cut_ids"]
     assert torch.equal(b["units"]["km"], ref["units"]["km"])  # padding stays -100, labels unchanged
     diff = (b["audio"] - ref["audio"]).pow(2).sum(1) / ref["audio"].pow(2).sum(1)
@@ -55,10 +55,10 @@ def test_noise_mix_label_padding_not_real_id(speech, noise):
 def test_volume_and_pitch_keep_length_and_labels(speech):
     ref = _plain(speech)
     aug = Augmenter(AugmentConfig(enabled=True, volume_prob=1.0, volume_db=[6.0, 6.0]))
-    b = SpeechDataset(None, units=["km"], augment=aug)[speech]
+    b = SpeechDataset(units=["km"], num_frames=lambda n: n // 320, augment=aug)[speech]
     assert torch.allclose(b["audio"], ref["audio"] * 10 ** (6 / 20), atol=1e-5)
     aug = Augmenter(AugmentConfig(enabled=True, pitch_prob=1.0, pitch_semitones=[3.0, 3.0]))
-    b = SpeechDataset(None, units=["km"], augment=aug)[speech.subset(first=1)]
+    b = SpeechDataset(units=["km"], num_frames=lambda n: n // 320, augment=aug)[speech.subset(first=1)]
     assert b["audio_lens"][0] == ref["audio_lens"][0]
     nf = b["units"]["km"].shape[1]
     assert torch.equal(b["units"]["km"][0], ref["units"]["km"][0, :nf])
@@ -72,7 +72,7 @@ def test_volume_and_pitch_keep_length_and_labels(speech):
 @pytest.mark.parametrize("f", [0.8, 1.25])
 def test_speed_warps_labels(speech, f):
     aug = Augmenter(AugmentConfig(enabled=True, speed_prob=1.0, speeds=[f]))
-    ds = SpeechDataset(None, units=["km"], augment=aug)
+    ds = SpeechDataset(units=["km"], num_frames=lambda n: n // 320, augment=aug)
     b = ds[speech]
     for i, c in enumerate(b["cut_ids"]):
         n = int(speech[c].num_samples)

@@ -8,7 +8,7 @@ from lhotse import CutSet, Recording, SupervisionSegment
 
 from speechssl.data.audio import BadCutError, load_cut_audio, validate_cuts
 from speechssl.data.dataset import SpeechDataset
-from speechssl.data.sampler import make_loader
+from speechssl.data.sampler import ResumableLoader, make_sampler
 
 
 def _cut(path, cid, text="HELLO", **rec_over):
@@ -92,22 +92,23 @@ def test_validate_cuts_raises_or_counts(bad_cuts):
 
 def test_dataset_skip_bad_counted(bad_cuts):
     cs = CutSet.from_cuts([bad_cuts[k] for k in ("good", "missing", "notext", "truncated")])
-    ds = SpeechDataset(None, fields=["text"])
+    ds = SpeechDataset(fields=["text"])
     with pytest.raises(BadCutError):
         ds[cs]
-    ds = SpeechDataset(None, fields=["text"], skip_bad=True)
+    ds = SpeechDataset(fields=["text"], skip_bad=True)
     b = ds[cs]
     assert b["cut_ids"] == ["good"] and b["audio"].shape == (1, 16000)
     assert sorted(r for _, r in b["skipped"]) == ["missing_field", "missing_file", "truncated"]
     # the loader pops the per-batch list and keeps the totals
-    loader = make_loader(cs, {"fields": ["text"], "skip_bad": True}, {"max_duration": 100.0, "shuffle": False})
+    loader = ResumableLoader(make_sampler(cs, max_duration=100.0, shuffle=False),
+                             SpeechDataset(fields=["text"], skip_bad=True))
     batches = list(loader)
     assert sum(len(b["cut_ids"]) for b in batches) == 1 and all("skipped" not in b for b in batches)
     assert dict(loader.skipped) == {"missing_file": 1, "missing_field": 1, "truncated": 1}
 
 
 def test_missing_units_is_bad(bad_cuts):
-    ds = SpeechDataset(None, units=["kmeans"])
+    ds = SpeechDataset(units=["kmeans"], num_frames=lambda n: n // 320)
     with pytest.raises(BadCutError, match="kmeans"):
         ds[CutSet.from_cuts([bad_cuts["good"]])]
 
@@ -119,6 +120,6 @@ def test_unreadable_units_file_is_bad(tmp_path):
     arr = cuts[0].custom["kmeans"].array
     (tmp_path / "units_kmeans" / arr.storage_key).unlink()
     with pytest.raises(BadCutError, match="units 'kmeans'"):
-        SpeechDataset(None, units=["kmeans"])[cuts]
-    b = SpeechDataset(None, units=["kmeans"], skip_bad=True)[cuts]
+        SpeechDataset(units=["kmeans"], num_frames=lambda n: n // 320)[cuts]
+    b = SpeechDataset(units=["kmeans"], num_frames=lambda n: n // 320, skip_bad=True)[cuts]
     assert b["cut_ids"] == [cuts[1].id] and b["skipped"] == [(cuts[0].id, "missing_field")]

@@ -16,7 +16,8 @@ from lhotse import CutSet, Recording, SupervisionSegment
 from speechssl.cli.main import main
 from speechssl.data.audio import BadCutError, check_cut, load_cut_audio
 from speechssl.data.corpora.prepare import write_cuts
-from speechssl.data.sampler import make_loader
+from speechssl.data.dataset import SpeechDataset
+from speechssl.data.sampler import ResumableLoader, make_sampler
 from speechssl.data.synthetic import write_synthetic_cuts
 
 SR = 16000
@@ -124,7 +125,8 @@ def test_all_bad_batch_is_skipped_counted_and_resumes_exactly(tmp_path):
     cuts = _mixed_cuts(tmp_path)
 
     def build():  # 1.5 s per batch: one cut each, so every bad cut makes an all-bad batch
-        return make_loader(cuts, {"skip_bad": True}, {"max_duration": 1.5, "seed": 2, "num_buckets": 2})
+        return ResumableLoader(make_sampler(cuts, max_duration=1.5, seed=2, num_buckets=2),
+                               SpeechDataset(skip_bad=True))
 
     ref_loader = build()
     ref = _ids(ref_loader)
@@ -140,13 +142,12 @@ def test_all_bad_batch_is_skipped_counted_and_resumes_exactly(tmp_path):
 
 def test_epoch_of_only_bad_cuts_is_a_clear_error(tmp_path):
     cuts = _mixed_cuts(tmp_path, n_good=0, n_bad=2)
-    loader = make_loader(cuts, {"skip_bad": True}, {"max_duration": 1.5, "num_buckets": 2})
+    loader = ResumableLoader(make_sampler(cuts, max_duration=1.5, num_buckets=2), SpeechDataset(skip_bad=True))
     with pytest.raises(RuntimeError, match="only bad cuts.*validate"):
         list(loader)
 
 
 def test_shar_all_bad_batch_is_skipped(tmp_path, synthetic_wav):
-    from speechssl.data.dataset import SpeechDataset
     from speechssl.data.shar import export_shar, make_resumable_shar_loader
 
     cuts = list(write_synthetic_cuts(tmp_path / "w", 3, 1.0, 1.0, seed=5))
@@ -157,7 +158,7 @@ def test_shar_all_bad_batch_is_skipped(tmp_path, synthetic_wav):
     export_shar(CutSet.from_cuts(cuts), tmp_path / "shar", shard_size=10)
 
     def build():
-        return make_resumable_shar_loader(tmp_path / "shar", SpeechDataset(None, skip_bad=True), max_duration=1.5,
+        return make_resumable_shar_loader(tmp_path / "shar", SpeechDataset(skip_bad=True), max_duration=1.5,
                                           num_workers=0, num_buckets=1)
 
     loader = build()

@@ -9,8 +9,13 @@ from speechssl.cli.main import main
 from speechssl.data.corpora.prepare import write_cuts
 from speechssl.data.dataset import SpeechDataset
 from speechssl.data.labels import label_rate, load_units
-from speechssl.data.shar import export_shar, make_shar_loader, open_shar_cuts
+from speechssl.data.loader import DataConfig, build_loader
+from speechssl.data.shar import export_shar, open_shar_cuts
 from speechssl.data.synthetic import write_synthetic_cuts
+
+
+def per320(n):
+    return torch.div(n, 320, rounding_mode="floor")
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +43,9 @@ def test_cli_and_streaming_splits(cuts, tmp_path):
                  "--fields", "kmeans"]) == 0
     seen = []
     for rank in (0, 1):
-        dl = make_shar_loader(tmp_path / "shar", SpeechDataset(None, units=["kmeans"]), max_duration=3.0,
-                              num_workers=2, rank=rank, world_size=2, num_buckets=2)
+        cfg = DataConfig(shar_dir=str(tmp_path / "shar"), max_duration=3.0, num_buckets=2)
+        dl = build_loader(cfg, SpeechDataset(units=["kmeans"], num_frames=per320), seed=0, num_workers=2, rank=rank,
+                          world_size=2)
         ids = [i for b in dl for i in b["cut_ids"]]
         assert len(ids) == len(set(ids))  # no duplicates across the two workers
         seen.append(set(ids))
@@ -67,7 +73,7 @@ def shar24(tmp_path_factory):
 def _resumable(shar, num_workers, **kw):
     from speechssl.data.shar import make_resumable_shar_loader
 
-    return make_resumable_shar_loader(shar, SpeechDataset(None, units=["kmeans"]), max_duration=3.0,
+    return make_resumable_shar_loader(shar, SpeechDataset(units=["kmeans"], num_frames=per320), max_duration=3.0,
                                       num_workers=num_workers, num_buckets=3, **kw)
 
 
@@ -108,7 +114,7 @@ def test_resumable_shar_batches_match_source(shar24):
     """Random-access hydration attaches the same audio and units as the source manifest (FLAC: 16-bit)."""
     cuts, shar = shar24
     by_id = {c.id: c for c in cuts}
-    ds = SpeechDataset(None, units=["kmeans"])
+    ds = SpeechDataset(units=["kmeans"], num_frames=per320)
     for b in _resumable(shar, 0):
         from lhotse import CutSet
 

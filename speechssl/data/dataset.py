@@ -1,69 +1,96 @@
 """Map-style dataset over Lhotse CutSet batches: padded waveforms, optional fbank/MFCC, aligned unit labels.
 
-Use with a Lhotse sampler (``speechssl.data.sampler.make_sampler``) in the usual Lhotse pattern: the sampler
-yields a ``CutSet`` per batch and ``SpeechDataset[cuts]`` turns it into the batch dict of docs/internals.md::
+Build it with ``speechssl.data.loader.build_dataset`` (from the ``data:`` config) or directly, and feed it
+batches of cuts from a sampler (``speechssl.data.loader.build_loader``). ``SpeechDataset[cuts]`` returns::
 
     audio [B, T] float (zero-padded, 16 kHz)   audio_lens [B] long
     features [B, F, D], features_lens [B]      (mode "fbank": D=80, "mfcc": D=39)
-    units {name: [B, T'] long}                 aligned to encoder frames, padding -100
+    units {name: [B, T'] long}                 aligned to encoder frames, padding PAD_ID (-100)
     cut_ids [B]; text / speaker / emotion / keyword / phones / session lists (None where absent)
     skipped [(cut_id, reason), ...]            only when skip_bad dropped cuts from this batch
 """
 from __future__ import annotations
 
 import logging
+import typing
 import zlib
 from collections import Counter
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
 
-from speechssl.data.audio import SUPERVISION_FIELDS, BadCutError, check_fields, load_cut_audio, supervision_field
-from speechssl.data.labels import PAD_ID, align_units, label_rate, load_units
+from speechssl.constants import PAD_ID, SAMPLE_RATE
+from speechssl.data.audio import (SUPERVISION_FIELDS, BadCutError, check_fields, cut_audio_paths, load_cut_audio,
+                                  supervision_field)
+from speechssl.data.labels import align_units, label_rate, load_units
 
+__all__ = ["Features", "SpeechDataset", "pad_waves"]
 log = logging.getLogger(__name__)
 
-SAMPLING_RATE = 16000
-MODES = ("waveform", "fbank", "mfcc")
+Features = Literal["waveform", "fbank", "mfcc"]
+"""What a batch carries besides the waveform: nothing, 80-dim log-mel fbank, or 39-dim MFCC with deltas."""
+
+
+@dataclass
+class _Item:
+    """One good cut of a batch: its (augmented) waveform, the speed factor applied and its unit labels."""
+
+    cut: object
+    wav: np.ndarray
+    scale: float
+    labels: dict  # name -> (units [T_label] int64, label rate Hz)
+    start: int = 0  # crop start in samples
+
+
+def pad_waves(wavs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D float arrays -> zero-padded audio [B, T] float32 and lengths [B] long."""
+    lens = [int(w.shape[0]) for w in wavs]
+    out = np.zeros((len(wavs), max(lens, default=0)), dtype=np.float32)
+    for i, w in enumerate(wavs):
+        out[i, : lens[i]] = w
+    return torch.from_numpy(out), torch.tensor(lens, dtype=torch.long)
 
 
 class SpeechDataset(torch.utils.data.Dataset):
     """Batches of speech from a CutSet batch.
 
     Args:
-        cuts_or_none: unused placeholder for API symmetry with Lhotse datasets (the sampler owns the cuts).
         mode: "waveform" (audio only), "fbank" (+ 80-dim log-mel) or "mfcc" (+ 39-dim MFCC with deltas).
         units: names of unit label sets stored on the cuts (``speechssl.data.labels.store_units``).
-        num_frames: encoder frame count for a LongTensor [B] of sample counts (e.g. ``encoder.num_frames``);
-            default ``floor(samples * frame_rate / 16000)``.
-        frame_rate: encoder frames per second (50 for a CNN with stride 320, 25 for 40 ms fbank front ends).
+        num_frames: the encoder's frame count for a LongTensor [B] of sample counts (``encoder.num_frames``);
+            required with ``units`` (labels are aligned to exactly that many frames).
+        downsample_rate: input samples per encoder frame (``encoder.downsample_rate``): the encoder frame rate
+            is ``16000 / downsample_rate`` and crop starts are multiples of it, so labels stay on the frame grid.
         crop_to_shortest: crop every item to the batch's shortest item (fairseq pretraining).
         max_crop_samples: crop items longer than this many samples.
-        crop_multiple: crop starts are multiples of this many samples, so labels stay on the frame grid.
         fields: supervision or custom fields every cut must have (e.g. ["text"]); a cut without one is bad.
-        skip_bad: drop bad cuts (counted, logged, and listed in ``batch["skipped"]``) instead of raising
-            :class:`~speechssl.data.audio.BadCutError`.
+        skip_bad: drop bad cuts (counted in ``self.skipped``, logged, and listed in ``batch["skipped"]``)
+            instead of raising :class:`~speechssl.data.audio.BadCutError`.
         augment: an :class:`~speechssl.data.augment.Augmenter` (or None): label-preserving augmentation.
         seed: seeds crops and augmentation; each batch's randomness is derived from (seed, epoch, its cut
             ids), so results do not depend on worker count and resume exactly.
     """
 
-    def __init__(self, cuts_or_none=None, *, mode: str = "waveform", units: Sequence[str] = (),
-                 num_frames: Callable[[torch.Tensor], torch.Tensor] | None = None, frame_rate: float = 50.0,
-                 crop_to_shortest: bool = False, max_crop_samples: int | None = None, crop_multiple: int = 320,
-                 fields: Sequence[str] = (), skip_bad: bool = False, augment=None, seed: int = 0):
-        if mode not in MODES:
-            raise ValueError(f"SpeechDataset: mode must be one of {MODES}, got {mode!r}")
-        if crop_multiple < 1:
-            raise ValueError(f"SpeechDataset: crop_multiple must be >= 1, got {crop_multiple}")
+    def __init__(self, *, mode: Features = "waveform", units: Sequence[str] = (),
+                 num_frames: Callable[[torch.Tensor], torch.Tensor] | None = None, downsample_rate: int = 320,
+                 crop_to_shortest: bool = False, max_crop_samples: int | None = None, fields: Sequence[str] = (),
+                 skip_bad: bool = False, augment=None, seed: int = 0):
+        if mode not in typing.get_args(Features):
+            raise ValueError(f"SpeechDataset: argument 'mode' must be one of {typing.get_args(Features)}, "
+                             f"got {mode!r}")
+        if downsample_rate < 1:
+            raise ValueError(f"SpeechDataset: argument 'downsample_rate' must be >= 1, got {downsample_rate}")
+        if units and num_frames is None:
+            raise ValueError("SpeechDataset: argument 'units' needs 'num_frames', the encoder's frame-count "
+                             "function (encoder.num_frames), to align the labels to its frames")
         self.mode = mode
         self.units = list(units)
         self.num_frames = num_frames
-        self.frame_rate = float(frame_rate)
+        self.downsample_rate = int(downsample_rate)
         self.crop_to_shortest = crop_to_shortest
         self.max_crop_samples = max_crop_samples
-        self.crop_multiple = int(crop_multiple)
         self.fields = list(fields)
         self.skip_bad = skip_bad
         self.augment = augment
@@ -71,30 +98,20 @@ class SpeechDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.skipped: Counter = Counter()
 
+    @property
+    def frame_rate(self) -> float:
+        """Encoder frames per second."""
+        return SAMPLE_RATE / self.downsample_rate
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _rng(self, cuts) -> np.random.Generator:
-        key = zlib.crc32("\x00".join(c.id for c in cuts).encode())
-        return np.random.default_rng([self.seed, self.epoch, key])
-
-    def _frames(self, lens: torch.Tensor) -> torch.Tensor:
-        if self.num_frames is not None:
-            return torch.as_tensor(self.num_frames(lens)).long()
-        return torch.div(lens * int(round(self.frame_rate * 1000)), SAMPLING_RATE * 1000, rounding_mode="floor")
-
-    @staticmethod
-    def _load_units(cut, name: str):
-        """(units [T_label] int64, label rate) or BadCutError when the stored array cannot be read."""
-        try:
-            return load_units(cut, name), label_rate(cut, name)
-        except (OSError, KeyError, ValueError) as e:
-            from speechssl.data.audio import cut_audio_paths
-
-            raise BadCutError(cut.id, ", ".join(cut_audio_paths(cut)) or None, "missing_field",
-                              f"units '{name}' unreadable: {e}") from None
-
     def __getitem__(self, cuts) -> dict:
+        return self.collate(cuts)[0]
+
+    def collate(self, cuts) -> tuple[dict, list[BadCutError]]:
+        """``(batch, errors)``: the batch of ``cuts`` and the error of each cut ``skip_bad`` dropped from it
+        (``batch["skipped"]`` lists only their ids and reasons, which cross process boundaries)."""
         from lhotse import CutSet
 
         if not isinstance(cuts, CutSet):
@@ -102,76 +119,98 @@ class SpeechDataset(torch.utils.data.Dataset):
         rng = self._rng(cuts)
         if self.augment is not None:
             cuts = self.augment.transform_cuts(cuts, rng)
+        items, errors = self._load_items(cuts, rng)
+        self._crop(items, rng)
+        audio, audio_lens = pad_waves([it.wav for it in items])
+        batch = {"audio": audio, "audio_lens": audio_lens, "cut_ids": [it.cut.id for it in items]}
+        if self.mode != "waveform" and items:
+            batch["features"], batch["features_lens"] = self._features(audio, audio_lens)
+        if self.units:
+            batch["units"] = self._align(items, audio_lens)
+        batch.update(self._supervisions([it.cut for it in items]))
+        if errors:
+            batch["skipped"] = [(e.cut_id, e.reason) for e in errors]
+        return batch, errors
 
-        kept, wavs, scales, labels, bad = [], [], [], [], []
+    # -- the steps of a batch, in order ---------------------------------------------------------------------
+    def _rng(self, cuts) -> np.random.Generator:
+        key = zlib.crc32("\x00".join(c.id for c in cuts).encode())
+        return np.random.default_rng([self.seed, self.epoch, key])
+
+    def _load_items(self, cuts, rng: np.random.Generator) -> tuple[list[_Item], list[BadCutError]]:
+        """The good cuts' audio and labels, and the error of each bad one (with ``skip_bad``)."""
+        items, bad = [], []
         for cut in cuts:
             try:
                 check_fields(cut, self.fields + self.units)
                 wav = load_cut_audio(cut)
-                lab = {name: self._load_units(cut, name) for name in self.units}
+                labels = {name: self._load_units(cut, name) for name in self.units}
             except BadCutError as e:
                 if not self.skip_bad:
                     raise
                 self.skipped[e.reason] += 1
-                bad.append((cut.id, e.reason))
+                bad.append(e)
                 log.warning("skipping %s (skipped so far: %s)", e, dict(self.skipped))
                 continue
             scale = 1.0
             if self.augment is not None:
                 wav, scale = self.augment.transform_wave(wav, rng)
-            kept.append(cut)
-            wavs.append(wav)
-            scales.append(scale)
-            labels.append(lab)
+            items.append(_Item(cut, wav, scale, labels))
+        return items, bad
 
-        # crops: start on the crop_multiple grid so unit labels keep their frame alignment
-        lens = [w.shape[0] for w in wavs]
-        target = None
-        if wavs and self.crop_to_shortest:
-            target = min(lens)
-        if wavs and self.max_crop_samples is not None:
+    @staticmethod
+    def _load_units(cut, name: str):
+        """(units [T_label] int64, label rate) or BadCutError when the stored array cannot be read."""
+        try:
+            return load_units(cut, name), label_rate(cut, name)
+        except (OSError, KeyError, ValueError) as e:
+            raise BadCutError(cut.id, ", ".join(cut_audio_paths(cut)) or None, "missing_field",
+                              f"units '{name}' unreadable: {e}") from None
+
+    def _crop_length(self, lens: list[int]) -> int | None:
+        target = min(lens) if lens and self.crop_to_shortest else None
+        if lens and self.max_crop_samples is not None:
             target = min(target or max(lens), int(self.max_crop_samples))
-        starts = [0] * len(wavs)
-        if target is not None:
-            for i, L in enumerate(lens):
-                if L > target:
-                    n_pos = (L - target) // self.crop_multiple + 1
-                    starts[i] = int(rng.integers(0, n_pos)) * self.crop_multiple
-                    wavs[i] = wavs[i][starts[i] : starts[i] + target]
-            lens = [w.shape[0] for w in wavs]
+        return target
 
-        B = len(wavs)
-        T = max(lens) if lens else 0
-        audio_np = np.zeros((B, T), dtype=np.float32)
-        for i, w in enumerate(wavs):
-            audio_np[i, : w.shape[0]] = w
-        audio = torch.from_numpy(audio_np)
-        audio_lens = torch.tensor(lens, dtype=torch.long)
-        batch = {"audio": audio, "audio_lens": audio_lens, "cut_ids": [c.id for c in kept]}
+    def _crop(self, items: list[_Item], rng: np.random.Generator) -> None:
+        """Crop in place to the batch's crop length; starts lie on the frame grid so labels keep their alignment."""
+        target = self._crop_length([it.wav.shape[0] for it in items])
+        if target is None:
+            return
+        for it in items:
+            n = it.wav.shape[0]
+            if n > target:
+                positions = (n - target) // self.downsample_rate + 1
+                it.start = int(rng.integers(0, positions)) * self.downsample_rate
+                it.wav = it.wav[it.start: it.start + target]
 
-        if self.mode != "waveform" and B:
-            from speechssl.data.features import compute_fbank, compute_mfcc
+    def _features(self, audio: torch.Tensor, audio_lens: torch.Tensor):
+        from speechssl.data.features import compute_fbank, compute_mfcc
 
-            fn = compute_fbank if self.mode == "fbank" else compute_mfcc
-            batch["features"], batch["features_lens"] = fn(audio, audio_lens)
+        return (compute_fbank if self.mode == "fbank" else compute_mfcc)(audio, audio_lens)
 
-        if self.units:
-            n_frames = self._frames(audio_lens).clamp(min=0) if B else torch.zeros(0, dtype=torch.long)
-            Tp = int(n_frames.max()) if B else 0
-            batch["units"] = {}
-            for name in self.units:
-                out = torch.full((B, Tp), PAD_ID, dtype=torch.long)
-                for i, cut in enumerate(kept):
-                    units, rate = labels[i][name]
-                    rate = rate * scales[i]  # speed factor f: the label period shrinks by f
-                    out[i, : int(n_frames[i])] = align_units(units, rate, int(n_frames[i]), self.frame_rate,
-                                                             offset=starts[i] / SAMPLING_RATE)
-                batch["units"][name] = out
+    def _align(self, items: list[_Item], audio_lens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: [B, T'] long}: each label set on the encoder's frames of each item, PAD_ID past its end."""
+        B = len(items)
+        n_frames = torch.as_tensor(self.num_frames(audio_lens)).long().clamp(min=0) if B else torch.zeros(0).long()
+        T = int(n_frames.max()) if B else 0
+        out = {}
+        for name in self.units:
+            units = torch.full((B, T), PAD_ID, dtype=torch.long)
+            for i, it in enumerate(items):
+                labels, rate = it.labels[name]
+                n = int(n_frames[i])
+                # speed factor f shrinks the label period by f
+                units[i, :n] = align_units(labels, rate * it.scale, n, self.frame_rate,
+                                           offset=it.start / SAMPLE_RATE)
+            out[name] = units
+        return out
 
+    def _supervisions(self, cuts: list) -> dict[str, list]:
+        out = {}
         for f in SUPERVISION_FIELDS:
-            vals = [supervision_field(c, f) for c in kept]
+            vals = [supervision_field(c, f) for c in cuts]
             if f in self.fields or any(v is not None for v in vals):
-                batch[f] = vals
-        if bad:
-            batch["skipped"] = bad
-        return batch
+                out[f] = vals
+        return out

@@ -1,8 +1,8 @@
 """Duration-bucketed, DDP-aware sampling with exact resume, and the loaders built on it.
 
-``make_sampler`` wraps Lhotse's ``DynamicBucketingSampler``. ``ResumableLoader`` wraps a torch DataLoader
-(map-style: the sampler runs in the main process and workers only load audio) and counts the batches the
-training loop actually consumed. Lhotse's own sampler state counts the batches it handed to the DataLoader,
+``make_sampler`` wraps Lhotse's ``DynamicBucketingSampler`` (any number of cuts, lazy manifests included).
+``ResumableLoader`` wraps a torch DataLoader (map-style: the sampler runs in the main process and workers only
+load audio) and counts the batches the training loop actually consumed. Lhotse's own sampler state counts the batches it handed to the DataLoader,
 which runs ahead with workers and prefetch; ``ResumableLoader.state_dict()`` rewrites that count to the consumed
 one, so ``load_state_dict()`` resumes at exactly the next unseen batch.
 """
@@ -12,40 +12,50 @@ import copy
 import logging
 import warnings
 from collections import Counter
-from typing import Any, Iterator, Sequence
+from itertools import islice
+from typing import Iterator, Sequence
 
 import torch
 
 log = logging.getLogger(__name__)
 
 
+def estimate_duration_bins(cuts, num_buckets: int, max_duration: float, num_cuts: int = 10000) -> list[float]:
+    """Bucket boundaries (seconds) from the durations of the first ``num_cuts`` cuts, read lazily.
+
+    As Lhotse estimates them, but for any number of cuts: with fewer cuts than ``num_buckets`` there are that
+    many buckets, and with fewer than two a single bucket holds everything (Lhotse's estimate asserts instead).
+    """
+    from lhotse.dataset.sampling.base import TimeConstraint
+    from lhotse.dataset.sampling.dynamic_bucketing import estimate_duration_buckets
+
+    head = list(islice(iter(cuts), num_cuts))
+    if len(head) < 2 or num_buckets < 2:
+        return [max((c.duration for c in head), default=1.0) + 1.0]
+    return [float(b) for b in estimate_duration_buckets(head, num_buckets=min(num_buckets, len(head)),
+                                                        constraint=TimeConstraint(max_duration=max_duration))]
+
+
 def make_sampler(cuts, *, max_duration: float, num_buckets: int = 10, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False, world_size: int | None = None, rank: int | None = None,
-                 duration_bins: Sequence[float] | None = None, buffer_size: int = 10000, max_cuts: int | None = None):
-    """A ``lhotse.dataset.DynamicBucketingSampler`` over ``cuts``.
+                 duration_bins: Sequence[float] | None = None, buffer_size: int = 10000):
+    """A ``lhotse.dataset.DynamicBucketingSampler`` over ``cuts`` (eager or lazy).
 
     ``max_duration`` is the padded audio seconds per batch; ``world_size``/``rank`` default to
     torch.distributed's when initialised (each rank gets every world_size-th batch, equal counts on all ranks);
-    ``duration_bins`` skips the bucket estimate from the first 10k cuts (pass it for large or sorted corpora).
+    ``duration_bins`` defaults to ``estimate_duration_bins`` over the first 10k cuts (pass it for sorted corpora).
     """
     from lhotse.dataset import DynamicBucketingSampler
 
     if max_duration <= 0:
-        raise ValueError(f"make_sampler: max_duration must be positive, got {max_duration}")
-    kwargs: dict[str, Any] = dict(max_duration=max_duration, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                  world_size=world_size, rank=rank, buffer_size=buffer_size, max_cuts=max_cuts)
-    if duration_bins is None and not getattr(cuts, "is_lazy", True):
-        n = len(cuts)
-        if n < 2:  # Lhotse's bucket estimate needs two cuts; one bucket holds everything
-            duration_bins = [max((c.duration for c in cuts), default=1.0) + 1.0]
-        num_buckets = min(num_buckets, max(n, 2))
-    if duration_bins is not None:
-        kwargs["duration_bins"] = list(duration_bins)
-    else:
-        kwargs["num_buckets"] = num_buckets
+        raise ValueError(f"make_sampler: argument 'max_duration' must be positive, got {max_duration}")
+    if duration_bins is None:
+        duration_bins = estimate_duration_bins(cuts, num_buckets, max_duration)
     with warnings.catch_warnings():  # eager CutSets are fine for small corpora; Lhotse warns regardless
         warnings.filterwarnings("ignore", message=".*eagerly read CutSet.*")
-        return DynamicBucketingSampler(cuts, **kwargs)
+        return DynamicBucketingSampler(cuts, max_duration=max_duration, shuffle=shuffle, seed=seed,
+                                       drop_last=drop_last, world_size=world_size, rank=rank,
+                                       buffer_size=buffer_size, duration_bins=list(duration_bins))
 
 
 class ResumableLoader:
@@ -53,7 +63,7 @@ class ResumableLoader:
 
     Args:
         sampler: a Lhotse CutSampler (``make_sampler``).
-        dataset: a map-style dataset taking a CutSet (``SpeechDataset``).
+        dataset: a map-style dataset taking a CutSet (``speechssl.data.dataset.SpeechDataset``).
         num_workers, prefetch_factor, pin_memory: as in ``torch.utils.data.DataLoader``.
 
     One ``for batch in loader`` pass is one epoch (or the rest of it after a resume); when a pass ends the
@@ -109,8 +119,7 @@ class ResumableLoader:
         )
         whole_epoch, yielded, emptied = self.consumed == 0, 0, 0
         for batch in dl:
-            for cut_id, reason in batch.pop("skipped", None) or ():
-                self.skipped[reason] += 1
+            count_skips(self.skipped, batch)
             # consumed counts sampler batches, yielded or not: the sampler's fast-forward replays exactly those
             self.consumed += 1
             if is_empty_batch(batch):
@@ -155,6 +164,12 @@ class ResumableLoader:
         raise TypeError("ResumableLoader has no length: Lhotse's dynamic samplers do not know their batch count")
 
 
+def count_skips(skipped: Counter, batch: dict) -> None:
+    """Count, by reason, the bad cuts the dataset dropped from ``batch`` (and take the list off the batch)."""
+    for _cut_id, reason in batch.pop("skipped", None) or ():
+        skipped[reason] += 1
+
+
 def is_empty_batch(batch) -> bool:
     """True for a dataset batch with no utterance left (every cut was bad and skipped)."""
     ids = batch.get("cut_ids") if isinstance(batch, dict) else None
@@ -173,22 +188,3 @@ def check_not_all_bad(epoch: int, yielded: int, emptied: int, skipped: Counter) 
     if yielded == 0 and emptied > 0:
         raise RuntimeError(f"epoch {epoch}: every batch of this pass ({emptied}) held only bad cuts ({dict(skipped)} "
                            "skipped so far): fix the data (speechssl prepare validate DIR --decode lists them)")
-
-
-def make_loader(cuts, dataset_kwargs: dict | None = None, sampler_kwargs: dict | None = None, num_workers: int = 0,
-                **loader_kwargs) -> ResumableLoader:
-    """``ResumableLoader(make_sampler(cuts, **sampler_kwargs), SpeechDataset(**dataset_kwargs), num_workers)``.
-
-    Example::
-
-        loader = make_loader(cuts, {"units": ["kmeans"], "crop_to_shortest": True},
-                             {"max_duration": 60, "seed": 0}, num_workers=2)
-    """
-    from speechssl.data.dataset import SpeechDataset
-
-    sampler_kwargs = dict(sampler_kwargs or {})
-    if "max_duration" not in sampler_kwargs:
-        raise ValueError("make_loader: sampler_kwargs needs 'max_duration' (padded seconds per batch)")
-    sampler = make_sampler(cuts, **sampler_kwargs)
-    dataset = SpeechDataset(None, **(dataset_kwargs or {}))
-    return ResumableLoader(sampler, dataset, num_workers=num_workers, **loader_kwargs)

@@ -2,8 +2,9 @@
 
 ``export_shar(cuts, out_dir, shard_size, fields)`` writes ``cuts.NNNNNN.jsonl.gz`` plus one tar per field and
 shard (audio as FLAC by default, unit labels as lossless numpy). ``open_shar_cuts(dir, seed)`` reads them back
-lazily, split across DDP ranks and dataloader workers; ``make_shar_loader`` builds the iterable DataLoader
-(Lhotse's ``IterableDatasetWrapper``: the sampler lives in each worker, which streams its own shards).
+lazily (metadata and audio in shard order; ``speechssl.data.loader.training_cuts`` uses it for the first cuts).
+Training reads shards through ``make_resumable_shar_loader`` (what ``speechssl.data.loader.build_loader`` builds
+for ``data.shar_dir``).
 
 Exact resume: Lhotse 1.33 has no state_dict for a Shar stream, so ``make_resumable_shar_loader`` builds its own
 (``ResumableSharLoader``): shards are shuffled per epoch from ``seed``, split per rank then per worker, and every
@@ -24,7 +25,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from speechssl.data.sampler import check_not_all_bad, is_empty_batch, log_skips
+from speechssl.data.loader import DurationFilter
+from speechssl.data.sampler import check_not_all_bad, count_skips, estimate_duration_bins, is_empty_batch, log_skips
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ def open_shar_cuts(shar_dir, seed: int | str = 0, split_for_dataloading: bool = 
     """A lazy CutSet over the Shar shards in ``shar_dir``.
 
     With ``split_for_dataloading`` each DDP node, then each dataloader worker, reads a disjoint subset of shards
-    (set up by ``make_shar_loader``'s worker_init_fn). Shard order is reshuffled every epoch from ``seed``.
+    (Lhotse's ``make_worker_init_fn`` sets that up). Shard order is reshuffled every epoch from ``seed``.
     """
     from lhotse import CutSet
 
@@ -81,41 +83,6 @@ def open_shar_cuts(shar_dir, seed: int | str = 0, split_for_dataloading: bool = 
         raise FileNotFoundError(f"open_shar_cuts: no Shar shards (cuts.NNNNNN.jsonl.gz) in {d}")
     return CutSet.from_shar(in_dir=d, split_for_dataloading=split_for_dataloading, shuffle_shards=shuffle_shards,
                             stateful_shuffle=True, seed=seed)
-
-
-def make_shar_loader(shar_dir, dataset, *, max_duration: float, num_workers: int = 2, seed: int = 0,
-                     rank: int | None = None, world_size: int | None = None, shuffle: bool = True,
-                     num_buckets: int = 10, duration_bins: Sequence[float] | None = None,
-                     buffer_size: int = 10000):
-    """A torch DataLoader streaming batches from Shar shards (iterable-style, for corpora too big for jsonl).
-
-    Each worker runs its own bucketing sampler over the shards it owns; ``rank``/``world_size`` default to
-    torch.distributed's when initialised. Returns a DataLoader whose ``dataset.set_epoch(e)`` reshuffles.
-    It cannot resume mid-epoch: training uses ``make_resumable_shar_loader`` instead.
-    """
-    import torch
-    from lhotse.dataset import DynamicBucketingSampler
-    from lhotse.dataset.dataloading import make_worker_init_fn
-    from lhotse.dataset.iterable_dataset import IterableDatasetWrapper
-
-    if rank is None or world_size is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        else:
-            rank, world_size = 0, 1
-    cuts = open_shar_cuts(shar_dir, seed=seed)
-    kwargs = dict(max_duration=max_duration, shuffle=shuffle, seed=seed, buffer_size=buffer_size,
-                  rank=0, world_size=1)  # shards already split per node and worker
-    if duration_bins is not None:
-        kwargs["duration_bins"] = list(duration_bins)
-    else:
-        kwargs["num_buckets"] = num_buckets
-    sampler = DynamicBucketingSampler(cuts, **kwargs)
-    wrapper = IterableDatasetWrapper(dataset=dataset, sampler=sampler)
-    return torch.utils.data.DataLoader(
-        wrapper, batch_size=None, num_workers=num_workers,
-        worker_init_fn=make_worker_init_fn(rank=rank, world_size=world_size, seed=seed),
-    )
 
 
 # ------------------------------------------------------------------------------------------------ exact resume
@@ -256,7 +223,7 @@ class SharBatchStream(torch.utils.data.IterableDataset):
         self.duration_bins = list(duration_bins)
         self.max_duration, self.seed, self.shuffle = max_duration, int(seed), shuffle
         self.rank, self.world_size, self.buffer_size = rank, world_size, buffer_size
-        self.min_duration, self.max_cut_duration = min_duration, max_cut_duration
+        self.keep = DurationFilter(min_duration, max_cut_duration)
         self.epoch = 0
         self.skip: list[int] = []
 
@@ -265,17 +232,13 @@ class SharBatchStream(torch.utils.data.IterableDataset):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
 
-    def _keep(self, cut) -> bool:
-        return cut.duration >= self.min_duration and (self.max_cut_duration is None
-                                                      or cut.duration <= self.max_cut_duration)
-
     def _sampler(self, shards: list, worker: int):
         from lhotse import CutSet
         from lhotse.dataset import DynamicBucketingSampler
 
         cuts = CutSet(_ShardCuts(shards))
-        if self.min_duration > 0 or self.max_cut_duration is not None:
-            cuts = cuts.filter(self._keep)
+        if self.keep.active:
+            cuts = cuts.filter(self.keep)
         sampler = DynamicBucketingSampler(
             cuts, max_duration=self.max_duration, duration_bins=self.duration_bins, shuffle=self.shuffle,
             # distinct in-buffer shuffles per rank and worker; the same for a given (rank, worker, epoch)
@@ -388,8 +351,7 @@ class ResumableSharLoader:
                     self.done[w] = True
                     continue
                 item.pop(WORKER_KEY)
-                for _cut_id, reason in item.pop("skipped", None) or ():
-                    self.skipped[reason] += 1
+                count_skips(self.skipped, item)
                 self.consumed[w] += 1  # yielded or not: the per-worker fast-forward replays consumed batches
                 if is_empty_batch(item):  # every cut bad: nothing to train on, draw the next batch
                     emptied += 1
@@ -438,22 +400,12 @@ class ResumableSharLoader:
         raise TypeError("ResumableSharLoader has no length: the batch count of a Shar stream is not known ahead")
 
 
-def estimate_shar_duration_bins(shards: list, num_buckets: int, max_duration: float, seed: int = 0,
-                                num_cuts: int = 10000) -> list[float]:
-    """Bucket boundaries from the durations of up to ``num_cuts`` cuts (manifests only, shards in a seeded
-    order so that every rank and a resumed run get the same bins)."""
-    from itertools import islice
-
-    from lhotse.dataset.sampling.base import TimeConstraint
-    from lhotse.dataset.sampling.dynamic_bucketing import estimate_duration_buckets
-
+def estimate_shar_duration_bins(shards: list, num_buckets: int, max_duration: float, seed: int = 0) -> list[float]:
+    """Bucket boundaries from the durations of the first 10k cuts of the shards in a seeded order (manifests
+    only), so that every rank and a resumed run get the same bins."""
     order = list(shards)
     random.Random(seed).shuffle(order)
-    cuts = list(islice(_ShardCuts(order), num_cuts))
-    if len(cuts) < 2 or num_buckets < 2:
-        return [max((c.duration for c in cuts), default=1.0) + 1.0]
-    return [float(b) for b in estimate_duration_buckets(cuts, num_buckets=min(num_buckets, len(cuts)),
-                                                        constraint=TimeConstraint(max_duration=max_duration))]
+    return estimate_duration_bins(_ShardCuts(order), num_buckets, max_duration)
 
 
 def make_resumable_shar_loader(shar_dir, dataset, *, max_duration: float, num_workers: int = 2, seed: int = 0,
@@ -467,7 +419,7 @@ def make_resumable_shar_loader(shar_dir, dataset, *, max_duration: float, num_wo
     epoch's shuffled order (a rank may get a different number of batches than another; the trainer handles
     that), each worker every ``num_workers``-th of those. Example::
 
-        loader = make_resumable_shar_loader("data/shar", SpeechDataset(None, units=["kmeans"]), max_duration=200)
+        loader = make_resumable_shar_loader("data/shar", SpeechDataset(), max_duration=200)
         for batch in loader: ...
         state = loader.state_dict()      # later: loader.load_state_dict(state) continues exactly
     """
