@@ -7,7 +7,8 @@ import torch
 
 from speechssl.data.augment import AugmentConfig, Augmenter, build_augmenter, speed_perturb
 from speechssl.data.dataset import SpeechDataset
-from speechssl.data.labels import PAD_ID, load_units
+from speechssl.constants import PAD_ID
+from speechssl.data.labels import load_units
 from speechssl.data.synthetic import write_synthetic_cuts
 
 

@@ -26,9 +26,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from speechssl.constants import SAMPLE_RATE
+
 log = logging.getLogger(__name__)
 
-SAMPLING_RATE = 16000
 # 25 ms: shorter audio cannot produce a single feature frame (or a single CNN frame at 400 samples).
 DEFAULT_MIN_SAMPLES = 400
 # the most a file may fall short of its manifest (seconds) before it is "truncated"; Lhotse's default is 0.5 s
@@ -75,7 +76,7 @@ def _path_str(cut) -> str:
     return ", ".join(paths) if paths else None
 
 
-def load_cut_audio(cut, *, sampling_rate: int = SAMPLING_RATE, min_samples: int = DEFAULT_MIN_SAMPLES) -> np.ndarray:
+def load_cut_audio(cut, *, sampling_rate: int = SAMPLE_RATE, min_samples: int = DEFAULT_MIN_SAMPLES) -> np.ndarray:
     """Load a cut's audio as float32 mono at ``sampling_rate``: ``np.ndarray [num_samples]``.
 
     Raises :class:`BadCutError` (naming cut id and path) for a missing file, a file whose header disagrees with

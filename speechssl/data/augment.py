@@ -22,6 +22,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from speechssl.constants import SAMPLE_RATE
+
 
 @dataclass
 class AugmentConfig:
@@ -48,7 +50,7 @@ def _check_range(name: str, r, lo=None) -> tuple[float, float]:
 class Augmenter:
     """Applies an :class:`AugmentConfig`; ``noise`` may be a CutSet given directly instead of a path."""
 
-    def __init__(self, cfg: AugmentConfig, noise=None, sampling_rate: int = 16000):
+    def __init__(self, cfg: AugmentConfig, noise=None, sampling_rate: int = SAMPLE_RATE):
         for name in ("noise_prob", "volume_prob", "pitch_prob", "speed_prob"):
             p = getattr(cfg, name)
             if not 0.0 <= p <= 1.0:
@@ -107,7 +109,7 @@ def speed_perturb(wav: np.ndarray, factor: float) -> np.ndarray:
     return resample_poly(wav, fr.denominator, fr.numerator).astype(np.float32)
 
 
-def pitch_shift(wav: np.ndarray, semitones: float, sr: int = 16000) -> np.ndarray:
+def pitch_shift(wav: np.ndarray, semitones: float, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Shift pitch by ``semitones`` keeping the duration: [T] -> [T] (librosa, the ``aug`` extra)."""
     try:
         import librosa

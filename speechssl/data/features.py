@@ -13,13 +13,12 @@ import functools
 
 import torch
 
-SAMPLING_RATE = 16000
+from speechssl.constants import SAMPLE_RATE
+
 FRAME_SHIFT = 0.01
 FRAME_LENGTH = 0.025
-HOP = int(SAMPLING_RATE * FRAME_SHIFT)
-
-
-WIN = int(SAMPLING_RATE * FRAME_LENGTH)
+HOP = int(SAMPLE_RATE * FRAME_SHIFT)
+WIN = int(SAMPLE_RATE * FRAME_LENGTH)
 
 
 @functools.lru_cache(maxsize=4)
@@ -30,7 +29,7 @@ def _fbank_module(num_mel_bins: int, snip_edges: bool = False):
 
     with warnings.catch_warnings():  # Lhotse warns about snip_edges for stored features; ours are on the fly
         warnings.simplefilter("ignore")
-        return Wav2LogFilterBank(sampling_rate=SAMPLING_RATE, frame_length=FRAME_LENGTH, frame_shift=FRAME_SHIFT,
+        return Wav2LogFilterBank(sampling_rate=SAMPLE_RATE, frame_length=FRAME_LENGTH, frame_shift=FRAME_SHIFT,
                                  num_filters=num_mel_bins, snip_edges=snip_edges).eval()
 
 
@@ -42,7 +41,7 @@ def _mfcc_module(num_ceps: int, snip_edges: bool = False):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Wav2MFCC(sampling_rate=SAMPLING_RATE, frame_length=FRAME_LENGTH, frame_shift=FRAME_SHIFT,
+        return Wav2MFCC(sampling_rate=SAMPLE_RATE, frame_length=FRAME_LENGTH, frame_shift=FRAME_SHIFT,
                         num_ceps=num_ceps, snip_edges=snip_edges).eval()
 
 

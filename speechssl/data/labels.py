@@ -10,12 +10,10 @@ label sequence get ``PAD_ID`` (-100), which is never a real id and is ignored by
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-PAD_ID = -100
+from speechssl.constants import PAD_ID
 
 
 def store_units(cut, units, writer, name: str = "kmeans", frame_shift: float = 0.02):
@@ -47,10 +45,6 @@ def _units_manifest(cut, name: str):
                 return c.custom[name]
         return None
     return (cut.custom or {}).get(name)
-
-
-def has_units(cut, name: str) -> bool:
-    return _units_manifest(cut, name) is not None
 
 
 def label_rate(cut, name: str = "kmeans") -> float:
@@ -101,11 +95,6 @@ def align_units(units, label_rate: float, num_frames: int, frame_rate: float = 5
     ok = (idx >= 0) & (idx < u.numel())
     out[ok] = u[idx[ok]]
     return out
-
-
-def frames_for_rate(num_samples: int, frame_rate: float, sampling_rate: int = 16000) -> int:
-    """Plain frame count ``floor(num_samples * frame_rate / sampling_rate)`` (default ``num_frames``)."""
-    return int(math.floor(num_samples * frame_rate / sampling_rate + 1e-9))
 
 
 # ------------------------------------------------------------------------------------ phone alignments

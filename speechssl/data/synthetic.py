@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from speechssl.constants import SAMPLE_RATE
 
-def speechlike(num_samples: int, rng: np.random.Generator, sr: int = 16000) -> np.ndarray:
+
+def speechlike(num_samples: int, rng: np.random.Generator, sr: int = SAMPLE_RATE) -> np.ndarray:
     """Harmonics with a wandering pitch, amplitude envelope and a little noise: float32 [num_samples]."""
     t = np.arange(num_samples) / sr
     f0 = 110 + 60 * rng.random() + 30 * np.sin(2 * np.pi * rng.uniform(0.3, 2.0) * t)
@@ -22,7 +24,7 @@ def speechlike(num_samples: int, rng: np.random.Generator, sr: int = 16000) -> n
 
 
 def write_synthetic_cuts(out_dir, num_cuts: int = 8, min_duration: float = 1.0, max_duration: float = 3.0,
-                         seed: int = 0, sampling_rate: int = 16000, units: dict[str, float] | None = None,
+                         seed: int = 0, sampling_rate: int = SAMPLE_RATE, units: dict[str, float] | None = None,
                          num_speakers: int = 2, fmt: str = "wav"):
     """Write ``num_cuts`` audio files under ``out_dir`` and return their eager ``CutSet``.
 

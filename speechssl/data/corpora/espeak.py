@@ -179,10 +179,6 @@ class ESpeakNG:
             if self._lib.espeak_SetParameter(_PARAM[name], int(min(hi, max(lo, round(value)))), 0) != 0:
                 raise ESpeakError(f"espeak_SetParameter({name}={value}) failed")
 
-    def synthesize_bytes(self, text: str, voice: str = "en-us", prosody: Prosody = Prosody(), seed: int = 0) -> bytes:
-        """Speak ``text``: little-endian int16 PCM at ``self.sample_rate`` (22050 Hz), as bytes."""
-        return self.synthesize_timed(text, voice, prosody, seed)[0]
-
     def synthesize_timed(self, text: str, voice: str = "en-us", prosody: Prosody = Prosody(), seed: int = 0
                          ) -> tuple[bytes, list[tuple[str, int]]]:
         """Speak ``text``: (int16 PCM bytes at ``self.sample_rate``, phone events ``[(IPA symbol, start sample)]``).
@@ -211,7 +207,7 @@ class ESpeakNG:
         """
         import numpy as np
 
-        return np.frombuffer(self.synthesize_bytes(text, voice, prosody, seed), dtype="<i2").astype(np.int16)
+        return np.frombuffer(self.synthesize_timed(text, voice, prosody, seed)[0], dtype="<i2").astype(np.int16)
 
     def phonemize(self, text: str, voice: str = "en-us") -> list[list[str]]:
         """IPA phones per word for ``text`` spoken by ``voice``: ``[["ð", "ə"], ["k", "æ", "t"]]``.
@@ -374,22 +370,6 @@ class ESpeakServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def resample_to_16k(samples, sample_rate: int):
-    """int16 or float samples [T] at ``sample_rate`` -> float32 [T'] at 16 kHz in [-1, 1]."""
-    from math import gcd
-
-    import numpy as np
-    from scipy.signal import resample_poly
-
-    x = samples.astype(np.float32)
-    if samples.dtype == np.int16:
-        x /= 32768.0
-    if sample_rate == 16000:
-        return x
-    g = gcd(16000, sample_rate)
-    return resample_poly(x, 16000 // g, sample_rate // g).astype(np.float32)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:

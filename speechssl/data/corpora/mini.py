@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from speechssl.constants import SAMPLE_RATE
 from speechssl.data.corpora.espeak import Prosody
 from speechssl.data.corpora.mini_text import (
     KEYWORDS, SILENCE, UNKNOWN, UNKNOWN_WORDS, SentenceGrammar, normalize_transcript,
 )
 
-SAMPLE_RATE = 16000
 SPLITS = ("pretrain", "asr_train", "asr_dev", "asr_test", "sid_train", "sid_dev", "sid_test",
           "asv_train", "asv_test", "er_train", "er_dev", "er_test", "ks_train", "ks_dev", "ks_test")
 EMOTIONS = ("neutral", "happy", "sad", "angry")

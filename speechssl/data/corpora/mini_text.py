@@ -10,8 +10,9 @@ import re
 
 import numpy as np
 
-# SUPERB keyword spotting (Speech Commands v0.01): ten keywords, the rest of the words are "_unknown_".
-KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+from speechssl.constants import KEYWORDS
+
+# SUPERB keyword spotting (Speech Commands v0.01): the ten KEYWORDS; the rest of the words are "_unknown_".
 UNKNOWN_WORDS = ("bed", "bird", "cat", "dog", "eight", "five", "four", "happy", "house", "marvin", "nine",
                  "one", "seven", "sheila", "six", "three", "tree", "two", "wow", "zero")
 UNKNOWN, SILENCE = "_unknown_", "_silence_"

@@ -12,9 +12,10 @@ import random
 from pathlib import Path
 from typing import Callable
 
+from speechssl.constants import KEYWORDS
+
 log = logging.getLogger(__name__)
 
-KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 SILENCE, UNKNOWN = "_silence_", "_unknown_"
 
 
