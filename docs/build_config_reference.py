@@ -47,24 +47,29 @@ names the key and suggests the closest valid one.
 
 
 def field_comments(cls) -> dict[str, str]:
-    """``{field: comment}`` from the class source: trailing comments on the field's lines and comment lines
-    directly above it, joined in source order."""
+    """``{field: comment}`` from the class source, joined in source order: comment lines directly above the field
+    at its own indentation, the trailing comments of its lines, and comment-only lines right below it that are
+    indented further (a trailing comment continued on the next line)."""
     source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, tuple[int, str, bool]] = {}  # line -> (column, text, whether the line holds only it)
     lines = source.splitlines()
-    comments: dict[int, str] = {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
-    tree = ast.parse(source)
+            alone = not lines[tok.start[0] - 1][:tok.start[1]].strip()
+            comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip(), alone)
     out: dict[str, str] = {}
-    for node in tree.body[0].body:
+    for node in ast.parse(source).body[0].body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
         above, n = [], node.lineno - 1
-        while n in comments and lines[n - 1].strip().startswith("#"):
-            above.insert(0, comments[n])
+        while n in comments and comments[n][2] and comments[n][0] == node.col_offset:
+            above.insert(0, comments[n][1])
             n -= 1
-        beside = [comments[i] for i in range(node.lineno, node.end_lineno + 1) if i in comments]
+        beside = [comments[i][1] for i in range(node.lineno, node.end_lineno + 1) if i in comments]
+        n = node.end_lineno + 1
+        while beside and n in comments and comments[n][2] and comments[n][0] > node.col_offset:
+            beside.append(comments[n][1])
+            n += 1
         out[node.target.id] = " ".join(above + beside)
     return out
 

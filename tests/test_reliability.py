@@ -1,5 +1,5 @@
 """What is never lost (issue 13): each test injects a fault and asserts the outcome (refused, reported or counted)
-and that the earlier state is intact. docs/sections/45-reliability.md lists the guarantees and these tests."""
+and that the earlier state is intact. docs/reliability.md lists the guarantees and these tests."""
 from __future__ import annotations
 
 import json

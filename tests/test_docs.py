@@ -1,0 +1,81 @@
+"""The README and docs/: length, links that resolve, and a config reference that matches the schemas."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import typing
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("build_config_reference", ROOT / "docs" / "build_config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_is_at_most_300_lines():
+    n = len((ROOT / "README.md").read_text().splitlines())
+    assert n <= 300, f"README.md has {n} lines; move detail into docs/ (the cap is 300)"
+
+
+def _anchors(md: Path) -> set[str]:
+    """GitHub's heading anchors of a Markdown file: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"```.*?```", "", md.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("path", [ROOT / "README.md", *DOCS], ids=lambda p: p.name)
+def test_relative_links_point_to_existing_files_and_headings(path):
+    missing = []
+    for target in LINK.findall(path.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue
+        file, _, anchor = target.partition("#")
+        dest = path.parent / file if file else path
+        if not dest.exists() or (anchor and dest.suffix == ".md" and anchor not in _anchors(dest)):
+            missing.append(target)
+    assert not missing, f"{path.relative_to(ROOT)} links to missing files or headings: {missing}"
+
+
+def test_no_doc_mentions_the_removed_internals_page():
+    stale = [p.name for p in [ROOT / "README.md", *DOCS] if "internals.md" in p.read_text()]
+    assert not stale, f"docs/internals.md was replaced by docs/architecture.md; still named in {stale}"
+
+
+def test_config_reference_is_current():
+    text = _builder().build()
+    current = (ROOT / "docs" / "config.md").read_text()
+    assert current == text, "docs/config.md is stale: run `python docs/build_config_reference.py`"
+
+
+@dataclasses.dataclass
+class _Toy:
+    precision: typing.Literal["fp32", "bf16"] = "fp32"  # autocast dtype
+    # several lines above a field
+    # belong to it
+    steps: int = 3
+    path: typing.Optional[str] = None
+    size: list[int] = dataclasses.field(default_factory=lambda: [1, 2])  # beside | with a bar,
+                                                                         # continued below
+    last: float = 0.5
+
+
+def test_reference_rows_show_literal_choices_defaults_and_comments():
+    rows, nested = _builder().section_rows(_Toy, _Toy())
+    assert nested == []
+    assert rows == [
+        "| `precision` | fp32 \\| bf16 | `fp32` | autocast dtype |",
+        "| `steps` | int | `3` | several lines above a field belong to it |",
+        "| `path` | str \\| None | `null` |  |",
+        "| `size` | list[int] | `[1, 2]` | beside \\| with a bar, continued below |",
+        "| `last` | float | `0.5` |  |",
+    ]
