@@ -46,6 +46,14 @@ def test_relative_links_point_to_existing_files_and_headings(path):
     assert not missing, f"{path.relative_to(ROOT)} links to missing files or headings: {missing}"
 
 
+def test_readme_command_map_lists_every_command():
+    from speechssl.cli.main import COMMANDS
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [c for c in COMMANDS if f"| `speechssl {c}" not in readme]
+    assert not missing, f"README.md's command map lacks {missing}"
+
+
 def test_no_doc_mentions_the_removed_internals_page():
     stale = [p.name for p in [ROOT / "README.md", *DOCS] if "internals.md" in p.read_text()]
     assert not stale, f"docs/internals.md was replaced by docs/architecture.md; still named in {stale}"
