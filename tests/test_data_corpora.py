@@ -177,11 +177,48 @@ def test_prepare_mini_dispatches(tmp_path, monkeypatch):
     import speechssl.data.corpora.mini as mini
 
     calls = []
-    monkeypatch.setattr(mini, "prepare_mini", lambda out, minutes, seed, num_jobs: calls.append((out, minutes, seed)))
+    monkeypatch.setattr(mini, "prepare_mini", lambda out, *, minutes=15.0, seed=0, num_jobs=2:
+                        calls.append((out, minutes, seed, num_jobs)))
     assert main(["prepare", "mini", str(tmp_path / "m"), "--minutes", "0.5", "--seed", "3"]) == 0
-    assert calls == [(str(tmp_path / "m"), 0.5, 3)]
+    assert calls == [(str(tmp_path / "m"), 0.5, 3, 2)]  # a flag left out: the preparer's default
     with pytest.raises(SystemExit):
         main(["prepare", "mini", "a", "b"])
+
+
+@pytest.mark.parametrize("argv, unsupported, supported", [
+    (["voxceleb1", "C", "O", "--parts", "a,b"], "--parts", "--num-jobs"),
+    (["musan", "C", "O", "--num-jobs", "4"], "--num-jobs", "--parts"),
+    (["iemocap", "C", "O", "--version", "2", "--max-segment", "3"], "--version, --max-segment", "--fold --seed"),
+    (["mini", "O", "--fold", "2"], "--fold", "--minutes --seed --num-jobs"),
+    (["validate", "D", "--lexicon", "x.txt"], "--lexicon", "none"),
+])
+def test_unsupported_option_is_refused(tmp_path, capsys, monkeypatch, argv, unsupported, supported):
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"speechssl prepare {argv[0]}: {unsupported} does not apply to {argv[0]}; its options: {supported}" in err
+    assert not any(tmp_path.iterdir())  # refused before anything was read or written
+
+
+def test_prepare_corpus_refuses_unknown_options(tmp_path):
+    from speechssl.data.corpora.prepare import (
+        CORPORA, UnsupportedOptionError, corpus_options, prepare_corpus, prepare_voxceleb1_cuts,
+    )
+
+    with pytest.raises(UnsupportedOptionError, match=r"corpus 'voxceleb1' does not take the option\(s\) 'parts'; "
+                                                     r"its options are 'num_jobs'") as e:
+        prepare_corpus("voxceleb1", tmp_path / "nope", tmp_path / "o", parts=["a"])
+    assert (e.value.corpus, e.value.unsupported, e.value.supported) == ("voxceleb1", ["parts"], ["num_jobs"])
+    assert corpus_options(prepare_voxceleb1_cuts) == ["num_jobs"]
+    # every preparer names its options: none swallows the rest with **kwargs
+    import inspect
+
+    for name, fn in CORPORA.items():
+        kinds = {p.kind for p in inspect.signature(fn).parameters.values()}
+        assert inspect.Parameter.VAR_KEYWORD not in kinds, name
+        assert corpus_options(fn), name
+    with pytest.raises(ValueError, match="unknown corpus 'timit'"):
+        prepare_corpus("timit", tmp_path, tmp_path)
 
 
 # ------------------------------------------------------------------------ LibriSpeech phones from a lexicon

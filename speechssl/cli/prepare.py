@@ -38,33 +38,63 @@ REQUIRED_BY_PREFIX = {"asr_": ["text"], "sid_": ["speaker"], "asv_": ["speaker"]
                       "ks_": ["keyword"]}
 
 
+# corpus option -> (argparse dest, value -> option); a flag left out passes nothing, so the preparer's own default
+# applies, and a flag its corpus does not take is refused (the preparers' keyword-only parameters say which)
+CORPUS_FLAGS = {
+    "minutes": ("minutes", float),
+    "seed": ("seed", int),
+    "num_jobs": ("num_jobs", int),
+    "parts": ("parts", lambda v: v.split(",")),
+    "version": ("version", str),
+    "fold": ("fold", int),
+    "max_segment": ("max_segment", float),
+    "lexicon": ("lexicon", list),
+    "strip_stress": ("keep_stress", lambda keep: not keep),
+    "oov": ("oov", str),
+}
+
+
+def _flag(option: str) -> str:
+    return "--" + CORPUS_FLAGS.get(option, (option,))[0].replace("_", "-")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "prepare", help="prepare corpus manifests (Lhotse CutSets), synthesise the mini corpus, validate",
         description="Prepare CutSet manifests: `prepare CORPUS CORPUS_DIR OUT_DIR`, `prepare mini OUT_DIR`, "
-                    "or `prepare validate DIR`.",
+                    "or `prepare validate DIR`. A corpus option its corpus does not take is an error.",
         epilog=EXAMPLES, formatter_class=EXAMPLES_FORMATTER)
     p.add_argument("corpus", choices=("mini", "validate") + CORPUS_NAMES, metavar="CORPUS",
                    help="one of: mini, validate, " + ", ".join(CORPUS_NAMES))
     p.add_argument("paths", nargs="+", metavar="DIR", help="CORPUS_DIR OUT_DIR (mini: OUT_DIR; validate: DIR)")
-    p.add_argument("--minutes", type=float, default=15.0,
-                   help="mini: minutes of read sentences (pretrain/ASR/SID/ASV pools); ER and KS clips grow with it")
-    p.add_argument("--seed", type=int, default=0, help="mini: random seed; iemocap: dev split seed")
-    p.add_argument("--num-jobs", type=int, default=2, help="parallel jobs")
-    p.add_argument("--parts", default=None, help="librispeech/librilight/musan: comma-separated parts")
-    p.add_argument("--version", default="1", help="speechcommands: dataset version (1 = v0.01, SUPERB KS)")
-    p.add_argument("--fold", type=int, default=1, help="iemocap: test session of the written fold (1..5)")
-    p.add_argument("--max-segment", type=float, default=30.0, help="librilight: longest cut in seconds")
-    p.add_argument("--lexicon", action="append", default=[], metavar="PATH",
+    _add_corpus_args(p)
+    p.add_argument("--check", action="store_true", help="validate the manifests after preparing them")
+    _add_validate_args(p)
+    p.set_defaults(func=run)
+
+
+def _add_corpus_args(p) -> None:
+    p.add_argument("--minutes", type=float, help="mini: minutes of read sentences (pretrain/ASR/SID/ASV pools; "
+                                                 "ER and KS clips grow with it; default 15)")
+    p.add_argument("--seed", type=int, help="mini: random seed; iemocap: dev split seed (default 0)")
+    p.add_argument("--num-jobs", type=int,
+                   help="mini, librispeech, librilight, voxceleb1: parallel jobs (default 2)")
+    p.add_argument("--parts", help="librispeech/librilight/musan: comma-separated parts (default: all found)")
+    p.add_argument("--version", help="speechcommands: dataset version (1 = v0.01, SUPERB KS; the default)")
+    p.add_argument("--fold", type=int, help="iemocap: test session of the written fold (1..5, default 1)")
+    p.add_argument("--max-segment", type=float, help="librilight: longest cut in seconds (default 30)")
+    p.add_argument("--lexicon", action="append", metavar="PATH",
                    help="librispeech: pronunciation lexicon (OpenSLR 11 librispeech-lexicon.txt format) to add "
                         "supervision.custom.phones for PR; repeatable, the first pronunciation of a word wins")
-    p.add_argument("--keep-stress", action="store_true",
+    p.add_argument("--keep-stress", action="store_true", default=None,
                    help="librispeech --lexicon: keep ARPAbet stress digits (AH0, AH1 ...); by default they are "
                         "stripped (39 phones)")
-    p.add_argument("--oov", choices=("skip", "error"), default="skip",
+    p.add_argument("--oov", choices=("skip", "error"),
                    help="librispeech --lexicon: a cut with a word missing from the lexicon is skipped and counted "
-                        "(default) or is an error")
-    p.add_argument("--check", action="store_true", help="validate the manifests after preparing them")
+                        "(skip, the default) or is an error")
+
+
+def _add_validate_args(p) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="validate: drop bad cuts and report counts instead of failing; each changed manifest is "
                         "rewritten and its original kept as cuts_SPLIT.orig.jsonl.gz")
@@ -74,7 +104,6 @@ def register(subparsers) -> None:
     p.add_argument("--min-duration", type=float, default=0.025, help="validate: shortest acceptable cut (s)")
     p.add_argument("--require", action="append", default=[], metavar="FIELD",
                    help="validate: a field every cut must have (repeatable), in addition to the split defaults")
-    p.set_defaults(func=run)
 
 
 def _need(args, n: int, usage: str) -> list[str]:
@@ -84,44 +113,67 @@ def _need(args, n: int, usage: str) -> list[str]:
     return args.paths
 
 
+def corpus_options(args) -> dict:
+    """The preparer options the command line sets (only the flags given)."""
+    opts = {}
+    for option, (dest, convert) in CORPUS_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            opts[option] = convert(value)
+    return opts
+
+
+def _validate(args, d) -> int:
+    return validate_dir(d, skip_bad=args.skip_bad, decode=args.decode, min_duration=args.min_duration,
+                        extra_require=args.require)
+
+
 def run(args) -> int:
-    if args.corpus == "mini":
-        (out_dir,) = _need(args, 1, "OUT_DIR")
-        from speechssl.data.corpora.mini import prepare_mini  # the synthesiser is heavy: import on use
+    from speechssl.data.corpora.prepare import UnsupportedOptionError
 
-        prepare_mini(out_dir, minutes=args.minutes, seed=args.seed, num_jobs=args.num_jobs)
-        return validate_dir(out_dir, skip_bad=False) if args.check else 0
-    if args.corpus == "validate":
-        (d,) = _need(args, 1, "DIR")
-        return validate_dir(d, skip_bad=args.skip_bad, decode=args.decode, min_duration=args.min_duration,
-                            extra_require=args.require)
-    corpus_dir, out_dir = _need(args, 2, "CORPUS_DIR OUT_DIR")
-    from speechssl.data.corpora.prepare import prepare_corpus
-
-    opts = {"num_jobs": args.num_jobs}
-    if args.parts:
-        opts["parts"] = args.parts.split(",")
-    if args.corpus == "speechcommands":
-        opts["version"] = args.version
-    if args.corpus == "iemocap":
-        opts.update(fold=args.fold, seed=args.seed)
-    if args.corpus == "librilight":
-        opts["max_segment"] = args.max_segment
-    if args.lexicon:
-        if args.corpus != "librispeech":
-            print(f"speechssl prepare {args.corpus}: --lexicon applies to librispeech only", file=sys.stderr)
-            return 2
-        opts.update(lexicon=args.lexicon, strip_stress=not args.keep_stress, oov=args.oov)
+    opts = corpus_options(args)
     try:
-        prepare_corpus(args.corpus, corpus_dir, out_dir, **opts)
+        if args.corpus == "validate":
+            (d,) = _need(args, 1, "DIR")
+            if opts:
+                raise UnsupportedOptionError("validate", list(opts), [])
+            return _validate(args, d)
+        if args.corpus == "mini":
+            (out_dir,) = _need(args, 1, "OUT_DIR")
+            _prepare_mini(out_dir, opts)
+        else:
+            corpus_dir, out_dir = _need(args, 2, "CORPUS_DIR OUT_DIR")
+            rc = _prepare_corpus(args.corpus, corpus_dir, out_dir, opts)
+            if rc:
+                return rc
+    except UnsupportedOptionError as e:
+        print(f"speechssl prepare {args.corpus}: {', '.join(map(_flag, e.unsupported))} does not apply to "
+              f"{args.corpus}; its options: {' '.join(_flag(o) for o in e.supported if o in CORPUS_FLAGS) or 'none'}",
+              file=sys.stderr)
+        return 2
+    return _validate(args, out_dir) if args.check or args.skip_bad else 0
+
+
+def _prepare_mini(out_dir, opts: dict) -> None:
+    from speechssl.data.corpora import mini  # the synthesiser is heavy: import on use
+    from speechssl.data.corpora.prepare import check_options
+
+    check_options("mini", mini.prepare_mini, opts)
+    mini.prepare_mini(out_dir, **opts)
+
+
+def _prepare_corpus(name: str, corpus_dir, out_dir, opts: dict) -> int:
+    from speechssl.data.corpora.prepare import UnsupportedOptionError, prepare_corpus
+
+    try:
+        prepare_corpus(name, corpus_dir, out_dir, **opts)
+    except UnsupportedOptionError:  # a ValueError too: run() words it with the command line's flags
+        raise
     except (FileNotFoundError, ValueError) as e:
-        print(f"speechssl prepare {args.corpus}: {e}", file=sys.stderr)
+        print(f"speechssl prepare {name}: {e}", file=sys.stderr)
         return 1
-    if args.lexicon:
+    if opts.get("lexicon"):
         _print_lexicon_report(Path(out_dir) / "lexicon_report.json")
-    if args.check or args.skip_bad:
-        return validate_dir(out_dir, skip_bad=args.skip_bad, decode=args.decode, min_duration=args.min_duration,
-                            extra_require=args.require)
     return 0
 
 
@@ -147,9 +199,7 @@ def validate_dir(d, *, skip_bad: bool = False, decode: bool = False, min_duratio
     holds each split's report with every dropped cut id (``dropped_ids``) and, when rewritten, ``original``.
     Returns 0 when every cut is good (or ``skip_bad``), 1 otherwise.
     """
-    from lhotse import CutSet
-
-    from speechssl.data.audio import HEADER_ONLY_NOTE, BadCutError, summarize, validate_cuts
+    from speechssl.data.audio import HEADER_ONLY_NOTE, BadCutError, summarize
     from speechssl.utils.io import atomic_write_json
 
     d = Path(d)
@@ -160,36 +210,17 @@ def validate_dir(d, *, skip_bad: bool = False, decode: bool = False, min_duratio
     reports, failed, ids_by_split = [], False, {}
     for f in files:
         split = f.name[len("cuts_"): -len(".jsonl.gz")]
-        require = [r for pre, req in REQUIRED_BY_PREFIX.items() if split.startswith(pre) for r in req]
-        require += list(extra_require)
-        cuts = CutSet.from_file(f)
         try:
-            kept, report = validate_cuts(cuts, require=require, min_duration=min_duration, skip_bad=skip_bad,
-                                         decode=decode, desc=f"validating {split}")
+            kept, report = _validate_file(f, split, skip_bad=skip_bad, decode=decode, min_duration=min_duration,
+                                          extra_require=extra_require)
         except BadCutError as e:
             print(f"{f}: {e}", file=sys.stderr)
             failed = True
             continue
-        report["require"] = require
-        if not decode:
-            report["note"] = HEADER_ONLY_NOTE
         reports.append((split, report))
         ids_by_split[split] = {c.id for c in kept}
-        if skip_bad and report["skipped"]:
-            report["original"] = str(_rewrite_keeping_original(f, kept))
-            log.warning("%s: removed %d bad cuts %s; the original is %s", f, sum(report["skipped"].values()),
-                        report["skipped"], report["original"])
-    trials = d / "asv_trials.txt"
-    if trials.is_file() and "asv_test" in ids_by_split:
-        known = ids_by_split["asv_test"]
-        lines = [l.split() for l in trials.read_text().splitlines() if l.strip()]
-        bad = [l for l in lines if len(l) != 3 or l[0] not in ("0", "1") or l[1] not in known or l[2] not in known]
-        if bad:
-            print(f"{trials}: {len(bad)} of {len(lines)} trials are malformed or name cuts not in asv_test, "
-                  f"e.g. {' '.join(bad[0])}", file=sys.stderr)
-            failed = True
-        else:
-            print(f"asv_trials.txt: {len(lines)} trials ({sum(l[0] == '1' for l in lines)} target)")
+    if (d / "asv_trials.txt").is_file() and "asv_test" in ids_by_split:
+        failed |= not _check_trials(d / "asv_trials.txt", ids_by_split["asv_test"])
     print(summarize(reports))
     if not decode:
         print(f"note: {HEADER_ONLY_NOTE}")
@@ -199,6 +230,40 @@ def validate_dir(d, *, skip_bad: bool = False, decode: bool = False, min_duratio
 
 
 ORIG_SUFFIX = ".orig.jsonl.gz"
+
+
+def _validate_file(f: Path, split: str, *, skip_bad: bool, decode: bool, min_duration: float, extra_require):
+    """Validate one manifest (the fields its split needs plus ``extra_require``): (kept cuts, report); with
+    ``skip_bad`` a manifest that lost cuts is rewritten (:func:`_rewrite_keeping_original`)."""
+    from lhotse import CutSet
+
+    from speechssl.data.audio import HEADER_ONLY_NOTE, validate_cuts
+
+    require = [r for pre, req in REQUIRED_BY_PREFIX.items() if split.startswith(pre) for r in req]
+    require += list(extra_require)
+    kept, report = validate_cuts(CutSet.from_file(f), require=require, min_duration=min_duration, skip_bad=skip_bad,
+                                 decode=decode, desc=f"validating {split}")
+    report["require"] = require
+    if not decode:
+        report["note"] = HEADER_ONLY_NOTE
+    if skip_bad and report["skipped"]:
+        report["original"] = str(_rewrite_keeping_original(f, kept))
+        log.warning("%s: removed %d bad cuts %s; the original is %s", f, sum(report["skipped"].values()),
+                    report["skipped"], report["original"])
+    return kept, report
+
+
+def _check_trials(trials: Path, known: set) -> bool:
+    """Whether every line of ``trials`` is ``1|0 CUT CUT`` with both cuts in ``known`` (asv_test); prints either
+    the count or the first bad line."""
+    lines = [line.split() for line in trials.read_text().splitlines() if line.strip()]
+    bad = [t for t in lines if len(t) != 3 or t[0] not in ("0", "1") or t[1] not in known or t[2] not in known]
+    if bad:
+        print(f"{trials}: {len(bad)} of {len(lines)} trials are malformed or name cuts not in asv_test, "
+              f"e.g. {' '.join(bad[0])}", file=sys.stderr)
+        return False
+    print(f"asv_trials.txt: {len(lines)} trials ({sum(t[0] == '1' for t in lines)} target)")
+    return True
 
 
 def _rewrite_keeping_original(f: Path, kept) -> Path:

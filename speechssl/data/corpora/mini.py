@@ -559,7 +559,7 @@ def _summary(cutsets: dict) -> str:
     return "\n".join(lines)
 
 
-def prepare_mini(out_dir, minutes: float = DEFAULT_MINUTES, seed: int = 0, num_jobs: int = 2) -> dict:
+def prepare_mini(out_dir, *, minutes: float = DEFAULT_MINUTES, seed: int = 0, num_jobs: int = 2) -> dict:
     """Synthesise the mini corpus into ``out_dir``; returns ``{split: CutSet}`` for every name in ``SPLITS``.
 
     ``minutes`` is roughly the length of the read-sentence pool (pretraining, ASR, SID, ASV); the emotion and

@@ -11,11 +11,11 @@ import re
 import numpy as np
 
 from speechssl.constants import KEYWORDS
+from speechssl.data.corpora.prepare import SILENCE, UNKNOWN
 
 # SUPERB keyword spotting (Speech Commands v0.01): the ten KEYWORDS; the rest of the words are "_unknown_".
 UNKNOWN_WORDS = ("bed", "bird", "cat", "dog", "eight", "five", "four", "happy", "house", "marvin", "nine",
                  "one", "seven", "sheila", "six", "three", "tree", "two", "wow", "zero")
-UNKNOWN, SILENCE = "_unknown_", "_silence_"
 KS_CLASSES = KEYWORDS + (UNKNOWN, SILENCE)
 
 _w = str.split

@@ -7,6 +7,7 @@ Fields (see docs/sections/10-data.md): ``supervision.text`` (upper-case words, L
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 from pathlib import Path
@@ -17,6 +18,7 @@ from speechssl.constants import KEYWORDS
 log = logging.getLogger(__name__)
 
 SILENCE, UNKNOWN = "_silence_", "_unknown_"
+"""The keyword-spotting classes besides :data:`~speechssl.constants.KEYWORDS` (SUPERB KS)."""
 
 
 def _require_dir(path, what: str) -> Path:
@@ -166,47 +168,64 @@ def add_phones(cuts, lexicon: dict[str, list[str]], *, oov: str = "skip", name: 
     return kept, {"cuts": len(kept) + skipped, "skipped": skipped, "oov_words": dict(missing.most_common())}
 
 
-def prepare_librispeech_cuts(corpus_dir, out_dir, *, parts="auto", num_jobs: int = 1, lexicon=None,
-                             strip_stress: bool = True, oov: str = "skip", **_):
+def _parts_list(parts) -> list[str]:
+    """``"a,b"`` or a sequence of part names -> a list of names."""
+    return [p for p in parts.split(",") if p] if isinstance(parts, str) else list(parts)
+
+
+def prepare_librispeech_cuts(corpus_dir, out_dir, *, parts="auto", num_jobs: int = 2, lexicon=None,
+                             strip_stress: bool = True, oov: str = "skip") -> dict:
     """LibriSpeech (``PART/SPEAKER/CHAPTER/*.flac`` + ``*.trans.txt``) -> ``cuts_PART.jsonl.gz`` per part found
-    (``train-clean-100``, ``dev-clean``, ...). Text is the upper-case transcript; speaker from the file name.
+    (``train-clean-100``, ``dev-clean``, ...; ``parts`` "auto" = every part present, or a list). Text is the
+    upper-case transcript; speaker from the file name.
 
     ``lexicon`` (a path or a list of paths, see :func:`read_lexicon`) adds ``supervision.custom["phones"]`` for
     the PR task. Cuts with words the lexicon lacks are skipped (``oov="skip"``: counted, and the count plus the
     most frequent missing words are logged and written to ``OUT_DIR/lexicon_report.json``) or are an error
     (``oov="error"``). Nothing is downloaded: get ``librispeech-lexicon.txt`` from OpenSLR resource 11.
     """
-    from lhotse import CutSet
     from lhotse.recipes import prepare_librispeech
 
     corpus_dir = _require_dir(corpus_dir, "librispeech")
     lex = read_lexicon(lexicon, strip_stress=strip_stress) if lexicon else None  # bad lexicon fails before parsing
+    parts = parts if parts == "auto" else _parts_list(parts)
     manifests = prepare_librispeech(corpus_dir, dataset_parts=parts, output_dir=None, num_jobs=num_jobs)
     splits = {part: _normalise_text(_cuts_from(m)) for part, m in manifests.items()}
     if lex is not None:
-        report = {"lexicon": [str(p) for p in ([lexicon] if isinstance(lexicon, (str, Path)) else lexicon)],
-                  "strip_stress": strip_stress, "oov": oov, "parts": {}}
-        for part in sorted(splits):
-            kept, rep = add_phones(splits[part], lex, oov=oov, name=f"librispeech {part}")
-            splits[part] = CutSet.from_cuts(kept)
-            report["parts"][part] = rep
-            if rep["skipped"]:
-                log.warning("librispeech %s: %d of %d cuts skipped (words missing from the lexicon: %d distinct, "
-                            "e.g. %s)", part, rep["skipped"], rep["cuts"], len(rep["oov_words"]),
-                            " ".join(list(rep["oov_words"])[:8]))
-        report["phones"] = sorted({p for cs in splits.values() for c in cs for s in c.supervisions
-                                   for p in s.custom["phones"].split()})
-        from speechssl.utils.io import atomic_write_json
-
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(out_dir) / "lexicon_report.json", report)
-        log.info("phones: %d symbols in use; lexicon report in %s", len(report["phones"]),
-                 Path(out_dir) / "lexicon_report.json")
+        paths = [lexicon] if isinstance(lexicon, (str, Path)) else list(lexicon)
+        splits = _add_lexicon_phones(splits, lex, out_dir, oov=oov,
+                                     about={"lexicon": [str(p) for p in paths], "strip_stress": strip_stress})
     return write_splits(splits, out_dir)
 
 
-def prepare_librilight_cuts(corpus_dir, out_dir, *, parts=("small", "medium", "large"), num_jobs: int = 1,
-                            max_segment: float = 30.0, **_):
+def _add_lexicon_phones(splits: dict, lex: dict, out_dir, *, oov: str, about: dict) -> dict:
+    """Phones on every part's cuts (:func:`add_phones`); the per-part counts, missing words and the phone set go
+    to ``OUT_DIR/lexicon_report.json`` (with ``about``: the lexicon files and the stress setting)."""
+    from lhotse import CutSet
+
+    from speechssl.utils.io import atomic_write_json
+
+    report = {**about, "oov": oov, "parts": {}}
+    out = dict(splits)
+    for part in sorted(splits):
+        kept, rep = add_phones(splits[part], lex, oov=oov, name=f"librispeech {part}")
+        out[part] = CutSet.from_cuts(kept)
+        report["parts"][part] = rep
+        if rep["skipped"]:
+            log.warning("librispeech %s: %d of %d cuts skipped (words missing from the lexicon: %d distinct, "
+                        "e.g. %s)", part, rep["skipped"], rep["cuts"], len(rep["oov_words"]),
+                        " ".join(list(rep["oov_words"])[:8]))
+    report["phones"] = sorted({p for cs in out.values() for c in cs for s in c.supervisions
+                               for p in s.custom["phones"].split()})
+    path = Path(out_dir) / "lexicon_report.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, report)
+    log.info("phones: %d symbols in use; lexicon report in %s", len(report["phones"]), path)
+    return out
+
+
+def prepare_librilight_cuts(corpus_dir, out_dir, *, parts=("small", "medium", "large"), num_jobs: int = 2,
+                            max_segment: float = 30.0) -> dict:
     """Libri-Light (``small|medium|large/SPEAKER/BOOK/*.flac`` + ``*.json`` with speaker and voice activity) ->
     ``cuts_PART.jsonl.gz`` for the parts present: one cut per voice-activity segment, long segments cut into
     windows of at most ``max_segment`` seconds (unlabelled: speaker only, no text)."""
@@ -214,11 +233,10 @@ def prepare_librilight_cuts(corpus_dir, out_dir, *, parts=("small", "medium", "l
     from lhotse.recipes.librilight import _prepare_subset
 
     corpus_dir = _require_dir(corpus_dir, "librilight")
-    if isinstance(parts, str):
-        parts = [p for p in parts.split(",") if p]
+    parts = _parts_list(parts)
     present = [p for p in parts if (corpus_dir / p).is_dir()]
     if not present:
-        raise FileNotFoundError(f"librilight: none of the parts {list(parts)} found under {corpus_dir}")
+        raise FileNotFoundError(f"librilight: none of the parts {parts} found under {corpus_dir}")
     out = {}
     for part in present:
         # Lhotse's prepare_librilight always walks all three parts; its per-part parser is used for the ones here
@@ -231,6 +249,11 @@ def prepare_librilight_cuts(corpus_dir, out_dir, *, parts=("small", "medium", "l
     return write_splits(out, out_dir)
 
 
+def _vox_id(rel: str) -> str:
+    """``id10270/vid2/00001.wav`` -> the recording id Lhotse gives it, ``id10270-vid2-00001``."""
+    return "-".join(rel.rsplit(".", 1)[0].split("/"))
+
+
 def _read_trials(path: Path, rec_to_cut: dict) -> list[str]:
     lines, missing = [], 0
     for line in path.read_text().splitlines():
@@ -238,7 +261,7 @@ def _read_trials(path: Path, rec_to_cut: dict) -> list[str]:
         if len(parts) != 3:
             continue
         target, a, b = parts
-        ids = ["-".join(x.rsplit(".", 1)[0].split("/")) for x in (a, b)]
+        ids = [_vox_id(x) for x in (a, b)]
         if not all(i in rec_to_cut for i in ids):
             missing += 1
             continue
@@ -248,7 +271,36 @@ def _read_trials(path: Path, rec_to_cut: dict) -> list[str]:
     return lines
 
 
-def prepare_voxceleb1_cuts(corpus_dir, out_dir, *, num_jobs: int = 1, **_):
+def _write_vox_trials(corpus_dir: Path, out_dir, rec_to_cut: dict) -> None:
+    """``OUT_DIR/asv_trials.txt`` from the first trial list found in the corpus directory (none: a warning)."""
+    from speechssl.utils.io import atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("veri_test2.txt", "veri_test.txt", "voxceleb1_test_v2.txt"):
+        if (corpus_dir / name).is_file():
+            trials = _read_trials(corpus_dir / name, rec_to_cut)
+            atomic_write_text(out / "asv_trials.txt", "\n".join(trials) + "\n")
+            log.info("asv_trials.txt: %d trials from %s", len(trials), name)
+            return
+    log.warning("voxceleb1: no veri_test2.txt in %s; asv_trials.txt not written", corpus_dir)
+
+
+def _vox_sid_splits(iden: Path, all_cuts) -> dict:
+    """``sid_{train,dev,test}`` CutSets from ``iden_split.txt`` (``1|2|3 RELATIVE_PATH`` lines)."""
+    from lhotse import CutSet
+
+    names = {"1": "sid_train", "2": "sid_dev", "3": "sid_test"}
+    which = {}
+    for line in iden.read_text().splitlines():
+        if line.strip():
+            k, rel = line.split()
+            which[_vox_id(rel)] = names[k]
+    return {split: CutSet.from_cuts([c for c in all_cuts if which.get(c.recording_id) == split])
+            for split in names.values()}
+
+
+def prepare_voxceleb1_cuts(corpus_dir, out_dir, *, num_jobs: int = 2) -> dict:
     """VoxCeleb1 (``wav/idXXXXX/VIDEO/NNNNN.wav`` + ``vox1_meta.csv``) via Lhotse's VoxCeleb1 parser.
 
     Writes ``cuts_asv_train`` (VoxCeleb1 dev speakers) and ``cuts_asv_test`` (test speakers), and
@@ -257,7 +309,6 @@ def prepare_voxceleb1_cuts(corpus_dir, out_dir, *, num_jobs: int = 1, **_):
     Nothing is downloaded: Lhotse's ``prepare_voxceleb`` would fetch the trial list, so the lists must be in
     the corpus directory.
     """
-    from lhotse import CutSet
     from lhotse.recipes.voxceleb import _prepare_voxceleb_v1
 
     corpus_dir = _require_dir(corpus_dir, "voxceleb1")
@@ -266,29 +317,10 @@ def prepare_voxceleb1_cuts(corpus_dir, out_dir, *, num_jobs: int = 1, **_):
     manifests = _prepare_voxceleb_v1(corpus_dir, num_jobs)
     splits = {"asv_train": _cuts_from(manifests["train"]).to_eager(),
               "asv_test": _cuts_from(manifests["test"]).to_eager()}
-    all_cuts = CutSet.from_cuts(list(splits["asv_train"]) + list(splits["asv_test"]))
-    rec_to_cut = {c.recording_id: c.id for c in all_cuts}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("veri_test2.txt", "veri_test.txt", "voxceleb1_test_v2.txt"):
-        if (corpus_dir / name).is_file():
-            from speechssl.utils.io import atomic_write_text
-
-            trials = _read_trials(corpus_dir / name, rec_to_cut)
-            atomic_write_text(out / "asv_trials.txt", "\n".join(trials) + "\n")
-            log.info("asv_trials.txt: %d trials from %s", len(trials), name)
-            break
-    else:
-        log.warning("voxceleb1: no veri_test2.txt in %s; asv_trials.txt not written", corpus_dir)
-    iden = corpus_dir / "iden_split.txt"
-    if iden.is_file():
-        which = {}
-        for line in iden.read_text().splitlines():
-            if line.strip():
-                k, rel = line.split()
-                which["-".join(rel.rsplit(".", 1)[0].split("/"))] = {"1": "sid_train", "2": "sid_dev", "3": "sid_test"}[k]
-        for split in ("sid_train", "sid_dev", "sid_test"):
-            splits[split] = CutSet.from_cuts([c for c in all_cuts if which.get(c.recording_id) == split])
+    all_cuts = list(splits["asv_train"]) + list(splits["asv_test"])
+    _write_vox_trials(corpus_dir, out_dir, {c.recording_id: c.id for c in all_cuts})
+    if (corpus_dir / "iden_split.txt").is_file():
+        splits.update(_vox_sid_splits(corpus_dir / "iden_split.txt", all_cuts))
     return write_splits(splits, out_dir)
 
 
@@ -299,7 +331,21 @@ def _keyword_of(cut) -> str:
     return text if text in KEYWORDS else UNKNOWN
 
 
-def prepare_speechcommands_cuts(corpus_dir, out_dir, *, version: str = "1", silence_window: float = 1.0, **_):
+def _keyword_cut(cut):
+    """The cut with ``custom.keyword`` on its supervision (a window of background noise gets one: ``_silence_``)."""
+    from lhotse import SupervisionSegment
+
+    kw = _keyword_of(cut)
+    for s in cut.supervisions:
+        s.text = None if kw == SILENCE else _upper_text(s.text)
+        _set_custom(s, keyword=kw)
+    if not cut.supervisions:
+        cut.supervisions = [SupervisionSegment(id=cut.id, recording_id=cut.recording_id, start=0,
+                                               duration=cut.duration, custom={"keyword": SILENCE})]
+    return cut
+
+
+def prepare_speechcommands_cuts(corpus_dir, out_dir, *, version: str = "1", silence_window: float = 1.0) -> dict:
     """Speech Commands (v0.01 by default: ``speech_commands_v0.01/WORD/*.wav`` with ``validation_list.txt``,
     ``testing_list.txt`` and ``_background_noise_/``, plus ``speech_commands_test_set_v0.01/``) ->
     ``cuts_ks_{train,dev,test}``. ``custom.keyword`` is one of the 10 SUPERB words, ``_unknown_`` or
@@ -318,38 +364,23 @@ def prepare_speechcommands_cuts(corpus_dir, out_dir, *, version: str = "1", sile
         if len(noise):
             noise = [c for c in noise.cut_into_windows(duration=silence_window)
                      if c.duration >= silence_window - 1e-3]
-
-        def label(cut):
-            kw = _keyword_of(cut)
-            for s in cut.supervisions:
-                s.text = None if kw == SILENCE else _upper_text(s.text)
-                _set_custom(s, keyword=kw)
-            if not cut.supervisions:  # windows of noise keep no supervision: give them one
-                from lhotse import SupervisionSegment
-
-                cut.supervisions = [SupervisionSegment(id=cut.id, recording_id=cut.recording_id, start=0,
-                                                       duration=cut.duration, custom={"keyword": SILENCE})]
-            return cut
-
-        out[names[part]] = CutSet.from_cuts([label(c) for c in list(speech) + list(noise)])
+        out[names[part]] = CutSet.from_cuts([_keyword_cut(c) for c in list(speech) + list(noise)])
     return write_splits(out, out_dir)
 
 
-def prepare_musan_cuts(corpus_dir, out_dir, *, parts=("music", "speech", "noise"), **_):
+def prepare_musan_cuts(corpus_dir, out_dir, *, parts=("music", "speech", "noise")) -> dict:
     """MUSAN (``music|speech|noise/SUBDIR/*.wav``) -> ``cuts_musan_PART.jsonl.gz``: noise for augmentation."""
     from lhotse.recipes import prepare_musan
 
     corpus_dir = _require_dir(corpus_dir, "musan")
-    if isinstance(parts, str):
-        parts = [p for p in parts.split(",") if p]
-    parts = [p for p in parts if (corpus_dir / p).is_dir()]
+    parts = [p for p in _parts_list(parts) if (corpus_dir / p).is_dir()]
     if not parts:
         raise FileNotFoundError(f"musan: none of music/speech/noise under {corpus_dir}")
     manifests = prepare_musan(corpus_dir, output_dir=None, parts=parts)
     return write_splits({f"musan_{p}": _cuts_from(m) for p, m in manifests.items()}, out_dir)
 
 
-def prepare_iemocap_cuts(corpus_dir, out_dir, *, fold: int = 1, dev_fraction: float = 0.1, seed: int = 0, **_):
+def prepare_iemocap_cuts(corpus_dir, out_dir, *, fold: int = 1, dev_fraction: float = 0.1, seed: int = 0) -> dict:
     """IEMOCAP -> ``cuts_er_all`` (every 4-class utterance) and fold ``fold``: ``cuts_er_test`` = Session
     ``fold``, ``cuts_er_dev`` = ``dev_fraction`` of the other sessions (seeded), ``cuts_er_train`` = the rest."""
     from lhotse import CutSet
@@ -383,8 +414,34 @@ CORPORA: dict[str, Callable] = {
 }
 
 
+class UnsupportedOptionError(ValueError):
+    """An option a corpus preparer does not take. ``corpus``, ``unsupported`` and ``supported`` (option names) let
+    a caller word the message its own way (the command line names its flags)."""
+
+    def __init__(self, corpus: str, unsupported: list[str], supported: list[str]):
+        self.corpus, self.unsupported, self.supported = corpus, list(unsupported), list(supported)
+        super().__init__(f"corpus '{corpus}' does not take the option(s) {', '.join(map(repr, unsupported))}; "
+                         f"its options are {', '.join(map(repr, supported)) or 'none'}")
+
+
+def corpus_options(fn: Callable) -> list[str]:
+    """The keyword options of a preparer (``prepare_*_cuts`` or ``prepare_mini``): its keyword-only parameters."""
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
+def check_options(name: str, fn: Callable, options: dict) -> None:
+    """Raise :class:`UnsupportedOptionError` when ``options`` holds a name ``fn`` does not take, so an option
+    meant for another corpus is refused instead of dropped."""
+    supported = corpus_options(fn)
+    unsupported = [k for k in options if k not in supported]
+    if unsupported:
+        raise UnsupportedOptionError(name, unsupported, supported)
+
+
 def prepare_corpus(name: str, corpus_dir, out_dir, **options) -> dict:
-    """Prepare corpus ``name`` (a key of :data:`CORPORA`) from ``corpus_dir`` into ``out_dir``."""
+    """Prepare corpus ``name`` (a key of :data:`CORPORA`) from ``corpus_dir`` into ``out_dir`` with the corpus's
+    keyword ``options``; an option it does not take raises :class:`UnsupportedOptionError` naming both."""
     if name not in CORPORA:
         raise ValueError(f"unknown corpus '{name}'; choose one of {', '.join(CORPORA)} (or 'mini')")
+    check_options(name, CORPORA[name], options)
     return CORPORA[name](corpus_dir, out_dir, **options)
