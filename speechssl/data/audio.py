@@ -311,14 +311,14 @@ def validate_cuts(cuts, require: Sequence[str] = (), min_duration: float = 0.0, 
     """
     from lhotse import CutSet
 
-    from tqdm.auto import tqdm
+    from speechssl.utils.progress import progress_bar
 
     kept, skipped, examples, dropped = [], Counter(), {}, {}
     total, dur = 0, 0.0
     # progress only for big manifests: a mini split is checked in well under a second
     n = len(cuts) if not getattr(cuts, "is_lazy", True) else None
-    for cut in tqdm(cuts, desc=desc or "validating cuts", unit="cut", total=n, leave=False,
-                    disable=n is not None and n < 5000):
+    for cut in progress_bar(cuts, desc=desc or "validating cuts", unit="cut", total=n, leave=False,
+                            disable=n is not None and n < 5000):
         total += 1
         try:
             check_cut(cut, require=require, min_duration=min_duration, decode=decode)

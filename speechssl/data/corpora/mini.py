@@ -490,7 +490,7 @@ def synthesize_specs(specs: list[UttSpec], out_dir, num_jobs: int = 2, progress:
     """
     import multiprocessing as mp
 
-    from tqdm import tqdm
+    from speechssl.utils.progress import progress_bar
 
     if num_jobs < 1:
         raise ValueError(f"num_jobs must be >= 1, got {num_jobs}")
@@ -500,7 +500,7 @@ def synthesize_specs(specs: list[UttSpec], out_dir, num_jobs: int = 2, progress:
     chunk = 24
     jobs = [(str(out_dir), specs[i: i + chunk]) for i in range(0, len(specs), chunk)]
     results: dict[str, tuple[int, str, list]] = {}
-    with tqdm(total=len(specs), desc="synthesising mini corpus", unit="utt", disable=not progress) as bar, \
+    with progress_bar(total=len(specs), desc="synthesising mini corpus", unit="utt", disable=not progress) as bar, \
             ProcessPoolExecutor(max_workers=num_jobs, mp_context=mp.get_context(method),
                                 initializer=_worker_init) as pool:
         for out in pool.map(_render_chunk, jobs):
