@@ -52,7 +52,8 @@ def test_mfcc_units_100hz_align_to_50hz_frames(tmp_path, cuts_file):
         assert units.shape == ((len(wav) + 80) // 160,) == (int(n),)
         np.testing.assert_array_equal(units, km.predict(feats.numpy()))
     # a 50 Hz encoder frame i takes the 100 Hz label 2i (fairseq's rule); padding is -100
-    ds = SpeechDataset(units=["mfcc"], frame_rate=50.0, num_frames=lambda n: torch.div(n, 320, rounding_mode="floor"))
+    ds = SpeechDataset(units=["mfcc"], downsample_rate=320,
+                       num_frames=lambda n: torch.div(n, 320, rounding_mode="floor"))
     from lhotse import CutSet
 
     batch = ds[CutSet.from_cuts(cuts)]
@@ -81,7 +82,7 @@ def test_model_layer_units_50hz(tmp_path, cuts_file):
     cuts = _load(out)
     from lhotse import CutSet
 
-    ds = SpeechDataset(units=["hubert_l1"], num_frames=model.num_frames, frame_rate=50.0)
+    ds = SpeechDataset(units=["hubert_l1"], num_frames=model.num_frames, downsample_rate=model.downsample_rate)
     batch = ds[CutSet.from_cuts(cuts)]
     for i, cut in enumerate(cuts):
         wav = torch.from_numpy(load_cut_audio(cut))[None]
@@ -111,10 +112,10 @@ def test_cli_kmeans_and_label(tmp_path, cuts_file, capsys):
     bad = tmp_path / "km_bad"
     assert main(["kmeans", "--cuts", str(cuts_file), "--out", str(bad), "--n-clusters", "100000",
                  "--fraction", "0.5"]) == 2
-    assert "raise --fraction or lower --n-clusters" in capsys.readouterr().err
+    assert "raise argument 'fraction' or lower 'n_clusters'" in capsys.readouterr().err
     assert main(["kmeans", "--cuts", str(cuts_file), "--out", str(bad), "--n-clusters", "4",
                  "--layer", "3"]) == 2
-    assert "--layer applies to model features" in capsys.readouterr().err
+    assert "argument 'layer' applies to model features" in capsys.readouterr().err
     assert not bad.exists()
     assert main(["kmeans", "--cuts", str(tmp_path / "nope.jsonl.gz"), "--out", str(bad), "--n-clusters", "4"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -145,3 +146,16 @@ def test_label_finds_the_feature_model_after_the_experiment_dir_moves(tmp_path, 
     shutil.rmtree(moved / "iter1")
     with pytest.raises(FileNotFoundError, match="neither at"):
         label_cuts(cuts_file, moved / "km2", tmp_path / "gone.jsonl.gz", name="u", progress=False)
+
+
+def test_library_errors_name_arguments(tmp_path, cuts_file):
+    """Errors of the library functions name their arguments, not the command-line flags of `speechssl kmeans`."""
+    with pytest.raises(ValueError, match="argument 'cuts': manifest not found") as e:
+        fit_kmeans(tmp_path / "nope.jsonl.gz", tmp_path / "km", n_clusters=2, progress=False)
+    with pytest.raises(ValueError, match="argument 'layer' applies to model features") as e2:
+        fit_kmeans(cuts_file, tmp_path / "km", layer=1, n_clusters=2, progress=False)
+    with pytest.raises(ValueError, match="argument 'fraction'") as e3:
+        fit_kmeans(cuts_file, tmp_path / "km", fraction=0.0, n_clusters=2, progress=False)
+    with pytest.raises(ValueError, match="raise argument 'fraction' or lower 'n_clusters'") as e4:
+        fit_kmeans(cuts_file, tmp_path / "km", fraction=0.5, n_clusters=10**6, progress=False)
+    assert not any("--" in str(x.value) for x in (e, e2, e3, e4))

@@ -9,7 +9,9 @@
 - :func:`label_cuts` recomputes the same features for every cut, predicts units and stores them on the cut with
   ``speechssl.data.labels.store_units`` (lossless ``NumpyFilesWriter`` arrays), writing a new manifest.
 
-Features are held in RAM for the fit, or in a float32 file on disk (``store="disk"``) when they would not fit.
+Cuts are read through ``speechssl.data.loader.open_cuts`` (lazily) and their audio through the same
+``SpeechDataset`` as training batches (bad audio raises :class:`~speechssl.data.audio.BadCutError`). Features
+are held in RAM for the fit, or in a float32 file on disk (``store="disk"``) when they would not fit.
 """
 from __future__ import annotations
 
@@ -17,22 +19,25 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
 
 from speechssl.cluster import KMeans
+from speechssl.constants import SAMPLE_RATE
+from speechssl.data.dataset import SpeechDataset
+from speechssl.data.loader import open_cuts
+from speechssl.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-SAMPLING_RATE = 16000
 MFCC_FRAME_SHIFT = 0.01
 # hand-crafted unit features: 39-dim MFCC (+ deltas), raw or normalised per utterance (mean and variance per
 # coefficient over the utterance: targets about what is said rather than about the speaker or the channel)
 HANDCRAFTED = ("mfcc", "mfcc_cmvn")
 
-__all__ = ["FeatureSpec", "FeatureReader", "fit_kmeans", "label_cuts", "load_cuts"]
+__all__ = ["FeatureSpec", "FeatureReader", "fit_kmeans", "label_cuts"]
 
 
 @dataclass
@@ -43,20 +48,6 @@ class FeatureSpec:
     layer: int | None = None
     frame_shift: float = MFCC_FRAME_SHIFT  # seconds per feature frame (= label period)
     dim: int = 39
-
-
-def load_cuts(cuts):
-    """A CutSet from a CutSet, a list of cuts or a manifest path (lazy for jsonl)."""
-    from lhotse import CutSet
-
-    if isinstance(cuts, (str, os.PathLike)):
-        p = Path(cuts)
-        if not p.exists():
-            raise FileNotFoundError(f"cut manifest {p} does not exist")
-        return CutSet.from_file(p)
-    if isinstance(cuts, CutSet):
-        return cuts
-    return CutSet.from_cuts(list(cuts))
 
 
 class FeatureReader:
@@ -75,9 +66,10 @@ class FeatureReader:
     def __init__(self, feature, layer: int | None = None, device: str = "cpu", batch_size: int = 16):
         self.device = torch.device(device)
         self.batch_size = max(1, int(batch_size))
+        self.audio = SpeechDataset()  # padded waveform batches, bad audio raises BadCutError
         if isinstance(feature, str) and feature in HANDCRAFTED:
             if layer is not None:
-                raise ValueError(f"--layer applies to model features, not {feature}")
+                raise ValueError(f"argument 'layer' applies to model features, not {feature!r}: leave it unset")
             self.model = None
             self.spec = FeatureSpec(feature, None, MFCC_FRAME_SHIFT, 39)
             return
@@ -86,48 +78,39 @@ class FeatureReader:
         else:
             path = Path(feature)
             if not path.exists():
-                raise FileNotFoundError(f"--feature must be one of {'|'.join(HANDCRAFTED)} or an existing model path; "
-                                        f"{path} does not exist")
+                raise FileNotFoundError(f"argument 'feature' must be one of {'|'.join(HANDCRAFTED)} or an existing "
+                                        f"model path; {path} does not exist")
             from speechssl import load_pretrained
 
             model, name = load_pretrained(str(path)), str(path.resolve())
         if layer is None:
-            raise ValueError(f"model features need --layer (0..{model.num_layers})")
+            raise ValueError(f"model features need argument 'layer' (0..{model.num_layers})")
         if not 0 <= int(layer) <= model.num_layers:
-            raise ValueError(f"--layer {layer} is out of range: the model has layers 0..{model.num_layers}")
+            raise ValueError(f"argument 'layer' ({layer}) is out of range: the model has layers 0..{model.num_layers}")
         self.model = model.to(self.device).eval()
         self.layer = int(layer)
-        self.spec = FeatureSpec(name, int(layer), model.downsample_rate / SAMPLING_RATE, int(model.hidden_size))
+        self.spec = FeatureSpec(name, int(layer), model.downsample_rate / SAMPLE_RATE, int(model.hidden_size))
 
     @classmethod
     def from_spec(cls, spec: dict, device: str = "cpu") -> "FeatureReader":
         return cls(spec["feature"], spec.get("layer"), device=device)
 
-    def _audio(self, cuts) -> list[np.ndarray]:
-        from speechssl.data.audio import load_cut_audio
-
-        return [load_cut_audio(c) for c in cuts]
-
     @torch.inference_mode()
     def __call__(self, cuts) -> list[np.ndarray]:
-        cuts = list(cuts)
-        wavs = self._audio(cuts)
+        batch = self.audio[list(cuts)]
+        audio, lens = batch["audio"], batch["audio_lens"]
         if self.model is None:
             from speechssl.data.features import compute_mfcc
 
-            lens = torch.tensor([len(w) for w in wavs], dtype=torch.long)
-            audio = torch.zeros(len(wavs), int(lens.max()))
-            for i, w in enumerate(wavs):
-                audio[i, : len(w)] = torch.from_numpy(w)
             feats, n = compute_mfcc(audio, lens)
-            out = [feats[i, : int(n[i])].numpy().astype(np.float32) for i in range(len(wavs))]
+            out = [feats[i, : int(n[i])].numpy().astype(np.float32) for i in range(len(lens))]
             if self.spec.feature == "mfcc_cmvn":
                 out = [(f - f.mean(0)) / (f.std(0) + 1e-5) for f in out]
             return out
         out = []
-        for w in wavs:
-            x = torch.from_numpy(w)[None].to(self.device)
-            res = self.model(x, torch.tensor([len(w)], device=self.device))
+        for i in range(len(lens)):  # one utterance per forward: see the class docstring
+            x = audio[i: i + 1, : int(lens[i])].to(self.device)
+            res = self.model(x, lens[i: i + 1].to(self.device))
             h = res.hidden_states[self.layer][0, : int(res.lengths[0])]
             out.append(h.float().cpu().numpy())
         return out
@@ -172,10 +155,10 @@ class _FrameStore:
 
 def _sample_cuts(cuts, fraction: float, seed: int) -> list:
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
+        raise ValueError(f"argument 'fraction' must be in (0, 1], got {fraction}")
     all_cuts = list(cuts)
     if not all_cuts:
-        raise ValueError("the cut manifest is empty")
+        raise ValueError("argument 'cuts': the cut manifest is empty")
     n = max(1, int(round(fraction * len(all_cuts))))
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(all_cuts), size=n, replace=False))
@@ -184,25 +167,24 @@ def _sample_cuts(cuts, fraction: float, seed: int) -> list:
 
 def fit_kmeans(cuts, out_dir, *, feature="mfcc", layer: int | None = None, n_clusters: int = 100,
                fraction: float = 0.1, seed: int = 0, batch_size: int = 10000, max_iter: int = 100,
-               mode: str = "lloyd", n_init: int = 1, device: str = "cpu", store: str = "memory",
+               mode: Literal["lloyd", "minibatch"] = "lloyd", n_init: int = 1, device: str = "cpu",
+               store: Literal["memory", "disk"] = "memory",
                max_frames: int | None = None, progress: bool = True) -> KMeans:
     """Fit k-means on features of a ``fraction`` of ``cuts`` and save it to ``out_dir``.
 
     ``store="disk"`` keeps the frames in ``out_dir/features.f32`` (deleted afterwards) instead of RAM;
     ``max_frames`` caps the frames used (a random subset). Returns the fitted KMeans.
     """
-    from tqdm import tqdm
-
     if store not in ("memory", "disk"):
-        raise ValueError(f"store must be 'memory' or 'disk', got {store!r}")
+        raise ValueError(f"argument 'store' must be 'memory' or 'disk', got {store!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reader = FeatureReader(feature, layer, device=device)
-    chosen = _sample_cuts(load_cuts(cuts), fraction, seed)
+    chosen = _sample_cuts(open_cuts(cuts, "cuts"), fraction, seed)
     fpath = out / "features.f32" if store == "disk" else None
     frames = _FrameStore(reader.spec.dim, fpath)
     try:
-        bar = tqdm(total=len(chosen), desc=f"features ({reader.spec.feature if reader.model is None else 'layer ' + str(layer)})",
+        bar = progress_bar(total=len(chosen), desc=f"features ({reader.spec.feature if reader.model is None else 'layer ' + str(layer)})",
                    unit="cut", disable=not progress)
         for group, feats in reader.batches(chosen):
             for f in feats:
@@ -214,8 +196,8 @@ def fit_kmeans(cuts, out_dir, *, feature="mfcc", layer: int | None = None, n_clu
             keep = np.sort(np.random.default_rng(seed).choice(X.shape[0], size=int(max_frames), replace=False))
             X = np.asarray(X[keep])
         if X.shape[0] < n_clusters:
-            raise ValueError(f"only {X.shape[0]} feature frames from {len(chosen)} cuts for --n-clusters "
-                             f"{n_clusters}: raise --fraction or lower --n-clusters")
+            raise ValueError(f"only {X.shape[0]} feature frames from {len(chosen)} cuts for n_clusters="
+                             f"{n_clusters}: raise argument 'fraction' or lower 'n_clusters'")
         log.info("k-means: K=%d on %d frames x %d dims from %d cuts", n_clusters, X.shape[0], X.shape[1], len(chosen))
         km = KMeans(n_clusters, mode=mode, max_iter=max_iter, batch_size=batch_size, n_init=n_init, seed=seed,
                     device=device).fit(X)
@@ -245,7 +227,6 @@ def label_cuts(cuts, km_dir, out_path, *, name: str = "kmeans", storage_dir=None
     Returns the number of cuts labelled. The manifest is written to a temporary file and renamed at the end.
     """
     from lhotse import CutSet, NumpyFilesWriter
-    from tqdm import tqdm
 
     from speechssl.data.labels import store_units
 
@@ -265,17 +246,17 @@ def label_cuts(cuts, km_dir, out_path, *, name: str = "kmeans", storage_dir=None
         raise ValueError(f"{km_dir}: centres have {km.cluster_centers_.shape[1]} dims, features {reader.spec.dim}")
     out_path = Path(out_path)
     if not str(out_path).endswith((".jsonl.gz", ".jsonl")):
-        raise ValueError(f"--out must be a .jsonl.gz (or .jsonl) cut manifest, got {out_path}")
+        raise ValueError(f"argument 'out_path' must be a .jsonl.gz (or .jsonl) cut manifest, got {out_path}")
     stem = out_path.name.split(".jsonl")[0]
     storage = Path(storage_dir) if storage_dir is not None else out_path.parent / f"{stem}_{name}"
     storage.mkdir(parents=True, exist_ok=True)
     suffix = ".jsonl.gz" if str(out_path).endswith(".gz") else ".jsonl"
     tmp = out_path.parent / f".{stem}.tmp{os.getpid()}{suffix}"
-    src = load_cuts(cuts)
+    src = open_cuts(cuts, "cuts")
     n = 0
     try:
         with NumpyFilesWriter(str(storage)) as writer, CutSet.open_writer(tmp) as cw:
-            bar = tqdm(desc=f"label {name}", unit="cut", disable=not progress)
+            bar = progress_bar(desc=f"label {name}", unit="cut", disable=not progress)
             for group, feats in reader.batches(src):
                 lens = [f.shape[0] for f in feats]
                 units = km.predict(np.concatenate(feats)) if sum(lens) else np.zeros(0, np.int64)
