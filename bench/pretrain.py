@@ -82,7 +82,7 @@ def run_ours(args, encoder_config=None) -> dict:
     from speechssl.models import build_encoder
     from speechssl.models.objectives import build_objective
     from speechssl.train import OptimConfig, ScheduleConfig, Trainer, TrainerConfig
-    from speechssl.train.trainer import peak_memory_mb
+    from speechssl.train.runtime import peak_memory_mb
 
     torch.manual_seed(0)
     enc = build_encoder(encoder_config or _encoder_config(args))
@@ -163,7 +163,7 @@ def run_hf(args) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    from speechssl.train.trainer import peak_memory_mb
+    from speechssl.train.runtime import peak_memory_mb
 
     secs = B * args.seconds
     return {"audio_sec_per_sec": statistics.median(secs / t for t in times[args.warmup:]),
@@ -256,7 +256,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="4 layers, 2 x 2 s, 2 + 3 steps: a short correctness check")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--precision", default="no", choices=["no", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batch", type=int, default=None, help="utterances per step (default 2, GPU 8)")
     p.add_argument("--seconds", type=float, default=None, help="seconds per utterance (default 4, GPU 10)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 8; GPU 10)")

@@ -6,6 +6,8 @@ import random
 import torch
 from torch import nn
 
+from speechssl.train.contract import StepOutput
+
 
 class ToyDataset(torch.utils.data.Dataset):
     """Item lists -> batch dicts; deterministic (x from a fixed seed, y a noisy linear function of x)."""
@@ -93,8 +95,10 @@ class ToyLoader:
 
 
 class ToyModel(nn.Module):
-    """Regression MLP returning (loss per element, logs); dropout and a randomly skipped layer (layer-drop) make
-    the loss depend on the RNG state, so an exact resume must restore it."""
+    """Regression MLP returning the loss per element with the element count as sample size; dropout and a randomly
+    skipped layer (layer-drop) make the loss depend on the RNG state, so an exact resume must restore it."""
+
+    trainer_capabilities = ("step",)
 
     def __init__(self, dim: int = 8, hidden: int = 16, dropout: float = 0.1, layerdrop: float = 0.0, seed: int = 0):
         super().__init__()
@@ -121,10 +125,8 @@ class ToyModel(nn.Module):
             if self.calls in self.poison_calls:
                 loss = loss * float("nan")
             self.calls += 1
-        return loss, {"loss": float(loss.detach()), "acc": float((err < 0.5).float().mean())}
-
-    def sample_size(self, batch) -> int:
-        return batch["y"].numel()
+        return StepOutput(loss, {"loss": float(loss.detach()), "acc": float((err < 0.5).float().mean())},
+                          sample_size=batch["y"].numel())
 
 
 class ToyStack(nn.Module):
@@ -150,7 +152,4 @@ class ToyStack(nn.Module):
             h = h + layer(h)
         err = (self.out(h) - batch["y"]) ** 2
         loss = err.sum() / err.numel()
-        return loss, {"loss": float(loss.detach())}
-
-    def sample_size(self, batch) -> int:
-        return batch["y"].numel()
+        return StepOutput(loss, {"loss": float(loss.detach())}, sample_size=batch["y"].numel())

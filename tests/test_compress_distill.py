@@ -71,14 +71,15 @@ def test_head_distiller_loss_independent_of_padding_values_and_teacher_frozen():
     wav = 0.1 * torch.randn(2, 9000)
     lens = torch.tensor([9000, 5000])
     wav[1, 5000:] = 0.0
-    loss1, logs = model({"audio": wav, "audio_lens": lens})
+    step = model({"audio": wav, "audio_lens": lens})
+    loss1, logs = step.loss, step.logs
     wav2 = wav.clone()
     wav2[1, 5000:] = torch.randn(4000)  # garbage in the padding
-    loss2, _ = model({"audio": wav2, "audio_lens": lens})
+    loss2 = model({"audio": wav2, "audio_lens": lens}).loss
     assert abs(loss1.item() - loss2.item()) < 1e-5
     assert {"loss", "l1_2", "cos_2", "l1_4", "cos_4"} <= set(logs)
     model.train()
-    loss, _ = model({"audio": wav, "audio_lens": lens})
+    loss = model({"audio": wav, "audio_lens": lens}).loss
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert not any(p is q for p in model.parameters() for q in teacher.parameters())  # teacher not in the tree
@@ -90,7 +91,8 @@ def test_layer_distiller_identity_maps_start_at_optimum():
     teacher = micro("hubert")
     model = LayerDistiller(copy_teacher(teacher), teacher, student_layers=[0, 2, 4], cos_type="neg").eval()
     wav = 0.1 * torch.randn(2, 8000)
-    loss, logs = model({"audio": wav, "audio_lens": torch.tensor([8000, 6000])})
+    step = model({"audio": wav, "audio_lens": torch.tensor([8000, 6000])})
+    loss, logs = step.loss, step.logs
     assert abs(loss.item() - (-3.0)) < 1e-4  # L1 = 0 and cos = 1 for each of 3 pairs
     assert logs["l1_2"] < 1e-5
     with pytest.raises(ValueError, match="out of range"):
@@ -174,7 +176,8 @@ def test_hf_teacher_distils_and_prunes(tmp_path):
     teacher = load_teacher(str(tmp_path / "hf"))
     assert teacher.num_layers == 3 and not teacher.training
     model = HeadDistiller(build_distilhubert_student(teacher, 1), teacher, target_layers=[1, 3])
-    loss, logs = model({"audio": 0.1 * torch.randn(2, 8000), "audio_lens": torch.tensor([8000, 7000])})
+    step = model({"audio": 0.1 * torch.randn(2, 8000), "audio_lens": torch.tensor([8000, 7000])})
+    loss, logs = step.loss, step.logs
     assert torch.isfinite(loss) and "l1_3" in logs
     g = PruningGates(teacher)
     with torch.no_grad():
@@ -217,7 +220,7 @@ def test_head_distillation_reduces_loss():
     batch = {"audio": 0.1 * torch.randn(2, 8000), "audio_lens": torch.tensor([8000, 6400])}
     losses = []
     for _ in range(25):
-        loss, _ = model(batch)
+        loss = model(batch).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -229,7 +229,8 @@ def test_prune_distiller_reaches_target_and_materialises():
     best = 0.0
     for step in range(130):
         m.set_step(step)
-        loss, logs = m({"audio": wav, "audio_lens": lens})
+        out = m({"audio": wav, "audio_lens": lens})
+        loss, logs = out.loss, out.logs
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -43,7 +43,7 @@ tr = Trainer(cfg, model, out, optim=OptimConfig(lr=5e-2, weight_decay=0.01),
                                       save_file({k: v.contiguous() for k, v in m.state_dict().items()},
                                                 str(d / "model.safetensors"))))
 logs = tr.fit(resume=resume)
-assert tr.accelerator.num_processes == (2 if merge == 1 else 1), tr.accelerator.num_processes
+assert tr.runtime.world == (2 if merge == 1 else 1), tr.runtime.world
 '''
 
 
@@ -156,16 +156,17 @@ cfg = TrainerConfig(max_steps=steps, log_every=1, ckpt_every=100, ckpt_at_end=Fa
 tr = Trainer(cfg, model, out, optim=OptimConfig(lr=1e-2), schedule=ScheduleConfig(name="linear", warmup_steps=1),
              make_train_loader=Loader)
 tr.fit()
-rank = tr.accelerator.process_index
+rank = tr.runtime.rank
 if strategy == "ddp":
     ddp = tr.model
     assert ddp.find_unused_parameters, "layer-drop must turn on find_unused_parameters"
     assert not getattr(ddp, "static_graph", False), "static_graph must stay off with layer-drop"
-    sd = {k: v.detach().contiguous() for k, v in tr.accelerator.unwrap_model(tr.model).state_dict().items()}
+    sd = {k: v.detach().contiguous() for k, v in tr.runtime.acc.unwrap_model(tr.model).state_dict().items()}
     save_file(sd, str(out / f"rank{rank}.safetensors"))
 else:
     assert tr.fsdp
-    sd = tr._full_model_state()  # a gather on every rank; rank 0 gets the full state
+    from speechssl.train.fsdp import full_model_state
+    sd = full_model_state(tr.model)  # a gather on every rank; rank 0 gets the full state
     if rank == 0:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "rank0.safetensors"))
 save_file(init, str(out / f"init{rank}.safetensors"))
@@ -258,7 +259,7 @@ cfg = TrainerConfig(max_steps=6, log_every=1, ckpt_every=3, eval_every=3, progre
 tr = Trainer(cfg, model, out, optim=OptimConfig(lr=5e-2, weight_decay=0.01),
              schedule=ScheduleConfig(name="linear", warmup_steps=2),
              make_train_loader=lambda: ToyLoader(num_workers=0, merge=merge, n=60),
-             evaluate=lambda m: {"mse": float(m(valid)[0])}, best_metric="mse",
+             evaluate=lambda m: {"mse": float(m(valid).loss)}, best_metric="mse",
              save_final=lambda m, d: (d.mkdir(parents=True),
                                       save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()},
                                                 str(d / "model.safetensors"))))

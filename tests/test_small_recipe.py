@@ -69,9 +69,10 @@ def cuts_file(tmp_path):
 
 
 def test_mfcc_cmvn_units_are_normalised_per_utterance(cuts_file, tmp_path):
-    from speechssl.train.units import FeatureReader, fit_kmeans, label_cuts, load_cuts
+    from speechssl.data.loader import open_cuts
+    from speechssl.train.units import FeatureReader, fit_kmeans, label_cuts
 
-    cuts = list(load_cuts(cuts_file))
+    cuts = list(open_cuts(cuts_file))
     feats = FeatureReader("mfcc_cmvn")(cuts)
     raw = FeatureReader("mfcc")(cuts)
     for f, r in zip(feats, raw):
@@ -104,13 +105,13 @@ def _small_cfg(cuts_file, tmp_path):
 
 def test_input_statistics_match_a_hand_computation(cuts_file, tmp_path):
     from speechssl.data.audio import load_cut_audio
+    from speechssl.data.loader import open_cuts
     from speechssl.train.pretrain import build_model, set_input_statistics
-    from speechssl.train.units import load_cuts
 
     cfg = _small_cfg(cuts_file, tmp_path)
     model = build_model(cfg)
     set_input_statistics(cfg, model.encoder)
-    frames = torch.cat([log_mel_fbank(torch.from_numpy(load_cut_audio(c))[None])[0] for c in load_cuts(cuts_file)])
+    frames = torch.cat([log_mel_fbank(torch.from_numpy(load_cut_audio(c))[None])[0] for c in open_cuts(cuts_file)])
     front = model.encoder.feature_extractor
     assert torch.allclose(front.input_mean, frames.mean(0), atol=1e-4)
     assert torch.allclose(front.input_std, frames.std(0, unbiased=False), atol=1e-3)
@@ -154,7 +155,8 @@ def test_input_reconstruction_loss_learns_and_needs_fbank():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     recon = []
     for _ in range(30):
-        loss, logs = model(batch)
+        step = model(batch)
+        loss, logs = step.loss, step.logs
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -66,11 +66,13 @@ def test_weight_decay_groups():
 
 def test_config_validation_names_key():
     with pytest.raises(ConfigError, match="trainer.precision"):
-        from_dict(TrainerConfig, {"precision": "fp8"})
+        from_dict(TrainerConfig, {"precision": "fp8"}, prefix="trainer.")
+    with pytest.raises(ConfigError, match="trainer.precision"):
+        from_dict(TrainerConfig, {"precision": "no"}, prefix="trainer.")  # accelerate's name is not ours
     with pytest.raises(ConfigError, match="did you mean 'max_steps'"):
         from_dict(TrainerConfig, {"max_step": 3})
     with pytest.raises(ConfigError, match="schedule.name"):
-        from_dict(ScheduleConfig, {"name": "poly"})
+        from_dict(ScheduleConfig, {"name": "poly"}, prefix="schedule.")
 
 
 def test_fit_logs_checkpoints_and_learns(tmp_path):
@@ -138,11 +140,11 @@ def test_grad_accum_equals_big_batch(tmp_path):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_cpu_runs(tmp_path, precision):
-    tr = _trainer(tmp_path, max_steps=3, precision=precision)
-    out = tr.fit()
+def test_bf16_cpu_runs_and_fp16_needs_a_gpu(tmp_path):
+    out = _trainer(tmp_path / "bf16", max_steps=3, precision="bf16").fit()
     assert math.isfinite(out["loss"])
+    with pytest.raises(ConfigError, match="trainer.precision.*fp16 needs a GPU"):
+        _trainer(tmp_path / "fp16", max_steps=3, precision="fp16", device="cpu").fit()
 
 
 def test_report_draws_curves(tmp_path, capsys):
@@ -185,18 +187,17 @@ def test_fsdp_config_and_refusals(tmp_path, caplog):
     process trains unwrapped (what EXP/final and resume see is the same as with ddp)."""
     from _train_toys import ToyStack
 
-    from speechssl.train.trainer import fsdp_units
+    from speechssl.train.fsdp import fsdp_units
 
     with pytest.raises(ConfigError, match="distributed_strategy"):
-        from_dict(TrainerConfig, {"distributed_strategy": "zero3"})
+        from_dict(TrainerConfig, {"distributed_strategy": "zero3"}, prefix="trainer.")
     with pytest.raises(ConfigError, match="use bf16"):
         from_dict(TrainerConfig, {"distributed_strategy": "fsdp", "precision": "fp16"})
     stack = ToyStack(num_layers=3)
     assert fsdp_units(stack) == list(stack.layers)
-    tr = Trainer(TrainerConfig(max_steps=2, distributed_strategy="fsdp", progress=False), ToyModel(layerdrop=0.3),
-                 tmp_path / "ld", optim=OptimConfig(), schedule=ScheduleConfig(), make_train_loader=ToyLoader)
-    with pytest.raises(ConfigError, match="layer-drop"):
-        tr._shard_fsdp(tr.model)
+    with pytest.raises(ConfigError, match="layer-drop of ToyModel.*shared_layerdrop"):
+        Trainer(TrainerConfig(max_steps=2, distributed_strategy="fsdp", progress=False), ToyModel(layerdrop=0.3),
+                tmp_path / "ld", optim=OptimConfig(), schedule=ScheduleConfig(), make_train_loader=ToyLoader)
     caplog.set_level("INFO")
     tr = Trainer(TrainerConfig(max_steps=2, distributed_strategy="fsdp", progress=False, device="cpu"),
                  ToyStack(), tmp_path / "one", optim=OptimConfig(), schedule=ScheduleConfig(),
@@ -208,7 +209,7 @@ def test_fsdp_config_and_refusals(tmp_path, caplog):
 
 
 def test_accelerate_state_conflicts_on_precision_or_device_change():
-    from speechssl.train.trainer import accelerate_state_conflicts
+    from speechssl.train.runtime import accelerate_state_conflicts
 
     cuda_bf16 = {"_mixed_precision": "bf16", "device": torch.device("cuda", 0)}
     assert not accelerate_state_conflicts({}, "no", cpu=True)

@@ -6,7 +6,9 @@
 * Layer-to-layer (`LayerDistiller`): student layer i regresses teacher layer j through an identity-initialised
   linear map, as DPHuBERT does (the pruning objective in `prune.py` builds on it).
 
-Both losses are L1 + a cosine term, averaged over VALID frames only: padded frames never enter the loss.
+Both losses are L1 + a cosine term, averaged over VALID frames only: padded frames never enter the loss. Both
+distillers are Trainer models (``speechssl.train.contract``): ``forward(batch) -> StepOutput`` (no sample size:
+every micro-batch weighs the same) and the ``shared_layerdrop`` capability for the student's layer-drop.
 The teacher is frozen, in eval mode, run under ``torch.no_grad``, and is kept out of the module tree so it
 is neither optimised nor written into checkpoints.
 """
@@ -17,13 +19,14 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from speechssl.config import ConfigError
+from speechssl.train.contract import StepOutput
 from speechssl.train.optim import OptimConfig, ScheduleConfig
 from speechssl.train.trainer import TrainerConfig
 
@@ -167,8 +170,17 @@ def _check_frames(s_out, t_out) -> torch.Tensor:
     return valid_frame_mask(s_len, s_out.hidden_states[-1].shape[1])
 
 
-class HeadDistiller(nn.Module):
-    """DistilHuBERT objective: ``forward(batch) -> (loss, logs)`` for the Trainer.
+class _StudentLayerDrop:
+    """The ``shared_layerdrop`` capability for a distiller: its student draws layer-drop from the given seed."""
+
+    trainer_capabilities = ("shared_layerdrop",)
+
+    def set_layerdrop_seed(self, seed: int) -> None:
+        self.student.layerdrop_seed = int(seed) % (2**63)
+
+
+class HeadDistiller(_StudentLayerDrop, nn.Module):
+    """DistilHuBERT objective: ``forward(batch) -> StepOutput`` for the Trainer.
 
     Args:
         student: the student Encoder (trainable).
@@ -191,7 +203,8 @@ class HeadDistiller(nn.Module):
                                      head_hidden_dim)
         self.cos_weight, self.cos_type = cos_weight, cos_type
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def forward(self, batch: dict) -> StepOutput:
+        """batch: ``audio`` [B, S], ``audio_lens`` [B]; sum over target layers of L1 + cosine on valid frames."""
         wav, lens = batch["audio"], batch.get("audio_lens")
         t_out = self.teacher(wav, lens)
         s_out = self.student(wav, lens)
@@ -207,10 +220,10 @@ class HeadDistiller(nn.Module):
             total = total + loss
             logs[f"l1_{j}"], logs[f"cos_{j}"] = l1.item(), cos.item()
         logs["loss"] = total.item()
-        return total, logs
+        return StepOutput(total, logs)
 
 
-class LayerDistiller(nn.Module):
+class LayerDistiller(_StudentLayerDrop, nn.Module):
     """Layer-to-layer distillation (DPHuBERT): student hidden state i -> teacher hidden state j.
 
     Each pair has a linear map initialised to the identity (on the shared dims), so a student that starts
@@ -246,6 +259,7 @@ class LayerDistiller(nn.Module):
         return self.student(wav, lens)
 
     def distill(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(summed L1 + cosine over the layer pairs on valid frames, logs) for ``audio`` [B, S], ``audio_lens`` [B]."""
         wav, lens = batch["audio"], batch.get("audio_lens")
         t_out = self.teacher(wav, lens)
         s_out = self.student_forward(wav, lens)
@@ -260,10 +274,10 @@ class LayerDistiller(nn.Module):
         logs["distill_loss"] = total.item()
         return total, logs
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def forward(self, batch: dict) -> StepOutput:
         loss, logs = self.distill(batch)
         logs["loss"] = loss.item()
-        return loss, logs
+        return StepOutput(loss, logs)
 
 
 def copy_teacher(teacher: nn.Module) -> nn.Module:
@@ -303,18 +317,14 @@ class StudentConfig:
 
 @dataclass
 class DistillLossConfig:
-    method: str = "heads"          # heads: DistilHuBERT prediction heads | layers: layer-to-layer linear maps
+    method: Literal["heads", "layers"] = "heads"  # heads: DistilHuBERT prediction heads | layers: layer-to-layer linear maps
     target_layers: list[int] = field(default_factory=lambda: [4, 8, 12])  # teacher hidden-state indices
     student_layers: list[int] = field(default_factory=list)  # layers method: student index per target
     cos_weight: float = 1.0
-    cos_type: str = "logsig"       # logsig: -log sigmoid(cos) | neg: -cos
+    cos_type: Literal["logsig", "neg"] = "logsig"  # logsig: -log sigmoid(cos) | neg: -cos
     head_hidden_dim: int = 0       # prediction-head MLP width (0 = student hidden size)
 
     def validate(self) -> None:
-        if self.method not in ("heads", "layers"):
-            raise ConfigError(f"config key 'loss.method' must be 'heads' or 'layers', got {self.method!r}")
-        if self.cos_type not in ("logsig", "neg"):
-            raise ConfigError(f"config key 'loss.cos_type' must be 'logsig' or 'neg', got {self.cos_type!r}")
         if self.method == "layers" and self.student_layers and len(self.student_layers) != len(self.target_layers):
             raise ConfigError("config keys 'loss.student_layers' and 'loss.target_layers' must have equal length")
 

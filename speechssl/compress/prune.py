@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from speechssl.compress.distill import (
 from speechssl.compress.hardconcrete import HardConcrete
 from speechssl.compress.materialize import materialize
 from speechssl.config import ConfigError
+from speechssl.train.contract import StepOutput
 from speechssl.train.optim import OptimConfig, ScheduleConfig
 from speechssl.train.trainer import TrainerConfig
 
@@ -239,9 +240,12 @@ class PruningGates(nn.Module):
 class PruneDistiller(LayerDistiller):
     """DPHuBERT stage 1: layer-to-layer distillation of a gated student + Lagrangian sparsity term.
 
-    ``forward(batch) -> (loss, logs)``; the Trainer calls ``set_step(step)`` to ramp the target. Optimiser
-    groups (weights, log_alpha, multipliers with their own learning rates): `prune_param_groups`.
+    ``forward(batch) -> StepOutput``; with the ``step`` capability the Trainer calls ``set_step(step)`` to ramp
+    the target. Optimiser groups (weights, log_alpha, multipliers with their own learning rates):
+    `prune_param_groups`.
     """
+
+    trainer_capabilities = ("step", "shared_layerdrop")
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, student_layers: Sequence[int] = (0, 4, 8, 12),
                  teacher_layers: Sequence[int] | None = None, cos_weight: float = 1.0, cos_type: str = "neg",
@@ -272,13 +276,14 @@ class PruneDistiller(LayerDistiller):
         return reg, {"expected_params": expected.item(), "sparsity": s.item(), "target_sparsity": t,
                      "lambda1": l1.item(), "lambda2": l2.item()}
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def forward(self, batch: dict) -> StepOutput:
+        """batch: ``audio`` [B, S], ``audio_lens`` [B]; distillation loss + sparsity term."""
         loss, logs = self.distill(batch)
         reg, reg_logs = self.sparsity_term()
         loss = loss + reg
         logs.update(reg_logs)
         logs["loss"] = loss.item()
-        return loss, logs
+        return StepOutput(loss, logs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,11 +312,7 @@ class LayerLossConfig:
     student_layers: list[int] = field(default_factory=list)  # [] = 0 plus 3 evenly spaced layers (0 4 8 12)
     teacher_layers: list[int] = field(default_factory=list)  # [] = same as student_layers
     cos_weight: float = 1.0
-    cos_type: str = "neg"          # neg: L1 - cos (DPHuBERT) | logsig: L1 - log sigmoid(cos)
-
-    def validate(self) -> None:
-        if self.cos_type not in ("logsig", "neg"):
-            raise ConfigError(f"config key 'loss.cos_type' must be 'logsig' or 'neg', got {self.cos_type!r}")
+    cos_type: Literal["neg", "logsig"] = "neg"  # neg: L1 - cos (DPHuBERT) | logsig: L1 - log sigmoid(cos)
 
 
 @dataclass
@@ -386,6 +387,62 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _stage1(cfg: PruneConfig, teacher: nn.Module, pairs: tuple[list[int], list[int]], loader, out_dir: Path,
+            resume: bool) -> tuple[dict, "PruneDistiller"]:
+    """Distil and prune the gated copy of the teacher in ``out_dir``; (trainer logs, the trained model)."""
+    from speechssl.train.trainer import Trainer
+
+    torch.manual_seed(cfg.trainer.seed)
+    p = cfg.prune
+    model = PruneDistiller(copy_teacher(teacher), teacher, student_layers=pairs[0], teacher_layers=pairs[1],
+                           cos_weight=cfg.loss.cos_weight, cos_type=cfg.loss.cos_type, target=p.target,
+                           warmup_steps=p.warmup_steps, groups=p.groups, init_drop=p.init_drop,
+                           ffn_units_init_drop=p.ffn_units_init_drop)
+    logger.info("prune stage 1: %d gate groups, teacher %.2fM params, target sparsity %.2f",
+                sum(1 for _ in model.gates.log_alpha_parameters()), model.teacher_params / 1e6, p.target)
+    trainer = Trainer(cfg.trainer, model, out_dir, optim=cfg.optim, schedule=cfg.schedule, make_train_loader=loader,
+                      param_groups=lambda m: prune_param_groups(m, cfg.optim, p), run_config=cfg)
+    return trainer.fit(resume=resume), model
+
+
+def _export_pruned(model: "PruneDistiller", teacher: nn.Module, pruned_dir: Path, meta: dict) -> None:
+    """Materialise the student at the gates' deterministic (eval) values into ``pruned_dir``, with the
+    distillation maps as a part and ``prune_summary.json``."""
+    from speechssl.models.io import export_pretrained
+    from speechssl.utils.io import atomic_write_json
+
+    model = model.cpu().eval()
+    pruned = materialize(model.student, model.gates())
+    summary = prune_summary(teacher, pruned)
+    logger.info("materialised: %.2fM params (sparsity %.3f), heads %s, FFN %s", summary["params"] / 1e6,
+                summary["sparsity"], summary["heads"], summary["ffn_units"])
+    maps = {k: v.detach().cpu() for k, v in model.maps.state_dict().items()}
+    export_pretrained(pruned, pruned_dir, format="speechssl", meta={**meta, "stage": 1}, parts={"distill_maps": maps})
+    atomic_write_json(pruned_dir / "prune_summary.json", summary)
+
+
+def _stage2(cfg: PruneConfig, teacher: nn.Module, pruned_dir: Path, pairs: tuple[list[int], list[int]], loader,
+            out_dir: Path, resume: bool, meta: dict) -> dict:
+    """Distil the dense pruned model (no sparsity term, stage 1's maps as the start) into ``out_dir``."""
+    import dataclasses as dc
+
+    from speechssl.models.io import load_checkpoint_parts, load_pretrained
+    from speechssl.train.trainer import Trainer
+
+    student = load_pretrained(pruned_dir).train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    torch.manual_seed(cfg.trainer.seed)
+    model = LayerDistiller(student, teacher, pairs[0], pairs[1], cfg.loss.cos_weight, cfg.loss.cos_type)
+    maps = load_checkpoint_parts(pruned_dir).get("distill_maps")
+    if maps:
+        model.maps.load_state_dict(maps)
+    trainer = Trainer(dc.replace(cfg.trainer, max_steps=cfg.finetune.max_steps), model, out_dir,
+                      optim=dc.replace(cfg.optim, lr=cfg.finetune.lr), schedule=cfg.schedule, make_train_loader=loader,
+                      save_final=lambda m, d: export_student(m.student, d, meta), run_config=cfg)
+    return trainer.fit(resume=resume)
+
+
 def run_prune(cfg: PruneConfig, out_dir: str | Path, resume: bool = False) -> dict:
     """DPHuBERT: stage 1 (distil + prune) -> materialise -> stage 2 (distil) -> ``out_dir/final``.
 
@@ -394,63 +451,26 @@ def run_prune(cfg: PruneConfig, out_dir: str | Path, resume: bool = False) -> di
     stage-2 trainer dir (config.yaml, metrics.jsonl, checkpoints/, final/). With ``resume`` a finished stage is
     not run again.
     """
-    import dataclasses as dc
-
-    from speechssl.models.io import export_pretrained, load_checkpoint_parts, load_pretrained
-    from speechssl.train.trainer import Trainer
-    from speechssl.utils.io import atomic_write_json
+    from speechssl.models.io import load_pretrained
 
     out_dir = Path(out_dir)
     teacher = load_teacher(cfg.teacher, cfg.trainer.seed)
-    s_layers, t_layers = _layer_pairs(cfg, teacher.num_layers)
+    pairs = _layer_pairs(cfg, teacher.num_layers)
     loader = make_train_loader_factory(cfg.data, cfg.trainer)
     pruned_dir = out_dir / "pruned"
     meta = {"method": "dphubert", "teacher": cfg.teacher, "target_sparsity": cfg.prune.target}
     stage1: dict = {}
     if not (resume and (pruned_dir / "config.json").is_file()):
-        torch.manual_seed(cfg.trainer.seed)
-        model = PruneDistiller(copy_teacher(teacher), teacher, student_layers=s_layers, teacher_layers=t_layers,
-                               cos_weight=cfg.loss.cos_weight, cos_type=cfg.loss.cos_type, target=cfg.prune.target,
-                               warmup_steps=cfg.prune.warmup_steps, groups=cfg.prune.groups,
-                               init_drop=cfg.prune.init_drop, ffn_units_init_drop=cfg.prune.ffn_units_init_drop)
-        logger.info("prune stage 1: %d gate groups, teacher %.2fM params, target sparsity %.2f",
-                    sum(1 for _ in model.gates.log_alpha_parameters()), model.teacher_params / 1e6, cfg.prune.target)
-        trainer = Trainer(cfg.trainer, model, out_dir / "stage1", optim=cfg.optim, schedule=cfg.schedule,
-                          make_train_loader=loader,
-                          param_groups=lambda m: prune_param_groups(m, cfg.optim, cfg.prune), run_config=cfg)
-        stage1 = trainer.fit(resume=resume)
+        stage1, model = _stage1(cfg, teacher, pairs, loader, out_dir / "stage1", resume)
         if _is_main_process():  # the gates are deterministic at eval: every rank would write the same model
-            model = model.cpu().eval()
-            pruned = materialize(model.student, model.gates())
-            summary = prune_summary(teacher, pruned)
-            logger.info("materialised: %.2fM params (sparsity %.3f), heads %s, FFN %s", summary["params"] / 1e6,
-                        summary["sparsity"], summary["heads"], summary["ffn_units"])
-            maps = {k: v.detach().cpu() for k, v in model.maps.state_dict().items()}
-            export_pretrained(pruned, pruned_dir, format="speechssl", meta={**meta, "stage": 1},
-                              parts={"distill_maps": maps})
-            atomic_write_json(pruned_dir / "prune_summary.json", summary)
+            _export_pruned(model, teacher, pruned_dir, meta)
         _barrier()
-    # stage 2: distil the dense pruned model (no sparsity term)
-    pruned = load_pretrained(pruned_dir)
-    summary = prune_summary(teacher, pruned)
+    summary = prune_summary(teacher, load_pretrained(pruned_dir))
+    sizes = {f"pruned_{k}": v for k, v in summary.items() if k in ("params", "sparsity")}
+    meta = {**meta, "sparsity": summary["sparsity"]}
     if cfg.finetune.max_steps <= 0:
         if _is_main_process():
-            export_student(pruned, out_dir / "final", {**meta, "sparsity": summary["sparsity"]})
+            export_student(load_pretrained(pruned_dir), out_dir / "final", meta)
         _barrier()
-        return {**stage1, **{f"pruned_{k}": v for k, v in summary.items() if k in ("params", "sparsity")}}
-    student = pruned.train()
-    for p in student.parameters():
-        p.requires_grad_(True)
-    torch.manual_seed(cfg.trainer.seed)
-    model2 = LayerDistiller(student, teacher, s_layers, t_layers, cfg.loss.cos_weight, cfg.loss.cos_type)
-    maps = load_checkpoint_parts(pruned_dir).get("distill_maps")
-    if maps:
-        model2.maps.load_state_dict(maps)
-    tcfg = dc.replace(cfg.trainer, max_steps=cfg.finetune.max_steps)
-    trainer = Trainer(tcfg, model2, out_dir, optim=dc.replace(cfg.optim, lr=cfg.finetune.lr), schedule=cfg.schedule,
-                      make_train_loader=loader,
-                      save_final=lambda m, d: export_student(m.student, d, {**meta, "sparsity": summary["sparsity"]}),
-                      run_config=cfg)
-    logs = trainer.fit(resume=resume)
-    logs.update({f"pruned_{k}": v for k, v in summary.items() if k in ("params", "sparsity")})
-    return logs
+        return {**stage1, **sizes}
+    return {**_stage2(cfg, teacher, pruned_dir, pairs, loader, out_dir, resume, meta), **sizes}

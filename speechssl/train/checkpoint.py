@@ -39,7 +39,7 @@ __all__ = [
     "save_checkpoint_dir", "finalize_checkpoint", "list_checkpoints", "latest_checkpoint", "prune_checkpoints",
     "load_trainer_state", "load_model_weights", "load_torch", "get_rng_state", "set_rng_state", "clean_tmp",
     "save_state_file", "scan_checkpoints", "checkpoint_problem", "safetensors_problem", "has_step_dirs",
-    "MANIFEST",
+    "MANIFEST", "resume_checkpoint", "schedule_changes", "truncate_metrics", "load_rank_states",
 ]
 log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -318,3 +318,79 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------- resuming a run
+def schedule_changes(ckpt: Path, now: dict) -> list[str]:
+    """'key old -> new' for every learning-rate-curve key (flat config keys, ``now``) that differs from the
+    checkpoint's record (none for checkpoints written before the curve was recorded)."""
+    saved = load_trainer_state(ckpt).get("lr_schedule")
+    if not isinstance(saved, dict):
+        return []
+    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+
+
+def resume_checkpoint(ckpt_root: Path, resume: bool, *, lr_schedule: dict, allow_schedule_change: bool,
+                      report: bool) -> Path | None:
+    """The checkpoint a run continues from, checked before anything is written (ExperimentError otherwise).
+
+    A fresh run never starts over an earlier run's checkpoints (they would count as newest, and keep_last would
+    delete the new ones); a resume with only incomplete checkpoints is refused, and so is one whose learning-rate
+    curve (``lr_schedule``) differs from the checkpoint's unless ``allow_schedule_change``."""
+    from speechssl.config import ExperimentError
+
+    if not resume:
+        if has_step_dirs(ckpt_root):
+            raise ExperimentError(f"{ckpt_root} holds checkpoints of an earlier run: resume it (--resume) or clear "
+                                  "it (--overwrite)")
+        return None
+    ckpt = latest_checkpoint(ckpt_root, report=report)
+    if ckpt is None and has_step_dirs(ckpt_root):
+        raise ExperimentError(f"--resume: no complete checkpoint in {ckpt_root} (the incomplete ones are listed "
+                              "above): move them away to start from scratch, or use --overwrite")
+    if ckpt is None:
+        if report:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_root)
+        return None
+    changes = schedule_changes(ckpt, lr_schedule)
+    if changes and not allow_schedule_change:
+        raise ExperimentError(
+            f"--resume would change the learning-rate curve of {ckpt}: {'; '.join(changes)}; resume with the run's "
+            "values, or pass --allow-schedule-change (trainer.allow_schedule_change=true) to continue on the new "
+            "curve from this step")
+    if changes and report:
+        log.warning("resuming %s on a changed learning-rate curve: %s", ckpt, "; ".join(changes))
+    return ckpt
+
+
+def load_rank_states(ckpt: Path, rank: int, epoch: int) -> tuple[Any, dict]:
+    """(loader state or None, RNG state) of ``rank``; a rank the checkpoint does not know (more ranks than saved)
+    is warned about, starts its epoch over and takes rank 0's RNG state."""
+    loader_path = ckpt / f"loader-{rank}.pt"
+    loader_state = load_torch(loader_path) if loader_path.is_file() else None
+    if loader_state is None and (ckpt / "loader-0.pt").is_file():  # never silently restart the epoch
+        log.warning("checkpoint %s has no loader state for rank %d (world size changed?): that rank starts its "
+                    "epoch %d over", ckpt, rank, epoch)
+    rng_path = ckpt / f"rng-{rank}.pt"
+    if not rng_path.is_file():
+        log.warning("checkpoint %s has no RNG state for rank %d (world size changed?)", ckpt, rank)
+        rng_path = ckpt / "rng-0.pt"
+    return loader_state, load_torch(rng_path)
+
+
+def truncate_metrics(metrics_path: Path, step: int) -> None:
+    """After a resume from ``step``, drop the metric lines logged after it so the file reads as one run."""
+    if not metrics_path.is_file():
+        return
+    keep = []
+    with open(metrics_path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+    from speechssl.utils.io import atomic_write_text
+
+    atomic_write_text(metrics_path, "".join(keep))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -23,15 +23,16 @@ from speechssl.config import ConfigError
 
 __all__ = [
     "OptimConfig", "ScheduleConfig", "default_param_groups", "build_optimizer", "build_scheduler", "lr_factor",
+    "follow_new_schedule",
 ]
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("polynomial", "linear", "tri_stage", "constant", "cosine")
+OptimizerName = Literal["adamw", "adam", "sgd"]
+ScheduleName = Literal["polynomial", "linear", "tri_stage", "constant", "cosine"]
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"            # adamw | adam (coupled L2) | sgd; fairseq's "adam" decays decoupled = adamw
+    name: OptimizerName = "adamw"  # adamw | adam (coupled L2) | sgd; fairseq's "adam" decays decoupled = adamw
     lr: float = 5e-4               # peak learning rate
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
@@ -46,8 +47,6 @@ class OptimConfig:
     lr_scale: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ConfigError(f"config key 'optim.name' must be one of {list(OPTIMIZERS)}, got {self.name!r}")
         if self.lr <= 0:
             raise ConfigError(f"config key 'optim.lr' must be > 0, got {self.lr}")
         if len(self.betas) != 2:
@@ -56,7 +55,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "polynomial"       # polynomial | linear | tri_stage | constant | cosine
+    name: ScheduleName = "polynomial"  # polynomial | linear | tri_stage | constant | cosine
     warmup_steps: int = 0          # linear warm-up from 0 (polynomial/linear/cosine/constant)
     warmup_ratio: float = 0.0      # alternative to warmup_steps: fraction of total steps (used when steps == 0)
     total_steps: int | None = None  # defaults to trainer.max_steps
@@ -68,8 +67,6 @@ class ScheduleConfig:
     final_lr_scale: float = 0.05
 
     def validate(self) -> None:
-        if self.name not in SCHEDULES:
-            raise ConfigError(f"config key 'schedule.name' must be one of {list(SCHEDULES)}, got {self.name!r}")
         if self.warmup_steps < 0 or not 0 <= self.warmup_ratio < 1:
             raise ConfigError("config keys 'schedule.warmup_steps' >= 0 and 0 <= 'schedule.warmup_ratio' < 1")
         if self.name == "tri_stage" and (len(self.phase_ratio) != 3 or abs(sum(self.phase_ratio) - 1) > 1e-6):
@@ -158,3 +155,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
     """A ``LambdaLR`` following ``cfg``; call ``.step()`` once per successful optimiser update."""
     fn: Callable[[int], float] = lambda step: lr_factor(cfg, step, total_steps)  # noqa: E731
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def follow_new_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, optimizer, bases: list[float]) -> None:
+    """After a resume allowed to change the lr curve: this config's peak lrs ``bases`` and curve from the resumed
+    step on (the scheduler's lambdas are this config's already; its base lrs and the current lr came from the
+    checkpoint)."""
+    scheduler.base_lrs = list(bases)
+    for group, base, fn in zip(optimizer.param_groups, bases, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

@@ -76,7 +76,9 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "hubert"                             # hubert | wav2vec2 | wavlm | bestrq
+    # a speechssl.models.objectives.OBJECTIVES name (hubert | wav2vec2 | wavlm | bestrq); not a Literal, so that a
+    # new objective needs no change here
+    name: str = "hubert"
     kwargs: dict[str, Any] = field(default_factory=dict)  # build_objective keyword arguments
 
 
@@ -140,9 +142,9 @@ class PretrainConfig:
 
 # --------------------------------------------------------------------------------------------- building
 def build_model(cfg: PretrainConfig) -> torch.nn.Module:
-    """Encoder + objective (an ``Objective`` whose ``forward(batch) -> (loss, logs)``)."""
+    """Encoder + objective (an ``Objective``: ``forward(batch) -> StepOutput``, see ``speechssl.train.contract``)."""
     from speechssl.models import build_encoder
-    from speechssl.models.objectives import build_objective
+    from speechssl.models.objectives import OBJECTIVES, build_objective
 
     try:
         encoder = build_encoder(cfg.model.preset, **cfg.model.overrides)
@@ -157,10 +159,11 @@ def build_model(cfg: PretrainConfig) -> torch.nn.Module:
         if missing or unexpected:
             raise ConfigError(f"config key 'model.init_from': {cfg.model.init_from} does not match the encoder "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    key = "objective.name" if cfg.objective.name not in OBJECTIVES else "objective.kwargs"
     try:
         return build_objective(cfg.objective.name, encoder, **cfg.objective.kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"config key 'objective.kwargs' (objective '{cfg.objective.name}'): {e}") from e
+        raise ConfigError(f"config key '{key}' (objective '{cfg.objective.name}'): {e}") from e
 
 
 def _open_cuts(paths: list[str], what: str):
@@ -235,7 +238,7 @@ def _make_loss_evaluate(cfg: PretrainConfig, encoder):
     loader = ResumableLoader(sampler, _dataset(cfg, encoder, 0, train=False), num_workers=0)
 
     def evaluate(model) -> dict[str, float]:
-        from speechssl.train.trainer import move_to_device
+        from speechssl.train.runtime import move_to_device
 
         device = next(model.parameters()).device
         sums: dict[str, float] = {}
@@ -244,28 +247,15 @@ def _make_loss_evaluate(cfg: PretrainConfig, encoder):
         for i, batch in enumerate(loader):
             if i >= cfg.data.max_valid_batches:
                 break
-            batch = move_to_device(batch, device)
-            loss, logs = model(batch)
-            w = float(model.sample_size(batch)) if hasattr(model, "sample_size") else 1.0
-            logs = dict(logs)
-            logs["loss"] = float(loss)
+            out = model(move_to_device(batch, device))
+            w = out.weight() if out.sample_size is not None else 1.0
+            logs = {**out.scalar_logs(), "loss": float(out.loss)}
             for k, v in logs.items():
-                if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1):
-                    sums[k] = sums.get(k, 0.0) + float(v) * w
+                sums[k] = sums.get(k, 0.0) + v * w
             total += w
         return {k: v / total for k, v in sums.items()} if total else {}
 
     return evaluate
-
-
-def _scalar_logs(logs: dict) -> dict[str, float]:
-    out = {}
-    for k, v in (logs or {}).items():
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = float(v)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = float(v)
-    return out
 
 
 class _Diagnostics:
@@ -332,15 +322,15 @@ class _Diagnostics:
                         torch.cuda.manual_seed(0)  # this device only: the one fork_rng restores
                 if state is not None:
                     gen.manual_seed(0)
-                _, logs = model(batch)
+                logs = model(batch).scalar_logs()
         finally:
             if state is not None:
                 gen.set_state(state)
-        return {f"diag_{k}": v for k, v in _scalar_logs(logs).items()}
+        return {f"diag_{k}": v for k, v in logs.items()}
 
     def __call__(self, model, step: int) -> dict[str, float]:
         from speechssl.train.diagnostics import layer_diagnostics
-        from speechssl.train.trainer import move_to_device
+        from speechssl.train.runtime import move_to_device
         from speechssl.utils.io import append_jsonl
 
         if self.batch is None:
@@ -508,8 +498,7 @@ def steps_for_budget(cfg: PretrainConfig, minutes: float, probe_steps: int = 6) 
                 except StopIteration:  # fewer batches than the probe needs: go round again
                     batches = iter(loader)
                     batch = next(batches)
-                loss, _ = model(batch)
-                loss.backward()
+                model(batch).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if i >= 2:

@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -26,7 +27,8 @@ import torch
 from speechssl.config import ConfigError
 from speechssl.constants import PRECISIONS
 
-__all__ = ["Runtime", "accelerate_state_conflicts", "resolve_cpu", "world_size_from_env"]
+__all__ = ["Runtime", "accelerate_state_conflicts", "resolve_cpu", "world_size_from_env", "move_to_device",
+           "peak_memory_mb", "is_oom"]
 
 _ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -43,6 +45,35 @@ def resolve_cpu(device: str, config_key: str) -> bool:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key '{config_key}.device' is 'cuda' but no CUDA device is available")
     return device == "cpu" or not torch.cuda.is_available()
+
+
+def move_to_device(obj: Any, device: torch.device) -> Any:
+    """Recursively move tensors in dicts/lists/tuples to ``device`` (other leaves untouched)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: move_to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and obj and any(isinstance(v, (torch.Tensor, dict)) for v in obj):
+        return type(obj)(move_to_device(v, device) for v in obj)
+    return obj
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA max allocated on GPU, else the process's peak resident set size (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def is_oom(e: BaseException) -> bool:
+    """Whether ``e`` is an out-of-memory error of the device."""
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    return (oom_type is not None and isinstance(e, oom_type)) or "out of memory" in str(e).lower()
 
 
 def accelerate_state_conflicts(state: dict, precision: str, cpu: bool) -> bool:

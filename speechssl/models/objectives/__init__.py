@@ -1,4 +1,5 @@
-"""Self-supervised objectives: each wraps an encoder and maps a batch to ``(loss, logs)``.
+"""Self-supervised objectives: each wraps an encoder and maps a batch to a ``StepOutput`` (loss, logs, sample size:
+the model-to-trainer contract of ``speechssl.train.contract``).
 
 ``build_objective(name, encoder, **kwargs)`` with name ``wav2vec2`` | ``hubert`` | ``wavlm`` | ``bestrq``; the
 keyword arguments are those of the objective's class (see each class's docstring).

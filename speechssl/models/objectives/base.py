@@ -1,15 +1,20 @@
-"""What every pretraining objective shares: the encoder, mask sampling, the sample-size hook and fp32 losses."""
+"""What every pretraining objective shares: the encoder, mask sampling, label alignment and fp32 losses.
+
+An objective is a model for the ``Trainer``: ``forward(batch) -> StepOutput`` (``speechssl.train.contract``) with
+the loss normalised per masked frame and that count as ``sample_size``. It declares the ``step`` capability
+(``set_step``: temperature schedules) and ``shared_layerdrop`` (``set_layerdrop_seed``: FSDP).
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechssl.constants import PAD_ID
+
 from ..masking import compute_span_mask
 
-__all__ = ["Objective", "fp32", "cross_entropy_fp32", "crop_or_pad"]
-
-PAD_ID = -100  # padding in unit targets (docs/internals.md: never a real id)
+__all__ = ["Objective", "fp32", "cross_entropy_fp32", "crop_or_pad", "PAD_ID"]
 
 
 def fp32(device_type: str):
@@ -24,8 +29,8 @@ def cross_entropy_fp32(logits: Tensor, target: Tensor, reduction: str = "sum") -
 
 
 def crop_or_pad(x: Tensor, length: int, value) -> Tensor:
-    """Crop or right-pad dim 1 of x [B, T, ...] to ``length`` (labels that are a frame longer or shorter than the
-    encoder output, from rounding at the utterance end)."""
+    """Crop or right-pad dim 1 of x [B, T, ...] to ``length``, the encoder's frame count for the batch width
+    (``Objective.encoder_frames``): labels may be a frame longer or shorter from rounding at the utterance end."""
     T = x.shape[1]
     if T == length:
         return x
@@ -36,12 +41,14 @@ def crop_or_pad(x: Tensor, length: int, value) -> Tensor:
 
 
 class Objective(nn.Module):
-    """Base class: ``forward(batch) -> (loss, logs)`` with ``self.encoder`` the model being pretrained.
+    """Base class: ``forward(batch) -> StepOutput`` with ``self.encoder`` the model being pretrained.
 
-    ``loss`` is normalised by :meth:`sample_size` (masked frames), which the trainer reads after the forward to
-    reduce gradients across ranks and accumulation steps. Masks come from the global torch RNG (checkpointed by
-    the trainer, so resume is exact) unless ``seed`` gives the objective its own generator.
+    The loss is normalised by the masked frames, returned as ``StepOutput.sample_size`` so the trainer reduces
+    gradients across ranks and accumulation steps by the global count. Masks come from the global torch RNG
+    (checkpointed by the trainer, so resume is exact) unless ``seed`` gives the objective its own generator.
     """
+
+    trainer_capabilities = ("step", "shared_layerdrop")
 
     def __init__(self, encoder: nn.Module, *, mask_prob: float, mask_length: int, seed: int | None = None):
         super().__init__()
@@ -49,19 +56,13 @@ class Objective(nn.Module):
         self.mask_prob, self.mask_length = float(mask_prob), int(mask_length)
         self.step = 0
         self._gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        self._last_size: tuple[int, int] | None = None  # (id(batch), sample size) of the last forward
 
     def set_step(self, step: int) -> None:
         self.step = int(step)
 
-    def sample_size(self, batch: dict) -> int:
-        """Masked frames that the last ``forward(batch)`` normalised its loss by."""
-        if self._last_size is None or self._last_size[0] != id(batch):
-            raise RuntimeError("sample_size(batch) is known only after forward(batch)")
-        return self._last_size[1]
-
-    def _remember(self, batch: dict, size: int) -> None:
-        self._last_size = (id(batch), int(size))
+    def set_layerdrop_seed(self, seed: int) -> None:
+        """The encoder draws this micro-batch's layer-drop decisions from ``seed`` (same on every rank)."""
+        self.encoder.layerdrop_seed = int(seed) % (2**63)
 
     def span_mask(self, frames: Tensor, T: int) -> Tensor:
         """Span mask [B, T] on encoder frames (``frames`` [B] valid frames), on the frames' device."""
@@ -83,7 +84,16 @@ class Objective(nn.Module):
         return audio, lens.to(audio.device).long()
 
     def encoder_frames(self, lens: Tensor, T: int) -> tuple[Tensor, int]:
-        """(valid encoder frames [B], padded encoder frames) for ``lens`` samples in a batch of ``T`` samples."""
+        """(valid encoder frames [B], padded encoder frames) for ``lens`` samples in a batch of ``T`` samples, by
+        the encoder's own frame count (``encoder.num_frames``)."""
         frames = self.encoder.num_frames(lens)
         Tp = int(self.encoder.num_frames(torch.tensor([T])).item())
         return frames.to(lens.device).clamp_max(Tp), Tp
+
+    @staticmethod
+    def check_frames(x: Tensor, T: int) -> None:
+        """The encoder output x [B, T', D] has the ``T`` frames its ``num_frames`` announced (masks and labels
+        were built on that grid)."""
+        if x.shape[1] != T:
+            raise RuntimeError(f"the encoder returned {x.shape[1]} frames where its num_frames gives {T}: masks and "
+                               "labels would not line up with its output")

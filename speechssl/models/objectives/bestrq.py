@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from ..components import FbankFrontend, log_mel_fbank
 from ..masking import compute_block_mask, expand_mask
 from ..quantizers import RandomProjectionQuantizer
-from .base import Objective, crop_or_pad, cross_entropy_fp32
+from speechssl.train.contract import StepOutput
+
+from .base import Objective, cross_entropy_fp32
 
 __all__ = ["BestRQObjective"]
 
@@ -85,7 +87,9 @@ class BestRQObjective(Objective):
         f = torch.nn.functional.pad(norm, (0, 0, 0, need - F_)) if need > F_ else norm[:, :need]
         return self.quantizer(f.reshape(B, T, self.stack * M))
 
-    def forward(self, batch: dict) -> tuple[Tensor, dict]:
+    def forward(self, batch: dict) -> StepOutput:
+        """batch: ``audio`` [B, S] with ``audio_lens`` [B], or ``features`` [B, F, n_mels] with ``features_lens``.
+        Loss per masked encoder frame (``sample_size``), averaged over codebooks."""
         feats, flens = self._features(batch)
         norm = FbankFrontend.normalize(feats, flens)
         frames = self.encoder.num_frames_from_features(flens)
@@ -100,9 +104,8 @@ class BestRQObjective(Objective):
             noise = torch.randn_like(norm)
         masked_in = torch.where(mask_in.unsqueeze(-1), noise * self.noise_std, norm)
         out = self.encoder(None, flens, features=masked_in)
-        x = out.last_hidden_state if out.last_hidden_state is not None else out.hidden_states[-1]
-        Te = x.shape[1]
-        mask, codes = crop_or_pad(mask, Te, False), crop_or_pad(codes, Te, 0)
+        x = out.last_hidden_state if out.last_hidden_state is not None else out.hidden_states[-1]  # [B, T, D]
+        self.check_frames(x, T)
         sel = mask & ~out.padding_mask
         n = int(sel.sum())
         if n == 0:
@@ -113,7 +116,6 @@ class BestRQObjective(Objective):
         loss = cross_entropy_fp32(logits, tgt, reduction="sum") / (n * self.num_codebooks)
         with torch.no_grad():
             acc = float((logits.argmax(-1) == tgt).float().mean())
-        self._remember(batch, n)
         valid = int((~out.padding_mask).sum())
-        return loss, {"loss": float(loss.detach()), "acc_masked": acc, "masked_frames": float(n),
-                      "mask_fraction": n / max(1, valid)}
+        return StepOutput(loss, {"loss": float(loss.detach()), "acc_masked": acc, "masked_frames": float(n),
+                                 "mask_fraction": n / max(1, valid)}, sample_size=n)

@@ -12,13 +12,17 @@ an L1 loss. Unit targets are about what is said; the reconstruction makes the mo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import PAD_ID, Objective, crop_or_pad, cross_entropy_fp32, fp32
+from speechssl.constants import PAD_ID
+from speechssl.train.contract import StepOutput
+
+from .base import Objective, crop_or_pad, cross_entropy_fp32, fp32
 
 __all__ = ["HubertObjective", "normalize_num_classes"]
 
@@ -97,6 +101,7 @@ class HubertObjective(Objective):
         return audio
 
     def targets(self, batch: dict, T: int) -> dict[str, Tensor]:
+        """Each label set's units [B, T] long, cropped or PAD_ID-padded to the encoder's ``T`` frames."""
         units = batch.get("units")
         if not isinstance(units, Mapping):
             raise KeyError("the batch has no 'units' dict: HuBERT needs unit labels on the cuts (speechssl label) "
@@ -126,76 +131,95 @@ class HubertObjective(Objective):
             err = (self.recon_proj(x[valid]).float() - target[valid].float()).abs()
             return err.mean()
 
-    def forward(self, batch: dict) -> tuple[Tensor, dict]:
+    def forward(self, batch: dict) -> StepOutput:
+        """batch: ``audio`` [B, S] float, ``audio_lens`` [B], ``units`` {label set: [B, T'] long, PAD_ID padded}.
+        Loss per masked frame (``sample_size``), plus the feature penalty and the optional reconstruction."""
         audio, lens = self.audio_of(batch)
         frames, T = self.encoder_frames(lens, audio.shape[1])
-        mask = self.span_mask(frames, T)
+        mask = self.span_mask(frames, T)  # [B, T']
         out = self.encoder(self.encoder_input(audio, lens), lens, mask_indices=mask)
-        x = out.last_hidden_state if out.last_hidden_state is not None else out.hidden_states[-1]
+        x = out.last_hidden_state if out.last_hidden_state is not None else out.hidden_states[-1]  # [B, T', D]
+        self.check_frames(x, T)
         valid = ~out.padding_mask
-        tgts = self.targets(batch, x.shape[1])
-
-        loss_m = loss_u = x.new_zeros((), dtype=torch.float32)
-        logs: dict[str, float] = {}
-        n_masked = n_unmasked = 0
-        corr_m = corr_u = 0
-        tot_m = tot_u = 0
-        for i, name in enumerate(self.label_sets):
-            t = tgts[name]
-            has = valid & (t != PAD_ID)
-            if not bool(has.any()):
-                raise ValueError(
-                    f"label set '{name}': every target in the batch is padding (cuts {batch.get('cut_ids', '?')}); "
-                    "the labels do not cover these utterances (wrong label rate or misaligned units?)")
-            K = self.num_classes[name]
-            bad = has & ((t < 0) | (t >= K))
-            if bool(bad.any()):
-                raise ValueError(f"label set '{name}': unit id {int(t[bad][0])} is outside [0, {K}): num_classes "
-                                 "does not match the k-means that labelled the cuts")
-            sel_m = has & mask
-            sel_u = has & ~mask
-            if i == 0:
-                n_masked, n_unmasked = int(sel_m.sum()), int(sel_u.sum())
-            for sel, is_masked in ((sel_m, True), (sel_u, False)):
-                weight = self.pred_masked_weight if is_masked else self.pred_nomask_weight
-                if not bool(sel.any()):
-                    continue
-                need_grad = weight > 0
-                with torch.set_grad_enabled(need_grad and torch.is_grad_enabled()):
-                    lg = self.logits(x[sel], i)
-                    tg = t[sel]
-                    ce = cross_entropy_fp32(lg, tg, reduction="sum")
-                with torch.no_grad():
-                    c = int((lg.argmax(-1) == tg).sum())
-                if is_masked:
-                    loss_m = loss_m + ce
-                    corr_m += c
-                    tot_m += int(tg.numel())
-                else:
-                    loss_u = loss_u + ce if need_grad else loss_u
-                    corr_u += c
-                    tot_u += int(tg.numel())
-                if len(self.label_sets) > 1:
-                    logs[f"acc_{'masked' if is_masked else 'unmasked'}_{name}"] = c / max(1, int(tg.numel()))
-
-        sample_size = n_masked if self.pred_masked_weight > 0 else n_unmasked
-        sample_size = max(sample_size, 1)
+        terms = self._unit_terms(x, self.targets(batch, T), valid, mask, batch.get("cut_ids", "?"))
+        sample_size = max(terms.n_masked if self.pred_masked_weight > 0 else terms.n_unmasked, 1)
         pen = out.features_pen.float()
-        loss = (self.pred_masked_weight * loss_m + self.pred_nomask_weight * loss_u) / sample_size \
+        loss = (self.pred_masked_weight * terms.loss_m + self.pred_nomask_weight * terms.loss_u) / sample_size \
             + self.feature_pen_weight * pen
+        logs = dict(terms.logs)
         if self.recon_proj is not None:
             recon = self.reconstruction_loss(x, out.input_features, valid)
             loss = loss + self.recon_weight * recon
             logs["loss_recon"] = float(recon.detach())
-        self._remember(batch, sample_size)
+        n_m, n_u = terms.n_masked, terms.n_unmasked
         logs.update({
             "loss": float(loss.detach()),
-            "loss_masked": float(loss_m.detach()) / max(1, tot_m),
-            "loss_unmasked": float(loss_u.detach()) / max(1, tot_u) if self.pred_nomask_weight > 0 else 0.0,
-            "acc_masked": corr_m / max(1, tot_m),
-            "acc_unmasked": corr_u / max(1, tot_u),
+            "loss_masked": float(terms.loss_m.detach()) / max(1, terms.tot_m),
+            "loss_unmasked": float(terms.loss_u.detach()) / max(1, terms.tot_u) if self.pred_nomask_weight > 0 else 0.0,
+            "acc_masked": terms.corr_m / max(1, terms.tot_m),
+            "acc_unmasked": terms.corr_u / max(1, terms.tot_u),
             "features_pen": float(pen.detach()),
-            "masked_frames": float(n_masked),
-            "mask_fraction": n_masked / max(1, n_masked + n_unmasked),
+            "masked_frames": float(n_m),
+            "mask_fraction": n_m / max(1, n_m + n_u),
         })
-        return loss, logs
+        return StepOutput(loss, logs, sample_size=sample_size)
+
+    def _check_targets(self, name: str, t: Tensor, has: Tensor, cut_ids) -> None:
+        if not bool(has.any()):
+            raise ValueError(
+                f"label set '{name}': every target in the batch is padding (cuts {cut_ids}); the labels do not "
+                "cover these utterances (wrong label rate or misaligned units?)")
+        K = self.num_classes[name]
+        bad = has & ((t < 0) | (t >= K))
+        if bool(bad.any()):
+            raise ValueError(f"label set '{name}': unit id {int(t[bad][0])} is outside [0, {K}): num_classes "
+                             "does not match the k-means that labelled the cuts")
+
+    def _unit_terms(self, x: Tensor, tgts: dict[str, Tensor], valid: Tensor, mask: Tensor, cut_ids) -> "_UnitTerms":
+        """Summed CE and accuracy counts over label sets, on masked and unmasked valid frames (x [B, T', D],
+        targets / valid / mask [B, T'])."""
+        terms = _UnitTerms(x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.float32))
+        for i, name in enumerate(self.label_sets):
+            t = tgts[name]
+            has = valid & (t != PAD_ID)
+            self._check_targets(name, t, has, cut_ids)
+            sel_m, sel_u = has & mask, has & ~mask
+            if i == 0:
+                terms.n_masked, terms.n_unmasked = int(sel_m.sum()), int(sel_u.sum())
+            for sel, is_masked in ((sel_m, True), (sel_u, False)):
+                if bool(sel.any()):
+                    self._add_term(terms, x[sel], t[sel], i, is_masked)
+        return terms
+
+    def _add_term(self, terms: "_UnitTerms", x: Tensor, tg: Tensor, i: int, is_masked: bool) -> None:
+        """CE of label set ``i`` on the selected frames x [N, D], targets tg [N], added to ``terms``."""
+        need_grad = (self.pred_masked_weight if is_masked else self.pred_nomask_weight) > 0
+        with torch.set_grad_enabled(need_grad and torch.is_grad_enabled()):
+            lg = self.logits(x, i)
+            ce = cross_entropy_fp32(lg, tg, reduction="sum")
+        with torch.no_grad():
+            c = int((lg.argmax(-1) == tg).sum())
+        if is_masked:
+            terms.loss_m = terms.loss_m + ce
+            terms.corr_m, terms.tot_m = terms.corr_m + c, terms.tot_m + int(tg.numel())
+        else:
+            terms.loss_u = terms.loss_u + ce if need_grad else terms.loss_u
+            terms.corr_u, terms.tot_u = terms.corr_u + c, terms.tot_u + int(tg.numel())
+        if len(self.label_sets) > 1:
+            kind = "masked" if is_masked else "unmasked"
+            terms.logs[f"acc_{kind}_{self.label_sets[i]}"] = c / max(1, int(tg.numel()))
+
+
+@dataclass
+class _UnitTerms:
+    """Running sums of one forward's unit-prediction terms."""
+
+    loss_m: Tensor
+    loss_u: Tensor
+    n_masked: int = 0
+    n_unmasked: int = 0
+    corr_m: int = 0
+    corr_u: int = 0
+    tot_m: int = 0
+    tot_u: int = 0
+    logs: dict[str, float] = field(default_factory=dict)

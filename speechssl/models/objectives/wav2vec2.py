@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quantizers import GumbelVectorQuantizer
+from speechssl.train.contract import StepOutput
+
 from .base import Objective, cross_entropy_fp32, fp32
 
 __all__ = ["Wav2Vec2Objective", "sample_negatives"]
@@ -83,13 +85,15 @@ class Wav2Vec2Objective(Objective):
         super().set_step(step)
         self.quantizer.set_step(step)
 
-    def forward(self, batch: dict) -> tuple[Tensor, dict]:
+    def forward(self, batch: dict) -> StepOutput:
+        """batch: ``audio`` [B, S] float, ``audio_lens`` [B]. Loss per masked frame (``sample_size``)."""
         audio, lens = self.audio_of(batch)
         frames, T = self.encoder_frames(lens, audio.shape[1])
         mask = self.span_mask(frames, T)
         out = self.encoder(audio, lens, mask_indices=mask)
-        x = out.last_hidden_state if out.last_hidden_state is not None else out.hidden_states[-1]
-        sel = mask[:, : x.shape[1]] & ~out.padding_mask  # [B, T'] masked, valid frames
+        x = out.last_hidden_state if out.last_hidden_state is not None else out.hidden_states[-1]  # [B, T', D]
+        self.check_frames(x, T)
+        sel = mask & ~out.padding_mask  # [B, T'] masked, valid frames
         M = int(sel.sum())
         if M == 0:
             raise ValueError(f"no masked frame in the batch (cuts {batch.get('cut_ids', '?')}): utterances too "
@@ -117,11 +121,10 @@ class Wav2Vec2Objective(Objective):
             top = lg.argmax(-1) == 0
             tie = lg.argmin(-1) == 0
             acc = float((top & ~tie).float().mean())
-        self._remember(batch, M)
         logs = {
             "loss": float(loss.detach()), "contrastive": float(contrastive.detach()),
             "diversity": float(diversity.detach()), "features_pen": float(pen.detach()), "acc": acc,
             "prob_perplexity": float(q.prob_perplexity.detach()), "code_perplexity": float(q.code_perplexity.detach()),
             "temp": float(q.temp), "masked_frames": float(M),
         }
-        return loss, logs
+        return StepOutput(loss, logs, sample_size=M)
