@@ -2,8 +2,8 @@
 
 ``prepare_mini(out_dir, minutes, seed, num_jobs)`` plans every utterance from the seed (text, voice,
 prosody, silences, noise), renders them in ``num_jobs`` worker processes (each with its own eSpeak NG
-helper process, ``espeak.ESpeakServer``), writes 16 kHz 16-bit wav files under ``OUT_DIR/audio/`` and one Lhotse manifest per split,
-``OUT_DIR/cuts_<split>.jsonl.gz``, plus ``OUT_DIR/asv_trials.txt``. Same seed and minutes -> same cut ids
+helper process, ``espeak.ESpeakServer``), writes 16 kHz 16-bit wav files under ``OUT_DIR/audio/`` and one
+Lhotse manifest per split, ``OUT_DIR/cuts_<split>.jsonl.gz``, plus ``OUT_DIR/asv_trials.txt``. Same seed and minutes -> same cut ids
 and the same audio bytes, whatever ``num_jobs`` is.
 
 Speakers: 24 eSpeak voices (accents en-us and en-gb x variants m1..m7, f1..f5), each with its own base
@@ -14,25 +14,30 @@ The ``pretrain`` split is an unlabelled pool of its own (``POOL_FACTOR`` x the r
 sentences by the training-side speakers and 24 pool-only voices (six more accents), in every prosody class,
 with wider speed and noise ranges and half of it in a synthetic room (``custom.rt60``). It shares no audio and
 no transcript with the labelled splits and holds no held-out speaker.
+
+This module plans the corpus and writes its manifests; :mod:`speechssl.data.corpora.mini_audio` renders the audio
+(``render`` and ``synthesize_specs`` are re-exported here, the corpus's one entry point).
 """
 from __future__ import annotations
 
 import gzip
 import json
 import math
-import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from speechssl.constants import SAMPLE_RATE
 from speechssl.data.corpora.espeak import Prosody
+from speechssl.data.corpora.mini_audio import UttSpec, render, synthesize_specs
 from speechssl.data.corpora.mini_text import (
     KEYWORDS, SILENCE, UNKNOWN, UNKNOWN_WORDS, SentenceGrammar, normalize_transcript,
 )
+
+__all__ = ["SPLITS", "EMOTIONS", "FORMAT_VERSION", "SPEAKERS", "POOL_SPEAKERS", "TRAIN_SPEAKERS",
+           "HELD_OUT_SPEAKERS", "MiniPlan", "UttSpec", "plan_mini", "prepare_mini", "render", "synthesize_specs"]
 
 SPLITS = ("pretrain", "asr_train", "asr_dev", "asr_test", "sid_train", "sid_dev", "sid_test",
           "asv_train", "asv_test", "er_train", "er_dev", "er_test", "ks_train", "ks_dev", "ks_test")
@@ -109,30 +114,6 @@ EMOTION_PROSODY = {
 }
 
 
-@dataclass(frozen=True)
-class UttSpec:
-    """Everything needed to render one utterance; planned in the parent so results do not depend on jobs."""
-
-    id: str
-    path: str                      # relative to OUT_DIR
-    kind: str                      # "speech" | "silence"
-    seed: int
-    speaker: str | None = None
-    gender: str | None = None
-    voice: str | None = None
-    text: str = ""                 # what eSpeak reads (lower case, may end with . or ?)
-    prosody: Prosody = field(default_factory=Prosody)
-    speed: float = 1.0             # resampling speed factor (also shifts pitch and formants)
-    lead_s: float = 0.1
-    trail_s: float = 0.1
-    noise_dbfs: float = -60.0      # RMS level of the added background noise
-    rt60: float = 0.0              # room reverberation time in seconds (0 = dry)
-    clip_s: float | None = None    # fixed clip length (keyword clips), speech placed at a random offset
-    emotion: str | None = None
-    keyword: str | None = None
-    session: int | None = None
-
-
 def _seed_for(seed: int, group: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, group, index]).generate_state(1)[0])
 
@@ -200,37 +181,46 @@ def plan_mini(minutes: float = DEFAULT_MINUTES, seed: int = 0) -> MiniPlan:
     if not minutes > 0:
         raise ValueError(f"minutes must be > 0, got {minutes}")
     c = _counts(minutes)
-    specs: list[UttSpec] = []
-    splits: dict[str, list[str]] = {s: [] for s in SPLITS}
+    plan = MiniPlan(specs=[], splits={s: [] for s in SPLITS}, trials=[])
+    # one sentence stream, drawn in this order, so that no transcript repeats across the steps
     grammar = SentenceGrammar(np.random.default_rng(np.random.SeedSequence([seed, 0])))
+    _plan_sentences(plan, c, grammar, seed)
+    _plan_emotions(plan, c, grammar, seed)
+    _plan_keywords(plan, c, seed)
+    _plan_pool(plan, c, grammar, seed)
+    plan.trials = _asv_trials(plan.splits["asv_test"], {s.id: s.speaker for s in plan.specs},
+                              np.random.default_rng(np.random.SeedSequence([seed, 5])))
+    return plan
 
-    # Read sentences (pretrain / ASR / SID / ASV): each transcript appears once in the whole corpus.
+
+def _plan_sentences(plan: MiniPlan, c: dict, grammar: SentenceGrammar, seed: int) -> None:
+    """Read sentences (pretrain / ASR / SID / ASV): each transcript appears once in the whole corpus."""
     n_train_side = c["sent_train"] + c["sent_dev"] + c["sent_test"]
     n_sent = n_train_side * len(TRAIN_SPEAKERS) + c["sent_held_out"] * len(HELD_OUT_SPEAKERS)
     sentences = iter(grammar.unique_sentences(n_sent))
-    k = 0
+    splits, k = plan.splits, 0
     for spk in SPEAKERS:
         n = c["sent_held_out"] if spk.held_out else n_train_side
         for i in range(n):
             uid = f"mini-sent-{spk.id}-{i:04d}"
-            spec = _speech_spec(uid, f"audio/sent/{spk.id}/{uid}.wav", spk, _punctuate(next(sentences)),
-                                _seed_for(seed, 1, k))
+            plan.specs.append(_speech_spec(uid, f"audio/sent/{spk.id}/{uid}.wav", spk, _punctuate(next(sentences)),
+                                           _seed_for(seed, 1, k)))
             k += 1
-            specs.append(spec)
             if spk.held_out:
                 splits["asr_dev" if spk.id in ASR_DEV_UNSEEN else "asr_test"].append(uid)
                 splits["asv_test"].append(uid)
-            else:
-                part = ("train" if i < c["sent_train"] else
-                        "dev" if i < c["sent_train"] + c["sent_dev"] else "test")
-                splits[f"asr_{part}"].append(uid)
-                splits[f"sid_{part}"].append(uid)
-                if part == "train":
-                    splits["asv_train"].append(uid)
+                continue
+            part = "train" if i < c["sent_train"] else "dev" if i < c["sent_train"] + c["sent_dev"] else "test"
+            splits[f"asr_{part}"].append(uid)
+            splits[f"sid_{part}"].append(uid)
+            if part == "train":
+                splits["asv_train"].append(uid)
 
-    # Emotion clips: training-side speakers in 5 sessions like IEMOCAP; sessions 1-3 train, 4 dev, 5 test.
+
+def _plan_emotions(plan: MiniPlan, c: dict, grammar: SentenceGrammar, seed: int) -> None:
+    """Emotion clips: training-side speakers in 5 sessions like IEMOCAP; sessions 1-3 train, 4 dev, 5 test."""
     short = iter(grammar.unique_sentences(c["er"] * len(EMOTIONS) * len(TRAIN_SPEAKERS), short=True,
-                                          exclude={normalize_transcript(s.text) for s in specs}))
+                                          exclude={normalize_transcript(s.text) for s in plan.specs}))
     k = 0
     for si, spk in enumerate(TRAIN_SPEAKERS):
         session = si % 5 + 1
@@ -238,12 +228,14 @@ def plan_mini(minutes: float = DEFAULT_MINUTES, seed: int = 0) -> MiniPlan:
         for i in range(c["er"]):
             for emotion in EMOTIONS:
                 uid = f"mini-er-{spk.id}-{emotion}-{i:03d}"
-                specs.append(_speech_spec(uid, f"audio/er/{spk.id}/{uid}.wav", spk, _punctuate(next(short)),
-                                          _seed_for(seed, 2, k), emotion=emotion, session=session))
+                plan.specs.append(_speech_spec(uid, f"audio/er/{spk.id}/{uid}.wav", spk, _punctuate(next(short)),
+                                               _seed_for(seed, 2, k), emotion=emotion, session=session))
                 k += 1
-                splits[split].append(uid)
+                plan.splits[split].append(uid)
 
-    # Keyword clips of about 1 s: train on training-side speakers, dev/test on held-out speakers.
+
+def _plan_keywords(plan: MiniPlan, c: dict, seed: int) -> None:
+    """Keyword clips of about 1 s: train on training-side speakers, dev/test on held-out speakers."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
     k = 0
     for spk in SPEAKERS:
@@ -253,37 +245,40 @@ def plan_mini(minutes: float = DEFAULT_MINUTES, seed: int = 0) -> MiniPlan:
                 s = _seed_for(seed, 4, k)
                 k += 1
                 if label == SILENCE:
-                    # Background noise only; drawn once per speaker slot so every split has balanced classes.
-                    uid = f"mini-ks-silence-{k:04d}"
-                    path = f"audio/ks/silence/{uid}.wav"
-                    r = np.random.default_rng(s)
-                    specs.append(UttSpec(id=uid, path=path, kind="silence", seed=s, clip_s=1.0,
-                                         noise_dbfs=float(r.uniform(-55, -28)), keyword=SILENCE))
+                    spec = _silence_clip(k, s)
                 else:
-                    uid = f"mini-ks-{spk.id}-{label.strip('_')}-{i:02d}"
-                    path = f"audio/ks/{spk.id}/{uid}.wav"
                     word = label if label != UNKNOWN else UNKNOWN_WORDS[int(rng.integers(len(UNKNOWN_WORDS)))]
-                    spec = _speech_spec(uid, path, spk, word + ".", s, keyword=label)
-                    r = np.random.default_rng(s + 1)
-                    spec = replace(spec, clip_s=1.0, lead_s=0.0, trail_s=0.0, emotion=None,
-                                   noise_dbfs=float(r.uniform(-60, -38)))
-                    specs.append(spec)
-                splits[split].append(uid)
+                    spec = _keyword_clip(spk, label, word, i, s)
+                plan.specs.append(spec)
+                plan.splits[split].append(spec.id)
 
-    # The pretraining pool: unlabelled sentences of its own (no transcript shared with a labelled split) by the
-    # training-side speakers and the pool-only voices; none by a held-out (test) speaker.
+
+def _silence_clip(k: int, s: int) -> UttSpec:
+    # Background noise only; drawn once per speaker slot so every split has balanced classes.
+    uid = f"mini-ks-silence-{k:04d}"
+    return UttSpec(id=uid, path=f"audio/ks/silence/{uid}.wav", kind="silence", seed=s, clip_s=1.0,
+                   noise_dbfs=float(np.random.default_rng(s).uniform(-55, -28)), keyword=SILENCE)
+
+
+def _keyword_clip(spk: MiniSpeaker, label: str, word: str, i: int, s: int) -> UttSpec:
+    """A one-second clip of ``word`` (``label`` itself, or a non-keyword for ``_unknown_``) said by ``spk``."""
+    uid = f"mini-ks-{spk.id}-{label.strip('_')}-{i:02d}"
+    spec = _speech_spec(uid, f"audio/ks/{spk.id}/{uid}.wav", spk, word + ".", s, keyword=label)
+    return replace(spec, clip_s=1.0, lead_s=0.0, trail_s=0.0, emotion=None,
+                   noise_dbfs=float(np.random.default_rng(s + 1).uniform(-60, -38)))
+
+
+def _plan_pool(plan: MiniPlan, c: dict, grammar: SentenceGrammar, seed: int) -> None:
+    """The pretraining pool: unlabelled sentences of its own (no transcript shared with a labelled split) by the
+    training-side speakers and the pool-only voices; none by a held-out (test) speaker."""
     pool_speakers = TRAIN_SPEAKERS + POOL_SPEAKERS
-    said = {normalize_transcript(s.text) for s in specs}
+    said = {normalize_transcript(s.text) for s in plan.specs}
     pool_text = iter(grammar.unique_sentences(c["pool"], exclude=said))
     for i in range(c["pool"]):
         spk = pool_speakers[i % len(pool_speakers)]
         uid = f"mini-pool-{spk.id}-{i // len(pool_speakers):04d}"
-        specs.append(_pool_spec(uid, spk, _punctuate(next(pool_text)), _seed_for(seed, 6, i)))
-        splits["pretrain"].append(uid)
-
-    trials = _asv_trials(splits["asv_test"], {s.id: s.speaker for s in specs},
-                         np.random.default_rng(np.random.SeedSequence([seed, 5])))
-    return MiniPlan(specs=specs, splits=splits, trials=trials)
+        plan.specs.append(_pool_spec(uid, spk, _punctuate(next(pool_text)), _seed_for(seed, 6, i)))
+        plan.splits["pretrain"].append(uid)
 
 
 def _asv_trials(cut_ids: list[str], speaker_of: dict[str, str], rng: np.random.Generator
@@ -303,211 +298,6 @@ def _asv_trials(cut_ids: list[str], speaker_of: dict[str, str], rng: np.random.G
     trials = targets + [(0, a, b) for a, b in sorted(nontargets)]
     order = rng.permutation(len(trials))
     return [trials[i] for i in order]
-
-
-# ----------------------------------------------------------------------------------------------- rendering
-
-_PINK_B = np.array([0.049922035, -0.095993537, 0.050612699, -0.004408786])
-_PINK_A = np.array([1.0, -2.494956002, 2.017265875, -0.522189400])
-
-
-def _noise(n: int, dbfs: float, rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
-    """Background noise [n] with RMS ``dbfs``: white, pink, brown, or pink with mains hum."""
-    from scipy.signal import lfilter
-
-    kind = kind or ("white", "pink", "brown", "hum")[int(rng.integers(4))]
-    w = rng.standard_normal(n + 2000)
-    if kind == "white":
-        x = w
-    elif kind == "brown":
-        x = lfilter([1.0], [1.0, -0.995], w)
-    else:
-        x = lfilter(_PINK_B, _PINK_A, w)
-    x = x[2000:]  # drop the filter's start-up transient
-    if kind == "hum":
-        t = np.arange(n) / SAMPLE_RATE
-        f = rng.choice([50.0, 60.0])
-        x = x / (x.std() + 1e-9) + sum(rng.uniform(0.5, 2.0) / h * np.sin(2 * np.pi * f * h * t + rng.uniform(0, 6.3))
-                                       for h in (1, 2, 3))
-    x = x - x.mean()
-    return (x * (10 ** (dbfs / 20)) / (np.sqrt(np.mean(x ** 2)) + 1e-12)).astype(np.float32)
-
-
-def _room_response(rt60: float, rng: np.random.Generator) -> np.ndarray:
-    """A synthetic room impulse response [N]: the direct path, then exponentially decaying noise that falls by
-    60 dB in ``rt60`` seconds, starting 3-10 ms after it (early reflections), at a direct-to-reverberant ratio
-    of 0 to 8 dB."""
-    n = int(rt60 * SAMPLE_RATE)
-    gap = int(rng.integers(48, 160))
-    tail = rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / n)
-    drr_db = rng.uniform(0.0, 8.0)
-    tail *= 10 ** (-drr_db / 20) / (np.sqrt(np.sum(tail ** 2)) + 1e-12)
-    h = np.zeros(gap + n)
-    h[0] = 1.0
-    h[gap:] = tail
-    return h
-
-
-def _reverberate(wav: np.ndarray, rt60: float, rng: np.random.Generator) -> np.ndarray:
-    """``wav`` [T] in a room (``_room_response``), cut to its length and rescaled to its RMS."""
-    from scipy.signal import fftconvolve
-
-    out = fftconvolve(wav, _room_response(rt60, rng))[: wav.size]
-    return (out * np.sqrt(np.mean(wav ** 2)) / (np.sqrt(np.mean(out ** 2)) + 1e-12)).astype(np.float32)
-
-
-def _trim(x: np.ndarray, threshold: float = 2e-3) -> tuple[np.ndarray, int]:
-    """(x without its quiet ends, index in x where the kept part starts)."""
-    idx = np.flatnonzero(np.abs(x) > threshold)
-    return (x[idx[0]: idx[-1] + 1], int(idx[0])) if idx.size else (x, 0)
-
-
-def _phone_alignment(events: list[tuple[str, int]], num_raw: int, ratio: float, lead: int, speech_len: int,
-                     start: int, n: int) -> list[tuple[str, float, float]]:
-    """eSpeak's phone events as (symbol, start s, duration s) items covering the whole clip of ``n`` samples.
-
-    An event at raw sample ``s`` starts at ``start + s * ratio - lead`` in the clip (resampling and speed change by
-    ``ratio``, the trimmed quiet start ``lead``, the placement ``start``), clipped to the speech; a phone ends
-    where the next starts. Pauses ("") and the silences around the speech become "sil".
-    """
-    if not events:
-        return []
-
-    def at(raw_sample: float) -> int:
-        return start + int(round(min(max(raw_sample * ratio - lead, 0.0), speech_len)))
-
-    bounds = [at(s) for _, s in events] + [at(num_raw)]
-    spans = [("sil", 0, bounds[0])] + [(sym or "sil", bounds[i], bounds[i + 1]) for i, (sym, _) in enumerate(events)]
-    spans.append(("sil", bounds[-1], n))
-    merged: list[list] = []
-    for sym, a, b in spans:
-        if b <= a:
-            continue
-        if merged and sym == "sil" and merged[-1][0] == "sil":
-            merged[-1][2] = b  # one silence, not a run of pauses
-        else:
-            merged.append([sym, a, b])
-    return [(sym, round(a / SAMPLE_RATE, 5), round((b - a) / SAMPLE_RATE, 5)) for sym, a, b in merged]
-
-
-def speak(spec: UttSpec) -> tuple[np.ndarray, int, list[list[str]], list[tuple[str, int]]]:
-    """eSpeak NG's part of one utterance, in this process: (int16 samples [T], sample rate, phones per word,
-    phone events [(IPA symbol, start sample)])."""
-    from speechssl.data.corpora.espeak import get_engine
-
-    engine = get_engine()
-    data, events = engine.synthesize_timed(spec.text, spec.voice, spec.prosody, seed=spec.seed)
-    raw = np.frombuffer(data, dtype="<i2").astype(np.int16)
-    if raw.size == 0:
-        raise RuntimeError(f"eSpeak NG produced no audio for {spec.id} ({spec.text!r})")
-    return raw, engine.sample_rate, engine.phonemize(spec.text.rstrip(".?!"), spec.voice), events
-
-
-def render(spec: UttSpec, speak_fn=speak
-           ) -> tuple[np.ndarray, list[list[str]], list[tuple[str, float, float]]]:
-    """Audio float32 [T] at 16 kHz, IPA phones per word and the phone alignment (``_phone_alignment``; empty for
-    silence clips) for one planned utterance.
-
-    ``speak_fn`` runs eSpeak: ``speak`` in this process (not bit-exact after earlier calls), or an
-    ``ESpeakServer``'s (bit-exact); the rest (resampling, silences, noise) is plain numpy.
-    """
-    from scipy.signal import resample_poly
-
-    rng = np.random.default_rng([spec.seed, 7])  # a stream apart from the one that planned the spec
-    words: list[list[str]] = []
-    phones: list[tuple[str, float, float]] = []
-    if spec.kind == "silence":
-        wav = _noise(int(round(spec.clip_s * SAMPLE_RATE)), spec.noise_dbfs, rng)
-    else:
-        raw, sr, words, events = speak_fn(spec)
-        # One resampling does both 22050 -> 16000 Hz and the speed jitter (a Lhotse-style speed change).
-        down = int(round(sr / 50 * spec.speed))
-        speech, lead = _trim(resample_poly(raw.astype(np.float32) / 32768.0, SAMPLE_RATE // 50, down))
-        if spec.clip_s is not None:
-            n = max(int(round(spec.clip_s * SAMPLE_RATE)), speech.size + 800)
-            start = int(rng.integers(0, n - speech.size + 1))
-        else:
-            start = int(round(spec.lead_s * SAMPLE_RATE))
-            n = start + speech.size + int(round(spec.trail_s * SAMPLE_RATE))
-        wav = np.zeros(n, dtype=np.float32)
-        wav[start: start + speech.size] = speech
-        if spec.rt60 > 0:
-            wav = _reverberate(wav, spec.rt60, rng)
-        wav += _noise(n, spec.noise_dbfs, rng)
-        phones = _phone_alignment(events, raw.size, SAMPLE_RATE // 50 / down, lead, speech.size, start, n)
-    return np.clip(wav, -1.0, 32767 / 32768), words, phones
-
-
-def _write_wav(path: Path, wav: np.ndarray) -> None:
-    import soundfile as sf
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    sf.write(str(tmp), np.round(wav * 32768).astype(np.int16), SAMPLE_RATE, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
-
-
-_SERVER = None  # this worker's eSpeak helper process
-
-
-def _server_speak(spec: UttSpec) -> tuple[np.ndarray, int, list[list[str]], list[tuple[str, int]]]:
-    return _SERVER.speak_timed(spec.text, spec.voice, spec.prosody, spec.seed, phone_text=spec.text.rstrip(".?!"))
-
-
-def _worker_init() -> None:
-    # One eSpeak helper per worker (bit-exact output, see espeak.ESpeakServer); closed when the worker exits.
-    global _SERVER
-    from multiprocessing.util import Finalize
-
-    from speechssl.data.corpora.espeak import ESpeakServer
-
-    _SERVER = ESpeakServer()
-    Finalize(_SERVER, _SERVER.close, exitpriority=10)
-
-
-def _render_chunk(args: tuple[str, list[UttSpec]]) -> list[tuple[str, int, str, list]]:
-    """Worker: render and write a chunk of utterances; returns (cut id, num samples, phones, phone alignment)."""
-    out_dir, specs = args
-    results = []
-    for spec in specs:
-        try:
-            wav, words, alignment = render(spec, _server_speak)
-            _write_wav(Path(out_dir) / spec.path, wav)
-        except Exception as e:
-            raise RuntimeError(f"mini corpus: failed to synthesise {spec.id} ({spec.text!r}, voice {spec.voice}): "
-                               f"{e}") from e
-        results.append((spec.id, int(wav.size), " ".join(p for w in words for p in w), alignment))
-    return results
-
-
-def synthesize_specs(specs: list[UttSpec], out_dir, num_jobs: int = 2, progress: bool = True
-                     ) -> dict[str, tuple[int, str, list]]:
-    """Render ``specs`` to wav files under ``out_dir`` with ``num_jobs`` worker processes.
-
-    Returns ``{cut id: (num samples, phones, phone alignment [(symbol, start s, duration s)])}``. Each worker
-    has an ``ESpeakServer`` helper that speaks every utterance from a pristine fork, so the bytes depend only on
-    the spec (not on jobs or order).
-    """
-    import multiprocessing as mp
-
-    from speechssl.utils.progress import progress_bar
-
-    if num_jobs < 1:
-        raise ValueError(f"num_jobs must be >= 1, got {num_jobs}")
-    # Workers only run numpy/scipy and talk to their eSpeak helper; fork them where possible (fast, and
-    # scripts need no __main__ guard).
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    chunk = 24
-    jobs = [(str(out_dir), specs[i: i + chunk]) for i in range(0, len(specs), chunk)]
-    results: dict[str, tuple[int, str, list]] = {}
-    with progress_bar(total=len(specs), desc="synthesising mini corpus", unit="utt", disable=not progress) as bar, \
-            ProcessPoolExecutor(max_workers=num_jobs, mp_context=mp.get_context(method),
-                                initializer=_worker_init) as pool:
-        for out in pool.map(_render_chunk, jobs):
-            for cid, n, phones, alignment in out:
-                results[cid] = (n, phones, alignment)
-            bar.update(len(out))
-    return results
 
 
 # ----------------------------------------------------------------------------------------------- manifests
