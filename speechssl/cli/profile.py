@@ -1,7 +1,6 @@
 """``speechssl profile``: parameters, analytic MACs and CPU real-time factor of one or more models."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from speechssl.cli.common import EXAMPLES_FORMATTER

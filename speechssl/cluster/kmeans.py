@@ -20,11 +20,13 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .lloyd import BoundedLloyd
+from .rows import check_rows, iter_chunks, num_rows, read_rows, take_rows
 
 __all__ = ["KMeans"]
 
@@ -32,10 +34,6 @@ log = logging.getLogger(__name__)
 
 _STATE_FILE = "kmeans.safetensors"
 _META_FILE = "kmeans.json"
-
-
-def _num_rows(X) -> int:
-    return int(X.shape[0])
 
 
 class KMeans:
@@ -114,38 +112,6 @@ class KMeans:
         return torch.device("cpu")
 
     @staticmethod
-    def _check(X, dim: int | None = None):
-        if not isinstance(X, (np.ndarray, Tensor)):
-            X = np.asarray(X, dtype=np.float32)
-        if X.ndim != 2:
-            raise ValueError(f"X must be 2-D [N, D], got shape {tuple(X.shape)}")
-        if dim is not None and X.shape[1] != dim:
-            raise ValueError(f"X has {X.shape[1]} features but the model was fitted on {dim}")
-        return X
-
-    def _rows(self, X, start: int, stop: int, device) -> Tensor:
-        """Rows [start, stop) of X as float32 on ``device`` (numpy/memmap rows are read only now)."""
-        if isinstance(X, Tensor):
-            x = X[start:stop]
-        else:
-            a = np.ascontiguousarray(X[start:stop], dtype=np.float32)
-            x = torch.from_numpy(a if a.flags.writeable else a.copy())  # read-only memmap rows
-        return x.to(device=device, dtype=torch.float32, non_blocking=True)
-
-    def _take(self, X, idx: np.ndarray, device) -> Tensor:
-        idx = np.sort(idx)
-        if isinstance(X, Tensor):
-            x = X[torch.as_tensor(idx, device=X.device)]
-        else:
-            x = torch.from_numpy(np.ascontiguousarray(X[idx], dtype=np.float32))
-        return x.to(device=device, dtype=torch.float32)
-
-    def _chunks(self, X, device) -> Iterator[tuple[int, Tensor]]:
-        n = _num_rows(X)
-        for s in range(0, n, self.chunk_size):
-            yield s, self._rows(X, s, min(n, s + self.chunk_size), device)
-
-    @staticmethod
     def _assign(x: Tensor, centers: Tensor, c2: Tensor) -> tuple[Tensor, Tensor]:
         """Nearest centre for each row: x [n, D], centers [K, D], c2 [K] -> (labels [n] long, sq. dist [n])."""
         d = torch.addmm(c2.unsqueeze(0), x, centers.t(), beta=1.0, alpha=-2.0)  # |c|^2 - 2 x.c  [n, K]
@@ -187,187 +153,18 @@ class KMeans:
             if tuple(c.shape) != (K, x.shape[1]):
                 raise ValueError(f"init array must have shape [{K}, {x.shape[1]}], got {tuple(c.shape)}")
             return c.to(device=device, dtype=torch.float32).clone()
-        x = self._rows(x, 0, _num_rows(x), device)
+        x = read_rows(x, 0, num_rows(x), device)
         if self.init == "random":
             return x[torch.randperm(x.shape[0], generator=gen, device=device)[:K]].clone()
         return self._kmeanspp(x, K, gen)
 
     # ------------------------------------------------------------------ fitting
     def _fit_lloyd(self, X, centers: Tensor, device, max_iter: int | None = None):
-        """Exact Lloyd iterations with Hamerly's bounds and neighbour-restricted re-assignment.
-
-        Per row: an upper bound on the distance to its centre and a lower bound on the distance to any other.
-        After each centre update the bounds move by the centres' shifts and only rows whose bounds overlap are
-        re-assigned. Those rows are first compared with the ``M`` centres nearest to their own (one small GEMM per
-        centre); the triangle inequality proves the result exact when the nearest found is closer than
-        ``r_k - d(x, c_k)`` (``r_k`` = distance from c_k to its first non-neighbour), otherwise the row falls back to
-        all K centres. Sums are updated incrementally for the rows that move, and the inertia of every pass is
-        exact at O(K D): ``sum |x|^2 - 2 sum_k c_k.S_k + sum_k n_k |c_k|^2``.
-
-        Stops when no row moves, a pass lowers the inertia by less than ``tol`` (relative), or after ``max_iter``
-        passes. Returns (centres, passes, labels [N], inertia), the labels optimal for the returned centres.
-        """
-        max_iter = self.max_iter if max_iter is None else max_iter
-        n, K = _num_rows(X), centers.shape[0]
-        D = centers.shape[1]
-        acc = torch.float64 if device.type == "cpu" else torch.float32
-        lab = torch.empty(n, dtype=torch.long, device=device)
-        upper = torch.empty(n, dtype=torch.float32, device=device)
-        lower = torch.empty(n, dtype=torch.float32, device=device)
-        sums = torch.zeros(K, D, dtype=acc, device=device)
-        counts = torch.zeros(K, dtype=acc, device=device)
-        sq_total = torch.zeros((), dtype=torch.float64, device=device)
-        # first pass: full assignment with the two nearest centres
-        c2 = (centers * centers).sum(1)
-        for s0, x in self._chunks(X, device):
-            a, d1, d2 = self._assign2(x, centers, c2)
-            e = s0 + x.shape[0]
-            lab[s0:e], upper[s0:e], lower[s0:e] = a, d1, d2
-            sums += torch.zeros(K, D, dtype=x.dtype, device=device).index_add_(0, a, x).to(acc)
-            counts += torch.bincount(a, minlength=K).to(acc)
-            sq_total += (x.double() ** 2).sum()
-
-        def inertia_of(c: Tensor) -> float:
-            # sum_i |x_i - c_lab(i)|^2 from the per-cluster sums (float64)
-            c = c.double()
-            return float(sq_total - 2 * (c * sums.double()).sum() + (counts.double() * (c * c).sum(1)).sum())
-
-        prev = inertia_of(centers)
-        M = min(K - 1, self.neighbours)
-        use_nb_ok = True
-        it = 1
-        while it < max_iter:
-            new = self._reseed_empty((sums / counts.clamp_min(1).unsqueeze(1)).float(), counts, X, upper, lab, device)
-            shift = (new - centers).norm(dim=1)  # [K]
-            centers = new
-            # move the bounds: own centre moved by shift[lab]; any other by at most the largest other shift
-            top2 = shift.topk(min(2, K)).values
-            m1 = top2[0]
-            m2 = top2[1] if K > 1 else top2[0]
-            upper += shift[lab]
-            lower -= torch.where(shift[lab] == m1, m2, m1)
-            c2 = (centers * centers).sum(1)
-            cc = torch.cdist(centers, centers)
-            cc.fill_diagonal_(float("inf"))
-            near = cc.topk(min(K - 1, M + 1), dim=1, largest=False) if K > 1 else None
-            half = 0.5 * (near.values[:, 0] if near is not None else torch.full((K,), float("inf"), device=device))
-            use_nb = use_nb_ok and near is not None and M >= 1 and K > 2 * (M + 1)
-            if use_nb:
-                cand = torch.cat([torch.arange(K, device=device)[:, None], near.indices[:, :M]], 1)  # [K, M+1]
-                radius = near.values[:, M]  # first centre outside the neighbourhood
-            changed_total = checked = reassigned = fallback = 0
-            for s0 in range(0, n, self.chunk_size):
-                e = min(n, s0 + self.chunk_size)
-                z = torch.maximum(lower[s0:e], half[lab[s0:e]])
-                idx = (upper[s0:e] > z).nonzero().flatten()
-                if idx.numel() == 0:
-                    continue
-                x = self._rows_at(X, s0, idx, device)
-                own = lab[s0 + idx]
-                d_own = (x - centers[own]).norm(dim=1)  # tighten the upper bound first
-                upper[s0 + idx] = d_own
-                still = d_own > z[idx]
-                if not bool(still.any()):
-                    continue
-                idx, x, own, d_own = idx[still], x[still], own[still], d_own[still]
-                checked += int(still.numel())
-                reassigned += int(idx.numel())
-                if use_nb:
-                    a, d1, d2, ok = self._assign_nb(x, own, d_own, centers, c2, cand, radius)
-                    if not bool(ok.all()):
-                        bad = (~ok).nonzero().flatten()
-                        fallback += int(bad.numel())
-                        a[bad], d1[bad], d2[bad] = self._assign2(x[bad], centers, c2)
-                else:
-                    a, d1, d2 = self._assign2(x, centers, c2)
-                rows = s0 + idx
-                upper[rows], lower[rows] = d1, d2
-                moved = a != own
-                if bool(moved.any()):
-                    xm = x[moved].to(acc)
-                    sums.index_add_(0, own[moved], -xm)
-                    sums.index_add_(0, a[moved], xm)
-                    counts.index_add_(0, own[moved], -torch.ones_like(xm[:, 0]))
-                    counts.index_add_(0, a[moved], torch.ones_like(xm[:, 0]))
-                    lab[rows] = a
-                    changed_total += int(moved.sum())
-            if use_nb and reassigned and fallback > 0.3 * reassigned:
-                use_nb_ok = False  # overlapping clusters: the neighbourhood rarely proves exactness, stop trying
-            it += 1
-            cur = inertia_of(centers)
-            if self.verbose:
-                log.info("k-means pass %d (%d rows): %d checked, %d re-assigned (%d against all centres), %d moved, "
-                         "inertia %.8g", it, n, checked, reassigned, fallback, changed_total, cur)
-            improved = (prev - cur) / max(abs(cur), 1e-30)
-            prev = cur
-            if changed_total == 0 or improved < self.tol:
-                break
-        return centers, it, lab, inertia_of(centers)
-
-    @staticmethod
-    def _assign_nb(x: Tensor, own: Tensor, d_own: Tensor, centers: Tensor, c2: Tensor, cand: Tensor,
-                   radius: Tensor):
-        """Nearest / second-nearest among each row's own centre and its M neighbours, one GEMM per own centre.
-
-        Returns (labels, d1, d2 lower bound, ok) where ok marks rows whose result is provably exact: the nearest
-        candidate is within ``radius[own] - d_own``, a lower bound on the distance to any non-candidate centre.
-        """
-        n = x.shape[0]
-        a = torch.empty(n, dtype=torch.long, device=x.device)
-        d1 = torch.empty(n, dtype=torch.float32, device=x.device)
-        d2 = torch.empty(n, dtype=torch.float32, device=x.device)
-        order = own.argsort()
-        ks, cnt = torch.unique_consecutive(own[order], return_counts=True)
-        x2 = (x * x).sum(1)
-        start = 0
-        for k, c in zip(ks.tolist(), cnt.tolist()):
-            rows = order[start : start + c]
-            start += c
-            ci = cand[k]
-            d = torch.addmm(c2[ci].unsqueeze(0), x[rows], centers[ci].t(), alpha=-2.0)
-            j = d.argmin(1)
-            v1 = d.gather(1, j.unsqueeze(1)).squeeze(1)
-            v2 = d.scatter_(1, j.unsqueeze(1), float("inf")).amin(1)
-            a[rows] = ci[j]
-            d1[rows] = (v1 + x2[rows]).clamp_min_(0).sqrt_()
-            d2[rows] = (v2 + x2[rows]).clamp_min_(0).sqrt_()
-        outside = radius[own] - d_own  # no centre outside the neighbourhood is closer than this
-        ok = d1 <= outside
-        return a, d1, torch.minimum(d2, outside), ok
-
-    @staticmethod
-    def _assign2(x: Tensor, centers: Tensor, c2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Nearest and second-nearest centre distances: x [n, D] -> (labels [n], d1 [n], d2 [n]) (Euclidean)."""
-        d = torch.addmm(c2.unsqueeze(0), x, centers.t(), alpha=-2.0)
-        if centers.shape[0] == 1:
-            v, a = d.min(1)
-            d1 = (v + (x * x).sum(1)).clamp_min_(0).sqrt_()
-            return a, d1, torch.full_like(d1, float("inf"))
-        # argmin + gather + amin: several times faster on CPU than topk(2) or min(dim) with indices
-        a = d.argmin(1)
-        v1 = d.gather(1, a.unsqueeze(1)).squeeze(1)
-        v2 = d.scatter_(1, a.unsqueeze(1), float("inf")).amin(1)
-        x2 = (x * x).sum(1)
-        return a, (v1 + x2).clamp_min_(0).sqrt_(), (v2 + x2).clamp_min_(0).sqrt_()
-
-    def _rows_at(self, X, start: int, idx: Tensor, device) -> Tensor:
-        """Rows ``start + idx`` of X as float32 on ``device``."""
-        if isinstance(X, Tensor):
-            return X[start + idx.to(X.device)].to(device=device, dtype=torch.float32)
-        a = np.asarray(X[start + idx.cpu().numpy()], dtype=np.float32)
-        return torch.from_numpy(a).to(device)
-
-    def _reseed_empty(self, new: Tensor, counts: Tensor, X, upper: Tensor, lab: Tensor, device) -> Tensor:
-        """Move empty clusters onto the rows farthest from their centre (scikit-learn's rule); the bounds of all
-        rows are then reset so that the next pass re-assigns everything against the moved centres."""
-        empty = (counts <= 0).nonzero().flatten()
-        if empty.numel() == 0:
-            return new
-        far = upper.topk(min(empty.numel(), upper.numel())).indices
-        for k, r in zip(empty.tolist(), far.tolist()):
-            new[k] = self._rows(X, r, r + 1, device)[0]
-        upper.fill_(float("inf"))  # force a full re-assignment; sums/counts are rebuilt from the moved rows
-        return new
+        """Exact Lloyd passes with bounds (:class:`~speechssl.cluster.lloyd.BoundedLloyd`) until no row moves, a
+        pass lowers the inertia by less than ``tol`` (relative), or ``max_iter`` passes. Returns (centres, passes,
+        labels [N], inertia), the labels optimal for the returned centres."""
+        lloyd = BoundedLloyd(X, centers, device, self.chunk_size, self.neighbours, self.verbose)
+        return lloyd.run(centers, self.max_iter if max_iter is None else max_iter, self.tol)
 
     def _minibatch_step(self, x: Tensor, centers: Tensor, counts: Tensor) -> float:
         """Count-weighted update (centre = running mean of the points ever assigned to it), in place."""
@@ -383,7 +180,7 @@ class KMeans:
         return float(mind.mean().item())
 
     def _fit_minibatch(self, X, centers: Tensor, device, gen: torch.Generator) -> tuple[Tensor, int]:
-        n = _num_rows(X)
+        n = num_rows(X)
         counts = torch.zeros(self.n_clusters, dtype=torch.float64, device=device)
         steps_per_epoch = max(1, math.ceil(n / self.batch_size))
         ewa, best, stall, step = None, math.inf, 0, 0
@@ -391,7 +188,7 @@ class KMeans:
         for epoch in range(self.max_iter):
             for _ in range(steps_per_epoch):
                 idx = self._rng.choice(n, size=min(self.batch_size, n), replace=False)
-                cost = self._minibatch_step(self._take(X, idx, device), centers, counts)
+                cost = self._minibatch_step(take_rows(X, idx, device), centers, counts)
                 step += 1
                 ewa = cost if ewa is None else ewa * (1 - alpha) + cost * alpha
                 if ewa < best * (1 - self.tol):
@@ -408,12 +205,12 @@ class KMeans:
         """``n_init`` candidate inits, each k-means++ on the same sample of ``init_size`` rows and refined there by
         up to ``init_iter`` Lloyd passes; the one with the lowest sample inertia seeds the fit on all of X.
         (MiniBatchKMeans compares its ``n_init`` inits on a sample in the same spirit, without the refinement.)"""
-        n, K = _num_rows(X), self.n_clusters
+        n, K = num_rows(X), self.n_clusters
         if not isinstance(self.init, str):
             return self._init_centers(X, device, gen)
         size = min(n, max(self.init_size or max(3 * self.batch_size, 20 * K), K))
         idx = self._rng.choice(n, size=size, replace=False) if size < n else np.arange(n)
-        sample = self._take(X, idx, device)
+        sample = take_rows(X, idx, device)
         best, best_inertia = None, math.inf
         for run in range(self.n_init):
             centers = self._init_centers(sample, device, gen)
@@ -431,8 +228,8 @@ class KMeans:
     def fit(self, X, y=None) -> "KMeans":
         """Fit on X [N, D] (numpy array or memmap, or torch tensor on any device). Sets ``cluster_centers_``,
         ``inertia_`` (on all of X), ``n_iter_`` and ``labels_`` (numpy for numpy input, else a tensor)."""
-        X = self._check(X)
-        n = _num_rows(X)
+        X = check_rows(X)
+        n = num_rows(X)
         if n < self.n_clusters:
             raise ValueError(f"n_samples={n} must be >= n_clusters={self.n_clusters}")
         device = self._device_for(X)
@@ -456,9 +253,9 @@ class KMeans:
     def partial_fit(self, X, y=None) -> "KMeans":
         """One mini-batch update from X [n, D] (streaming). The first call initialises the centres from X
         with k-means++ (so it needs at least K rows). ``inertia_`` is the last batch's sum of squared distances."""
-        X = self._check(X, None if self._centers is None else self._centers.shape[1])
+        X = check_rows(X, None if self._centers is None else self._centers.shape[1])
         device = self._device_for(X) if self._centers is None else self._centers.device
-        x = self._rows(X, 0, _num_rows(X), device)
+        x = read_rows(X, 0, num_rows(X), device)
         if self._centers is None:
             if x.shape[0] < self.n_clusters:
                 raise ValueError(
@@ -494,7 +291,7 @@ class KMeans:
         centers = (self._centers if centers is None else centers).to(device)
         c2 = (centers * centers).sum(1)
         labs, inertia = [], 0.0
-        for _, x in self._chunks(X, device):
+        for _, x in iter_chunks(X, self.chunk_size, device):
             lab, mind = self._assign(x, centers, c2)
             labs.append(lab)
             inertia += float(mind.sum(dtype=torch.float64).item())
@@ -504,7 +301,7 @@ class KMeans:
         """Nearest-centre labels for X [N, D]: numpy int64 [N] for numpy input, a long tensor on X's device for
         tensor input."""
         self._require_fit()
-        X = self._check(X, self._centers.shape[1])
+        X = check_rows(X, self._centers.shape[1])
         device = self._device_for(X) if isinstance(X, Tensor) else self._centers.device
         labels, _ = self._predict_with_inertia(X, device)
         return labels if isinstance(X, Tensor) else labels.cpu().numpy()
@@ -515,12 +312,12 @@ class KMeans:
     def transform(self, X):
         """Euclidean distances to every centre: [N, K] (numpy for numpy input, tensor for tensor input)."""
         self._require_fit()
-        X = self._check(X, self._centers.shape[1])
+        X = check_rows(X, self._centers.shape[1])
         device = self._device_for(X) if isinstance(X, Tensor) else self._centers.device
         centers = self._centers.to(device)
         c2 = (centers * centers).sum(1)
         outs = []
-        for _, x in self._chunks(X, device):
+        for _, x in iter_chunks(X, self.chunk_size, device):
             d = torch.addmm(c2.unsqueeze(0), x, centers.t(), alpha=-2.0) + (x * x).sum(1, keepdim=True)
             outs.append(d.clamp_min_(0.0).sqrt_())
         out = torch.cat(outs)
@@ -529,7 +326,7 @@ class KMeans:
     def score(self, X, y=None) -> float:
         """Negative inertia of X under the fitted centres (scikit-learn convention)."""
         self._require_fit()
-        X = self._check(X, self._centers.shape[1])
+        X = check_rows(X, self._centers.shape[1])
         device = self._device_for(X) if isinstance(X, Tensor) else self._centers.device
         return -self._predict_with_inertia(X, device)[1]
 

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -21,12 +20,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from speechssl.constants import SAMPLE_RATE
+from speechssl.models.frames import front_end_layer_frames
+from speechssl.utils.io import atomic_write
+from speechssl.utils.progress import progress_bar
 
 __all__ = ["ProfileResult", "count_params", "analytic_macs", "counted_macs", "measure_rtf", "layer_sizes",
            "profile_models", "format_table", "plot_structure"]
-
-SAMPLE_RATE = 16000
 
 
 def count_params(encoder: nn.Module) -> int:
@@ -38,15 +38,6 @@ def layer_sizes(encoder: nn.Module) -> tuple[list[int], list[int]]:
     """(heads kept per layer, FFN units kept per layer); 0 where the block was removed."""
     units = encoder.prunable_units()
     return list(units["heads"]), list(units["ffn_units"])
-
-
-def _conv_frames(num_in: int, conv_layers, padded: bool) -> list[int]:
-    frames, t = [], num_in
-    for _, k, s in conv_layers:
-        p = k // 2 if padded else 0
-        t = max(0, (t + 2 * p - k) // s + 1)
-        frames.append(t)
-    return frames
 
 
 def analytic_macs(encoder: nn.Module, seconds: float = 10.0) -> int:
@@ -61,10 +52,8 @@ def analytic_macs(encoder: nn.Module, seconds: float = 10.0) -> int:
     units = encoder.prunable_units()
     D = cfg.hidden_size
     chans = list(units["conv"])
-    if cfg.frontend == "cnn":
-        frames, c_in = _conv_frames(n, cfg.conv_layers, padded=False), 1
-    else:  # fbank: 10 ms frames, then a padded conv subsampler
-        frames, c_in = _conv_frames(n // 160, cfg.conv_layers, padded=True), int(cfg.n_mels)
+    frames = [int(t) for t in front_end_layer_frames(cfg, n)]
+    c_in = 1 if cfg.frontend == "cnn" else int(cfg.n_mels)  # waveform, or log-mel bins
     macs = 0
     for (_, k, _), c, t in zip(cfg.conv_layers, chans, frames):
         macs += t * c * c_in * k
@@ -166,13 +155,11 @@ class ProfileResult:
 def profile_models(models: dict[str, nn.Module], seconds: float = 10.0, threads: int = 2, warmup: int = 2,
                    repeats: int = 5, dtype: str = "float32", timing: bool = True) -> list[ProfileResult]:
     """Profile each named encoder (params, MACs, RTF, per-layer sizes)."""
-    from tqdm import tqdm
-
     td = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
     if dtype not in td:
         raise ValueError(f"dtype must be one of {sorted(td)}, got {dtype!r}")
     results = []
-    for name, enc in tqdm(models.items(), desc="profile", unit="model", disable=len(models) < 2):
+    for name, enc in progress_bar(models.items(), desc="profile", unit="model", disable=len(models) < 2):
         heads, ffn = layer_sizes(enc)
         rtf = measure_rtf(enc, seconds, threads, warmup, repeats, td[dtype]) if timing else None
         results.append(ProfileResult(name, count_params(enc), analytic_macs(enc, seconds), rtf, heads, ffn,
@@ -224,8 +211,6 @@ def plot_structure(results: Sequence[ProfileResult], path: str | Path) -> Path:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=max(1, len(results)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    from speechssl.utils.io import atomic_write
-
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path

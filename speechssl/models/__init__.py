@@ -1,5 +1,6 @@
 """Encoder family, presets and checkpoint import/export (tensors only; nothing here imports data/train/cli)."""
-from .encoder import Encoder, EncoderConfig, EncoderGates, EncoderOutput, build_encoder
+from .encoder import Encoder, EncoderGates, EncoderOutput, build_encoder
+from .encoder_config import EncoderConfig
 from .presets import PRESETS, get_preset, list_presets
 
 __all__ = [

@@ -21,6 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechssl.constants import SAMPLE_RATE
+
+from .encoder_config import ExtractorMode, InputNorm
+from .frames import FBANK_HOP
+
 __all__ = [
     "GradMultiply",
     "ConvFeatureExtractor",
@@ -47,19 +52,6 @@ class GradMultiply(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         return grad * ctx.scale, None
-
-
-def conv_out_frames(lengths: Tensor, layers: Sequence[Sequence[int]], padded: bool = False) -> Tensor:
-    """Frames after a stack of strided 1-D convs: floor((n + 2p - k) / s) + 1 per layer, clamped at 0.
-
-    lengths: LongTensor [B]; layers: [[channels, kernel, stride], ...]; padded: each layer pads kernel // 2.
-    """
-    n = lengths.clone().long()
-    for _, k, s in layers:
-        p = (k // 2) if padded else 0
-        n = torch.div(n + 2 * p - k, s, rounding_mode="floor") + 1
-        n = n.clamp_min(0)
-    return n
 
 
 class ConvBlock(nn.Module):
@@ -93,10 +85,8 @@ class ConvFeatureExtractor(nn.Module):
     (Large). ``conv_layers`` may give different channel counts per layer (pruned models).
     """
 
-    def __init__(self, conv_layers: Sequence[Sequence[int]], mode: str = "group_norm", bias: bool = False):
+    def __init__(self, conv_layers: Sequence[Sequence[int]], mode: ExtractorMode = "group_norm", bias: bool = False):
         super().__init__()
-        if mode not in ("group_norm", "layer_norm"):
-            raise ValueError(f"extractor_mode must be 'group_norm' or 'layer_norm', got {mode!r}")
         blocks = []
         c_in = 1
         for i, (c, k, s) in enumerate(conv_layers):
@@ -133,8 +123,8 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float = 20.
     return torch.clamp(torch.minimum(up, down), min=0.0).T.float()
 
 
-def log_mel_fbank(wav: Tensor, n_mels: int = 80, sample_rate: int = 16000, win: int = 400, hop: int = 160,
-                  n_fft: int = 512, filters: Optional[Tensor] = None) -> Tensor:
+def log_mel_fbank(wav: Tensor, n_mels: int = 80, sample_rate: int = SAMPLE_RATE, win: int = 400,
+                  hop: int = FBANK_HOP, n_fft: int = 512, filters: Optional[Tensor] = None) -> Tensor:
     """Log-mel filterbank of a padded batch: [B, T] -> [B, T // hop, n_mels] (25 ms Hann windows, 10 ms hop,
     centred by zero padding (win - hop) / 2 on each side so that frame i covers samples around i * hop)."""
     pad = (win - hop) // 2
@@ -163,13 +153,9 @@ class FbankFrontend(nn.Module):
       model sees loudness and spectral envelope as they are.
     """
 
-    NORMS = ("utterance", "global")
-
     def __init__(self, conv_layers: Sequence[Sequence[int]], n_mels: int = 80, bias: bool = True,
-                 input_norm: str = "utterance"):
+                 input_norm: InputNorm = "utterance"):
         super().__init__()
-        if input_norm not in self.NORMS:
-            raise ValueError(f"encoder config 'input_norm' must be one of {self.NORMS}, got {input_norm!r}")
         self.n_mels, self.input_norm = n_mels, input_norm
         blocks = []
         c_in = n_mels
@@ -178,7 +164,7 @@ class FbankFrontend(nn.Module):
             c_in = c
         self.conv_layers = nn.ModuleList(blocks)
         self.layers = [list(map(int, l)) for l in conv_layers]
-        self.register_buffer("mel_filters", mel_filterbank(512, n_mels, 16000), persistent=False)
+        self.register_buffer("mel_filters", mel_filterbank(512, n_mels, SAMPLE_RATE), persistent=False)
         if input_norm == "global":
             self.register_buffer("input_mean", torch.zeros(n_mels))
             self.register_buffer("input_std", torch.ones(n_mels))

@@ -37,8 +37,8 @@ from torch import Tensor
 
 from speechssl.config import ConfigError
 
-from .encoder import EncoderConfig
-from .frames import fairseq_padding_rule, with_padding_rule
+from .encoder_config import EncoderConfig
+from .frames import fairseq_padding_rule
 
 __all__ = ["read_fairseq_checkpoint", "config_from_fairseq", "state_dict_from_fairseq", "parse_conv_layers"]
 
@@ -94,7 +94,7 @@ def config_from_fairseq(model_cfg: dict[str, Any], task_cfg: dict[str, Any] | No
     if mode not in ("default", "layer_norm"):
         raise ConfigError(f"fairseq extractor_mode={mode!r} is not supported")
     conv = parse_conv_layers(c.get("conv_feature_layers", "[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2"))
-    cfg = EncoderConfig(
+    return EncoderConfig(
         model_type=model_type,
         frontend="cnn",
         conv_layers=conv,
@@ -117,8 +117,8 @@ def config_from_fairseq(model_cfg: dict[str, Any], task_cfg: dict[str, Any] | No
         relative_position=wavlm,
         num_buckets=int(c.get("num_buckets", 320)),
         max_distance=int(c.get("max_distance", 800)),
+        padding_rule=fairseq_padding_rule(model_type),
     )
-    return with_padding_rule(cfg, fairseq_padding_rule(model_type))
 
 
 _LAYER_MAP = {

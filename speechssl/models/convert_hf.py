@@ -14,7 +14,7 @@ from torch import Tensor
 
 from speechssl.config import ConfigError
 
-from .encoder import EncoderConfig
+from .encoder_config import EncoderConfig
 
 __all__ = ["config_from_hf", "config_to_hf", "state_dict_from_hf", "state_dict_to_hf", "HF_MODEL_TYPES"]
 

@@ -9,14 +9,13 @@ model output with it (transformers' ``last_hidden_state``) and is what objective
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from speechssl.config import ConfigError
-
+from . import frames as frame_counts
 from .components import (
     ConvFeatureExtractor,
     FbankFrontend,
@@ -25,103 +24,13 @@ from .components import (
     PositionalConv,
     RelativePositionBias,
     TransformerLayer,
-    conv_out_frames,
     log_mel_fbank,
 )
-from .frames import PADDING_RULES, valid_frames
+from .encoder_config import EncoderConfig
+from .frames import FBANK_HOP, valid_frames
+from .presets import get_preset
 
-__all__ = ["EncoderConfig", "EncoderOutput", "EncoderGates", "Encoder", "build_encoder", "BASE_CONV_LAYERS"]
-
-BASE_CONV_LAYERS: list[list[int]] = [[512, 10, 5]] + [[512, 3, 2]] * 4 + [[512, 2, 2]] * 2
-FBANK_HOP = 160  # samples per fbank frame (10 ms at 16 kHz)
-
-
-@dataclass
-class EncoderConfig:
-    """Architecture of one encoder; JSON-serialisable (``dataclasses.asdict``) and saved in model dirs."""
-
-    model_type: str = "hubert"  # "wav2vec2" | "hubert" | "wavlm" | "bestrq"
-    frontend: str = "cnn"  # "cnn" (raw waveform) | "fbank" (log-mel + conv subsampler)
-    # [[channels, kernel, stride], ...]: the waveform CNN, or the fbank subsampler (padding kernel // 2)
-    conv_layers: list[list[int]] = field(default_factory=lambda: [list(l) for l in BASE_CONV_LAYERS])
-    extractor_mode: str = "group_norm"  # "group_norm" | "layer_norm" (CNN front end only)
-    conv_bias: bool = False
-    normalize_waveform: bool = False  # per-utterance zero-mean unit-variance over valid samples (Large)
-    feature_grad_mult: float = 1.0
-    feature_proj_layer_norm: bool = True  # LayerNorm on CNN output before projection (HF feat_proj_layer_norm)
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    ffn_dim: int = 3072
-    layer_norm_first: bool = False  # pre-LN (Large style)
-    layer_norm_eps: float = 1e-5
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    activation_dropout: float = 0.0
-    feature_dropout: float = 0.0  # dropout on the projected features (fairseq dropout_input)
-    final_dropout: float = 0.0  # for downstream heads; the encoder itself does not use it
-    layerdrop: float = 0.0
-    conv_pos: int = 128
-    conv_pos_groups: int = 16
-    relative_position: bool = False  # WavLM gated relative position bias
-    num_buckets: int = 320
-    max_distance: int = 800
-    # per-layer sizes after pruning (None = uniform); written by compress, read everywhere
-    layer_heads: Optional[list[list[int]]] = None  # kept ORIGINAL head indices per layer ([] = no attention)
-    layer_ffn_dims: Optional[list[int]] = None  # FFN width per layer (0 = no FFN block)
-    n_mels: int = 80  # fbank front end only
-    input_norm: str = "utterance"  # fbank front end: "utterance" | "global" log-mel normalisation (FbankFrontend)
-    # which frames of a padded batch are padding: "cnn" (length arithmetic) | "fairseq_block" (fairseq HuBERT/WavLM)
-    padding_rule: str = "cnn"
-
-    def validate(self) -> None:
-        """Raise ConfigError (a ValueError) naming the offending key."""
-        if self.model_type not in ("wav2vec2", "hubert", "wavlm", "bestrq"):
-            raise ConfigError(f"encoder config 'model_type' must be wav2vec2|hubert|wavlm|bestrq, got {self.model_type!r}")
-        if self.frontend not in ("cnn", "fbank"):
-            raise ConfigError(f"encoder config 'frontend' must be 'cnn' or 'fbank', got {self.frontend!r}")
-        if self.input_norm not in FbankFrontend.NORMS:
-            raise ConfigError(f"encoder config 'input_norm' must be one of {'|'.join(FbankFrontend.NORMS)}, "
-                             f"got {self.input_norm!r}")
-        if self.padding_rule not in PADDING_RULES:
-            raise ConfigError(f"encoder config 'padding_rule' must be one of {'|'.join(PADDING_RULES)}, "
-                             f"got {self.padding_rule!r}")
-        if self.extractor_mode not in ("group_norm", "layer_norm"):
-            raise ConfigError(f"encoder config 'extractor_mode' must be group_norm|layer_norm, got {self.extractor_mode!r}")
-        if not self.conv_layers or any(len(l) != 3 for l in self.conv_layers):
-            raise ConfigError(f"encoder config 'conv_layers' must be a non-empty list of [channels, kernel, stride], "
-                             f"got {self.conv_layers!r}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"encoder config 'hidden_size' ({self.hidden_size}) must be divisible by "
-                             f"'num_heads' ({self.num_heads})")
-        if self.layer_heads is not None:
-            if len(self.layer_heads) != self.num_layers:
-                raise ConfigError(f"encoder config 'layer_heads' has {len(self.layer_heads)} entries, "
-                                 f"num_layers is {self.num_layers}")
-            for i, heads in enumerate(self.layer_heads):
-                if any(not 0 <= h < self.num_heads for h in heads) or len(set(heads)) != len(heads):
-                    raise ConfigError(f"encoder config 'layer_heads[{i}]' must hold distinct head indices in "
-                                     f"[0, {self.num_heads}), got {heads}")
-        if self.layer_ffn_dims is not None and len(self.layer_ffn_dims) != self.num_layers:
-            raise ConfigError(f"encoder config 'layer_ffn_dims' has {len(self.layer_ffn_dims)} entries, "
-                             f"num_layers is {self.num_layers}")
-
-    def heads_of(self, layer: int) -> list[int]:
-        return list(self.layer_heads[layer]) if self.layer_heads is not None else list(range(self.num_heads))
-
-    def ffn_dim_of(self, layer: int) -> int:
-        return int(self.layer_ffn_dims[layer]) if self.layer_ffn_dims is not None else self.ffn_dim
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
-        """Build from a plain dict; unknown keys are errors naming the key (typed check via speechssl.config)."""
-        from speechssl.config import from_dict
-
-        cfg = from_dict(cls, dict(data))
-        return cfg
+__all__ = ["EncoderConfig", "EncoderOutput", "EncoderGates", "Encoder", "build_encoder"]
 
 
 @dataclass
@@ -154,8 +63,10 @@ class EncoderGates:
     ffn: Optional[list[Tensor]] = None
 
 
-def _pick(gates: Optional[list[Tensor]], i: int) -> Optional[Tensor]:
-    return None if gates is None else gates[i]
+def _pick(gates: Optional[EncoderGates], group: str, i: int) -> Optional[Tensor]:
+    """Layer ``i``'s entry of ``gates.<group>`` (None when there are no gates or no such group)."""
+    per_layer = getattr(gates, group) if gates is not None else None
+    return None if per_layer is None else per_layer[i]
 
 
 class Encoder(nn.Module):
@@ -163,6 +74,14 @@ class Encoder(nn.Module):
 
     Attributes: ``config``, ``num_layers``, ``hidden_size``, ``downsample_rate`` (input samples per frame),
     ``mask_emb`` [D] (HF ``masked_spec_embed``). Dropouts and layer-drop act only in train mode.
+
+    Named modules: ``feature_extractor`` (front end), ``feature_projection``, ``pos_conv``, ``layer_norm``, and
+    ``layers``, the ``nn.ModuleList`` of ``TransformerLayer``, run in order by ``forward``. ``layers`` is the place
+    to wrap or replace the transformer layers (adapters, LoRA, FSDP auto-wrap, activation checkpointing): a module
+    put at ``layers[i]`` is called as ``layer(h, key_mask, position_bias, head_gate=..., attn_gate=...,
+    ffn_unit_gate=..., ffn_gate=..., output_attentions=...)`` and returns ``(h, attention probs or None)``.
+
+    Frame counts: :meth:`num_frames` (samples -> frames) is the one every caller uses.
     """
 
     def __init__(self, config: EncoderConfig):
@@ -243,42 +162,51 @@ class Encoder(nn.Module):
         }
 
     def num_frames(self, num_samples: Tensor) -> Tensor:
-        """Valid output frames for ``num_samples`` input samples: LongTensor [B] -> [B] (conv arithmetic)."""
-        n = torch.as_tensor(num_samples).long()
-        if self.config.frontend == "cnn":
-            return conv_out_frames(n, self.config.conv_layers)
-        return conv_out_frames(torch.div(n, FBANK_HOP, rounding_mode="floor"), self.config.conv_layers, padded=True)
+        """Encoder frames of an utterance of ``num_samples`` samples: LongTensor [B] -> [B] (an int gives a 0-d
+        tensor). The frame count every caller uses (label alignment, SUPERB, compression); the arithmetic per
+        front end lives in :mod:`speechssl.models.frames`. On a padded batch the encoder marks as valid these
+        frames (``padding_rule: cnn``) or fairseq's block count (``fairseq_block``)."""
+        return frame_counts.num_frames(self.config, num_samples)
 
     def num_frames_from_features(self, num_feature_frames: Tensor) -> Tensor:
-        """fbank front end: encoder frames for the given fbank frame counts [B] -> [B]."""
-        return conv_out_frames(torch.as_tensor(num_feature_frames).long(), self.config.conv_layers, padded=True)
+        """fbank front end: encoder frames of ``num_feature_frames`` log-mel frames: LongTensor [B] -> [B]."""
+        return frame_counts.num_frames_from_features(self.config, num_feature_frames)
 
     # ------------------------------------------------------------------ forward
     def _front_end(self, wav: Optional[Tensor], lengths: Optional[Tensor], features: Optional[Tensor],
                    conv_gates: Optional[list[Tensor]]) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """-> (front-end output [B, C, T'], valid frames [B] or None, stacked input features or None)."""
+        if self.config.frontend == "cnn":
+            return self._cnn_front_end(wav, lengths, features, conv_gates)
+        return self._fbank_front_end(wav, lengths, features, conv_gates)
+
+    def _cnn_front_end(self, wav: Optional[Tensor], lengths: Optional[Tensor], features: Optional[Tensor],
+                       conv_gates: Optional[list[Tensor]]) -> tuple[Tensor, Optional[Tensor], None]:
+        """wav [B, T] -> (CNN output [B, C, T'], valid frames [B] under the config's padding rule, None)."""
         cfg = self.config
-        stacked = None
-        if cfg.frontend == "cnn":
-            if features is not None:
-                raise ValueError("features= is for the fbank front end; this encoder has frontend 'cnn' (pass wav)")
-            if wav is None or wav.dim() != 2:
-                raise ValueError(f"encoder expects wav of shape [B, T], got "
-                                 f"{None if wav is None else tuple(wav.shape)}")
-            if cfg.normalize_waveform:
-                wav = self._normalize_waveform(wav, lengths)
-            x = self.feature_extractor(wav, conv_gates)
-            frames = None
-            if lengths is not None:  # the checkpoint source's rule (speechssl.models.frames)
-                frames = valid_frames(cfg.padding_rule, lengths, wav.shape[1], x.shape[-1], self.num_frames(lengths))
-            return x, frames, None
-        # fbank: either given features (lengths = fbank frames) or computed from the waveform
+        if features is not None:
+            raise ValueError("features= is for the fbank front end; this encoder has frontend 'cnn' (pass wav)")
+        if wav is None or wav.dim() != 2:
+            raise ValueError(f"encoder expects wav of shape [B, T], got {None if wav is None else tuple(wav.shape)}")
+        if cfg.normalize_waveform:
+            wav = self._normalize_waveform(wav, lengths)
+        x = self.feature_extractor(wav, conv_gates)
+        frames = None
+        if lengths is not None:  # the checkpoint source's rule (speechssl.models.frames)
+            frames = valid_frames(cfg.padding_rule, lengths, wav.shape[1], x.shape[-1], self.num_frames(lengths))
+        return x, frames, None
+
+    def _fbank_front_end(self, wav: Optional[Tensor], lengths: Optional[Tensor], features: Optional[Tensor],
+                         conv_gates: Optional[list[Tensor]]) -> tuple[Tensor, Optional[Tensor], Tensor]:
+        """wav [B, T] (lengths in samples) or features [B, F, n_mels] (lengths in log-mel frames) -> (subsampler
+        output [B, C, T'], valid frames [B] or None, normalised log-mel stacked to frames [B, T', n_mels * s])."""
+        cfg = self.config
         if features is None:
             if wav is None or wav.dim() != 2:
                 raise ValueError("fbank encoder expects wav [B, T] or features [B, F, n_mels]")
             with torch.no_grad():
-                feats = log_mel_fbank(wav, self.config.n_mels, filters=self.feature_extractor.mel_filters)
-            feat_lens = torch.div(lengths, FBANK_HOP, rounding_mode="floor") if lengths is not None else None
+                feats = log_mel_fbank(wav, cfg.n_mels, filters=self.feature_extractor.mel_filters)
+            feat_lens = frame_counts.fbank_input_frames(lengths) if lengths is not None else None
         else:
             if features.dim() != 3 or features.shape[-1] != cfg.n_mels:
                 raise ValueError(f"features must be [B, F, {cfg.n_mels}], got {tuple(features.shape)}")
@@ -291,8 +219,7 @@ class Encoder(nn.Module):
         T = x.shape[-1]
         pad = T * stack - feats.shape[1]
         f = torch.nn.functional.pad(feats, (0, 0, 0, pad)) if pad > 0 else feats[:, : T * stack]
-        stacked = f.reshape(f.shape[0], T, stack * cfg.n_mels)
-        return x, frames, stacked
+        return x, frames, f.reshape(f.shape[0], T, stack * cfg.n_mels)
 
     @staticmethod
     def _normalize_waveform(wav: Tensor, lengths: Optional[Tensor]) -> Tensor:
@@ -307,6 +234,80 @@ class Encoder(nn.Module):
         var = (((wav - mean) * valid) ** 2).sum(-1, keepdim=True) / cnt
         return (wav - mean) / (var + 1e-7).sqrt() * valid
 
+    def _features(self, wav: Optional[Tensor], lengths: Optional[Tensor], features: Optional[Tensor],
+                  conv_gates: Optional[list[Tensor]]) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """The front end under ``feature_grad_mult`` (0: no gradient into it in training; else scaled by it)."""
+        mult = self.config.feature_grad_mult
+        if mult <= 0 and self.training:
+            with torch.no_grad():
+                return self._front_end(wav, lengths, features, conv_gates)
+        x, frames, stacked = self._front_end(wav, lengths, features, conv_gates)
+        if self.training and mult != 1.0:
+            x = GradMultiply.apply(x, mult)
+        return x, frames, stacked
+
+    @staticmethod
+    def _padding(frames: Optional[Tensor], B: int, T: int, device) -> tuple[Tensor, Tensor, bool]:
+        """-> (valid frames [B], padding mask [B, T] True = padding, whether any frame is padding)."""
+        if frames is None:
+            return (torch.full((B,), T, dtype=torch.long, device=device),
+                    torch.zeros(B, T, dtype=torch.bool, device=device), False)
+        frames = frames.clamp_max(T)
+        padding_mask = torch.arange(T, device=device)[None] >= frames[:, None]
+        # a full-length batch needs no attention mask (faster SDPA path, identical result)
+        return frames, padding_mask, device.type == "meta" or bool(padding_mask.any())
+
+    def _layer_input(self, h: Tensor, mask_indices: Optional[Tensor], padding_mask: Tensor, any_pad: bool
+                     ) -> Tensor:
+        """Projected features [B, T', D] -> input of the first layer: mask embedding, zeroed padding, positional
+        convolution, (post-LN) LayerNorm, dropout."""
+        B, T = h.shape[0], h.shape[1]
+        if mask_indices is not None:
+            if mask_indices.shape != (B, T):
+                raise ValueError(f"mask_indices must be [B, T'] = {(B, T)}, got {tuple(mask_indices.shape)}")
+            h = torch.where(mask_indices.unsqueeze(-1), self.mask_emb.to(h.dtype), h)
+        if any_pad:
+            h = h.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        h = h + self.pos_conv(h)
+        if not self.config.layer_norm_first:
+            h = self.layer_norm(h)
+        return self.dropout(h)
+
+    def _layer_drops(self) -> Iterator[bool]:
+        """Layer-drop decisions of this forward, one per layer (all False outside training). Without
+        ``layerdrop_seed`` each is drawn from torch's global RNG as its layer is reached, between the dropout draws
+        of the layers before it."""
+        p, n = self.config.layerdrop, len(self.layers)
+        if not self.training or p <= 0:
+            yield from [False] * n
+        elif self.layerdrop_seed is not None:
+            g = torch.Generator().manual_seed(int(self.layerdrop_seed))
+            yield from (torch.rand(n, generator=g) < p).tolist()
+        else:
+            for _ in range(n):
+                yield bool(torch.rand(()) < p)
+
+    def _run_layers(self, h: Tensor, key_mask: Optional[Tensor], gates: Optional[EncoderGates],
+                    output_attentions: bool) -> tuple[list[Tensor], Optional[list[Optional[Tensor]]]]:
+        """The transformer stack: h [B, T', D] -> (hidden states: input and every layer's output, attentions)."""
+        T = h.shape[1]
+        position_bias = self.rel_pos(T) if self.rel_pos is not None else None
+        hidden_states = [h]
+        attentions: Optional[list[Optional[Tensor]]] = [] if output_attentions else None
+        for i, (layer, dropped) in enumerate(zip(self.layers, self._layer_drops())):
+            probs = None
+            if not dropped:  # a dropped layer's output is its input
+                h, probs = layer(
+                    h, key_mask, position_bias,
+                    head_gate=_pick(gates, "heads", i), attn_gate=_pick(gates, "attn", i),
+                    ffn_unit_gate=_pick(gates, "ffn_units", i), ffn_gate=_pick(gates, "ffn", i),
+                    output_attentions=output_attentions,
+                )
+            hidden_states.append(h)
+            if attentions is not None:
+                attentions.append(probs)
+        return hidden_states, attentions
+
     def forward(self, wav: Optional[Tensor], lengths: Optional[Tensor] = None, *,
                 mask_indices: Optional[Tensor] = None, output_attentions: bool = False,
                 features: Optional[Tensor] = None, gates: Optional[EncoderGates] = None) -> EncoderOutput:
@@ -316,73 +317,20 @@ class Encoder(nn.Module):
         (valid fbank frames when ``features`` [B, F, n_mels] is given); mask_indices: bool [B, T'] frames replaced
         by ``mask_emb``; gates: pruning gates (see EncoderGates).
         """
-        cfg = self.config
         if lengths is not None:
             lengths = torch.as_tensor(lengths, device=(wav if wav is not None else features).device).long()
-        mult = cfg.feature_grad_mult
-        conv_gates = gates.conv if gates is not None else None
-        if mult <= 0 and self.training:
-            with torch.no_grad():
-                x, frames, stacked = self._front_end(wav, lengths, features, conv_gates)
-        else:
-            x, frames, stacked = self._front_end(wav, lengths, features, conv_gates)
-            if self.training and mult != 1.0:
-                x = GradMultiply.apply(x, mult)
+        x, frames, stacked = self._features(wav, lengths, features, gates.conv if gates is not None else None)
         features_pen = x.float().pow(2).mean()
         x = x.transpose(1, 2)  # [B, T', C]
-        B, T = x.shape[0], x.shape[1]
-        if frames is None:
-            frames = torch.full((B,), T, dtype=torch.long, device=x.device)
-            padding_mask = torch.zeros(B, T, dtype=torch.bool, device=x.device)
-            any_pad = False
-        else:
-            frames = frames.clamp_max(T)
-            padding_mask = torch.arange(T, device=x.device)[None] >= frames[:, None]
-            # a full-length batch needs no attention mask (faster SDPA path, identical result)
-            any_pad = x.device.type == "meta" or bool(padding_mask.any())
+        frames, padding_mask, any_pad = self._padding(frames, x.shape[0], x.shape[1], x.device)
         h, extract_features = self.feature_projection(x)
-        if mask_indices is not None:
-            if mask_indices.shape != (B, T):
-                raise ValueError(f"mask_indices must be [B, T'] = {(B, T)}, got {tuple(mask_indices.shape)}")
-            h = torch.where(mask_indices.unsqueeze(-1), self.mask_emb.to(h.dtype), h)
-        if any_pad:
-            h = h.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        h = h + self.pos_conv(h)
-        if not cfg.layer_norm_first:
-            h = self.layer_norm(h)
-        h = self.dropout(h)
-        key_mask = ~padding_mask if any_pad else None
-        position_bias = self.rel_pos(T) if self.rel_pos is not None else None
-
-        hidden_states = [h]
-        attentions: Optional[list[Optional[Tensor]]] = [] if output_attentions else None
-        shared_drops = None
-        if self.training and cfg.layerdrop > 0 and self.layerdrop_seed is not None:
-            g = torch.Generator().manual_seed(int(self.layerdrop_seed))
-            shared_drops = (torch.rand(len(self.layers), generator=g) < cfg.layerdrop).tolist()
-        for i, layer in enumerate(self.layers):
-            if self.training and cfg.layerdrop > 0 and (
-                    shared_drops[i] if shared_drops is not None else torch.rand(()) < cfg.layerdrop):
-                hidden_states.append(h)  # skipped layer: its output is its input
-                if attentions is not None:
-                    attentions.append(None)
-                continue
-            h, probs = layer(
-                h, key_mask, position_bias,
-                head_gate=_pick(gates.heads, i) if gates is not None else None,
-                attn_gate=_pick(gates.attn, i) if gates is not None else None,
-                ffn_unit_gate=_pick(gates.ffn_units, i) if gates is not None else None,
-                ffn_gate=_pick(gates.ffn, i) if gates is not None else None,
-                output_attentions=output_attentions,
-            )
-            hidden_states.append(h)
-            if attentions is not None:
-                attentions.append(probs)
-        last = self.layer_norm(h) if cfg.layer_norm_first else h
+        h = self._layer_input(h, mask_indices, padding_mask, any_pad)
+        hidden_states, attentions = self._run_layers(h, ~padding_mask if any_pad else None, gates, output_attentions)
+        h = hidden_states[-1]
         return EncoderOutput(
             hidden_states=hidden_states, lengths=frames, padding_mask=padding_mask,
             extract_features=extract_features, features_pen=features_pen, attentions=attentions,
-            last_hidden_state=last, input_features=stacked,
+            last_hidden_state=self.layer_norm(h) if self.config.layer_norm_first else h, input_features=stacked,
         )
 
 
@@ -396,8 +344,6 @@ def build_encoder(config: Union[EncoderConfig, str, dict, None] = None, **overri
     elif isinstance(config, dict):
         cfg = EncoderConfig.from_dict(config)
     elif isinstance(config, str):
-        from .presets import get_preset
-
         cfg = get_preset(config)
     else:
         raise TypeError(f"build_encoder: expected EncoderConfig, preset name or dict, got {type(config).__name__}")

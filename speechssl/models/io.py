@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from speechssl.config import ConfigError
+from speechssl.constants import SAMPLE_RATE
 from speechssl.utils.io import atomic_write, atomic_write_json
 
 from .encoder import Encoder, EncoderConfig
@@ -191,7 +192,7 @@ def hf_preprocessor_config(cfg: EncoderConfig) -> dict[str, Any]:
     outputs differ from speechssl's; passing ``return_attention_mask=True`` to the extractor restores them.
     """
     return {
-        "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 16000,
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": SAMPLE_RATE,
         "padding_value": 0.0, "do_normalize": cfg.normalize_waveform,
         "return_attention_mask": cfg.extractor_mode == "layer_norm",
     }

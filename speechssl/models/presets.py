@@ -5,15 +5,20 @@ Base/Large follow the published fairseq / Hugging Face configurations; the tiny 
 """
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Callable
 
-from .encoder import BASE_CONV_LAYERS, EncoderConfig
+import yaml
+
+from speechssl.config import ConfigError
+
+from .encoder_config import BASE_CONV_LAYERS, EncoderConfig
 
 __all__ = [
     "wav2vec2_base", "wav2vec2_large", "hubert_base", "hubert_large", "wavlm_base", "wavlm_large", "bestrq",
-    "tiny_wav2vec2", "tiny_hubert", "tiny_wavlm", "tiny_bestrq", "PRESETS", "get_preset", "list_presets",
+    "tiny_wav2vec2", "tiny_hubert", "tiny_wavlm", "tiny_bestrq", "small_hubert", "PRESETS", "get_preset", "list_presets",
 ]
 
 TINY_CONV_LAYERS = [[128, 10, 5]] + [[128, 3, 2]] * 4 + [[128, 2, 2]] * 2
@@ -133,17 +138,11 @@ def get_preset(name: str | os.PathLike) -> EncoderConfig:
         return PRESETS[s]()
     p = Path(s)
     if p.suffix in (".yaml", ".yml") and p.is_file():
-        import yaml
-
-        from speechssl.config import ConfigError
-
         with open(p) as f:
             data = yaml.safe_load(f)
         if not isinstance(data, dict):
             raise ConfigError(f"model config {p} must hold a mapping of EncoderConfig keys")
         return EncoderConfig.from_dict(data)
-    import difflib
-
     close = difflib.get_close_matches(s, list(PRESETS), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else f"; known presets: {', '.join(list_presets())}"
     raise KeyError(f"unknown encoder preset or config file '{s}'" + hint)
