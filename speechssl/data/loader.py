@@ -134,10 +134,10 @@ class DurationFilter:
         return cut.duration >= self.min_duration and (self.max_duration is None or cut.duration <= self.max_duration)
 
 
-def filter_durations(cuts, cfg: DataConfig):
-    """``cuts`` without those shorter than ``data.min_duration`` or longer than ``data.max_cut_duration``
-    (lazily: a lazy CutSet stays lazy)."""
-    keep = DurationFilter(cfg.min_duration, cfg.max_cut_duration)
+def filter_durations(cuts, min_duration: float = 0.0, max_duration: float | None = None):
+    """``cuts`` without those shorter than ``min_duration`` or longer than ``max_duration`` seconds (the config's
+    ``data.min_duration`` and ``data.max_cut_duration``), lazily: a lazy CutSet stays lazy."""
+    keep = DurationFilter(min_duration, max_duration)
     return cuts.filter(keep) if keep.active else cuts
 
 
@@ -145,7 +145,8 @@ def split_cuts(cfg: DataConfig, split: Literal["train", "valid"] = "train"):
     """The cuts of a split in manifest (or shard) order, duration-filtered, lazily: ``data.valid``, or for
     ``train`` the ``data.train`` manifests, else the ``data.shar_dir`` shards (cut metadata and audio)."""
     if split == "valid" or cfg.train:
-        return filter_durations(open_cuts(cfg.valid if split == "valid" else cfg.train, f"data.{split}"), cfg)
+        cuts = open_cuts(cfg.valid if split == "valid" else cfg.train, f"data.{split}")
+        return filter_durations(cuts, cfg.min_duration, cfg.max_cut_duration)
     if not cfg.shar_dir:
         raise ConfigError("config key 'data.train' (manifests) or 'data.shar_dir' (Shar shards) must be set")
     from speechssl.data.shar import open_shar_cuts
@@ -154,7 +155,7 @@ def split_cuts(cfg: DataConfig, split: Literal["train", "valid"] = "train"):
         cuts = open_shar_cuts(_shar_dir(cfg), split_for_dataloading=False, shuffle_shards=False)
     except FileNotFoundError as e:
         raise ConfigError(f"config key 'data.shar_dir': {e}") from e
-    return filter_durations(cuts, cfg)
+    return filter_durations(cuts, cfg.min_duration, cfg.max_cut_duration)
 
 
 def _shar_dir(cfg: DataConfig) -> str:

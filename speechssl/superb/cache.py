@@ -5,13 +5,16 @@ A frozen upstream gives the same hidden states every epoch and every learning-ra
 file per cut under a directory named by the upstream's fingerprint). It counts what the cache cost and what it
 served, so the time saved is measured rather than assumed (:meth:`FeatureSource.cache_stats`).
 
-Bad audio (``data.skip_bad``): :meth:`FeatureSource.screen` decodes each utterance once (filling the cache when
-there is one) and records the ones that raise :class:`~speechssl.data.audio.BadCutError` in ``source.bad``, so
-the task loop can drop them before any head trains.
+Audio is read through the same :class:`~speechssl.data.dataset.SpeechDataset` as pretraining batches (waveform
+mode: padded batch and lengths, the same bad-input checks). Bad audio (``data.skip_bad``):
+:meth:`FeatureSource.screen` decodes each utterance once (filling the cache when there is one) and records the
+ones that raise :class:`~speechssl.data.audio.BadCutError` in ``source.bad``, so the task loop can drop them
+before any head trains.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -23,16 +26,21 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from speechssl.constants import SAMPLE_RATE
+from speechssl.data.audio import BadCutError
+from speechssl.data.dataset import SpeechDataset
 from speechssl.superb.upstream import Upstream, is_random_spec, random_init_buffers, random_init_config
+from speechssl.utils.progress import progress_bar
 
-__all__ = ["Example", "FeatureSource", "upstream_fingerprint", "pad_audio"]
+__all__ = ["Example", "FeatureSource", "upstream_fingerprint"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Example:
-    """One utterance of a task: ``cut`` is a Lhotse cut (or None when ``audio`` is given directly, in tests)."""
+    """One utterance of a task: its Lhotse ``cut``, or ``audio`` (a float32 array at 16 kHz, e.g. in tests and
+    benchmarks) from which an in-memory cut is made, so that both are read the same way."""
 
     id: str
     num_samples: int
@@ -41,21 +49,19 @@ class Example:
     audio: np.ndarray | None = None
     session: int | None = None
 
-    def load_audio(self) -> np.ndarray:
-        if self.audio is not None:
-            return self.audio
-        from speechssl.data.audio import load_cut_audio
-
-        return load_cut_audio(self.cut)
+    def __post_init__(self):
+        if self.cut is None and self.audio is not None:
+            self.cut = _memory_cut(self.id, self.audio)
 
 
-def pad_audio(wavs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """List of 1-D float arrays -> zero-padded [B, T] float tensor and lengths [B]."""
-    lens = torch.tensor([len(w) for w in wavs], dtype=torch.long)
-    out = torch.zeros(len(wavs), int(lens.max()))
-    for i, w in enumerate(wavs):
-        out[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
-    return out, lens
+def _memory_cut(cut_id: str, audio: np.ndarray):
+    """A cut whose recording is ``audio`` held in memory as lossless float WAV."""
+    import soundfile as sf
+    from lhotse import Recording
+
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(audio, dtype=np.float32), SAMPLE_RATE, format="WAV", subtype="FLOAT")
+    return Recording.from_bytes(buf.getvalue(), recording_id=cut_id).to_cut()
 
 
 def upstream_fingerprint(spec: str, mode: str = "frozen", extra: str = "", seed: int = 0) -> str:
@@ -105,9 +111,10 @@ class FeatureSource:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.device = torch.device(device)
         self.batch_seconds, self.progress = batch_seconds, progress
+        self._audio = {False: SpeechDataset(), True: SpeechDataset(skip_bad=True)}  # by skip_bad
         self._mem: dict[str, torch.Tensor] = {}
         self._frames: dict[str, int] = {}
-        self.bad: dict[str, Exception] = {}  # cut id -> its BadCutError, found by screen()
+        self.bad: dict[str, BadCutError] = {}  # example id -> its error, found by screen()
         self._screened: set[str] = set()
         self.extract_s = 0.0       # upstream time spent filling the cache
         self.frames_cached = 0
@@ -137,10 +144,8 @@ class FeatureSource:
         todo = [e for e in examples if not self._has(e.id)]
         if not todo:
             return
-        from tqdm import tqdm
-
         todo.sort(key=lambda e: e.num_samples)
-        batches, cur, budget = [], [], int(self.batch_seconds * 16000)
+        batches, cur, budget = [], [], int(self.batch_seconds * SAMPLE_RATE)
         for e in todo:
             if cur and (len(cur) + 1) * e.num_samples > budget:
                 batches.append(cur)
@@ -150,11 +155,10 @@ class FeatureSource:
             batches.append(cur)
         t0 = time.perf_counter()
         with torch.no_grad():
-            for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
-                wavs, batch = self._load_batch(batch, skip_bad)
+            for batch in progress_bar(batches, desc=desc, unit="batch", disable=not self.progress, leave=False):
+                wav, lens, batch = self._load_audio(batch, skip_bad)
                 if not batch:
                     continue
-                wav, lens = pad_audio(wavs)
                 states, frames = self.run_upstream(wav, lens)
                 stacked = torch.stack(states, 0).to(self.dtype).cpu()  # [L, B, T, D]
                 for i, e in enumerate(batch):
@@ -163,21 +167,21 @@ class FeatureSource:
                     self.frames_cached += item.shape[1]
         self.extract_s += time.perf_counter() - t0
 
-    def _load_batch(self, batch: list[Example], skip_bad: bool) -> tuple[list[np.ndarray], list[Example]]:
-        """(audio, examples) of a batch; with ``skip_bad`` the bad ones go to ``self.bad`` instead."""
-        if not skip_bad:
-            return [e.load_audio() for e in batch], batch
-        from speechssl.data.audio import BadCutError
-
-        wavs, kept = [], []
-        for e in batch:
-            try:
-                wavs.append(e.load_audio())
-            except BadCutError as err:
-                self.bad[e.id] = err
-                continue
-            kept.append(e)
-        return wavs, kept
+    def _load_audio(self, examples: Sequence[Example], skip_bad: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[Example]]:
+        """Padded audio [B, T], lengths [B] and the examples they hold; with ``skip_bad`` a bad one is recorded
+        in ``self.bad`` and left out, else its :class:`~speechssl.data.audio.BadCutError` is raised."""
+        batch, errors = self._audio[skip_bad].collate([e.cut for e in examples])
+        if not errors:
+            return batch["audio"], batch["audio_lens"], list(examples)
+        by_cut = {err.cut_id: err for err in errors}
+        kept = []
+        for e in examples:
+            if e.cut.id in by_cut:
+                self.bad[e.id] = by_cut[e.cut.id]
+            else:
+                kept.append(e)
+        return batch["audio"], batch["audio_lens"], kept
 
     def screen(self, examples: Sequence[Example], desc: str = "checking audio") -> list[Example]:
         """The examples whose audio is bad (each recorded in ``self.bad``), after decoding every one once.
@@ -190,13 +194,8 @@ class FeatureSource:
         if self.cache:
             self.prepare(todo, desc=desc, skip_bad=True)
         else:
-            from speechssl.data.audio import BadCutError
-
             for e in todo:
-                try:
-                    e.load_audio()
-                except BadCutError as err:
-                    self.bad[e.id] = err
+                self._load_audio([e], skip_bad=True)
         self._screened.update(e.id for e in todo)
         return [e for e in examples if e.id in self.bad]
 
@@ -250,17 +249,10 @@ class FeatureSource:
             self.load_s += time.perf_counter() - t0
             self.frames_served += int(frames.sum())
             return out.to(self.device, torch.float32), frames.to(self.device)
-        wavs = [e.load_audio() for e in examples]
+        wav, lens, _ = self._load_audio(examples)
         if crop_frames:
-            n = crop_frames * self.upstream.downsample_rate
-            cropped = []
-            for w in wavs:
-                if len(w) > n:
-                    s = int(rng.integers(0, (len(w) - n) // self.upstream.downsample_rate + 1))
-                    w = w[s * self.upstream.downsample_rate: s * self.upstream.downsample_rate + n]
-                cropped.append(w)
-            wavs = cropped
-        wav, lens = pad_audio(wavs)
+            wav, lens = _crop(wav, lens, crop_frames * self.upstream.downsample_rate, self.upstream.downsample_rate,
+                              rng)
         states, frames = self.run_upstream(wav, lens)
         return torch.stack(states, 0), frames
 
@@ -285,3 +277,18 @@ class FeatureSource:
             "passes": round(served / max(1, cached), 2) if cached else None,
             "saved_s": round(served * per_frame - extract_s - load_s, 3),
         }
+
+
+def _crop(wav: torch.Tensor, lens: torch.Tensor, n: int, step: int, rng: np.random.Generator
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random window of at most ``n`` samples per row of ``wav`` [B, T] (starts on multiples of ``step``, so
+    the window covers whole upstream frames), zero-padded again: [B, T'] and lengths [B]."""
+    starts, new = [], []
+    for length in lens.tolist():
+        s = int(rng.integers(0, (length - n) // step + 1)) * step if length > n else 0
+        starts.append(s)
+        new.append(min(length, n))
+    out = wav.new_zeros(wav.shape[0], max(new, default=0))
+    for i, (s, m) in enumerate(zip(starts, new)):
+        out[i, :m] = wav[i, s: s + m]
+    return out, torch.tensor(new, dtype=torch.long)

@@ -7,6 +7,8 @@ from typing import Sequence
 import numpy as np
 
 from speechssl.constants import SAMPLE_RATE
+from speechssl.data.audio import supervision_field
+from speechssl.data.loader import filter_durations, open_cuts
 from speechssl.superb.cache import Example
 
 __all__ = ["SkipLog", "load_examples", "carve_dev", "bucket_batches", "class_weights"]
@@ -46,17 +48,11 @@ def load_examples(manifest_dir: str, split: str, field_name: str, *, max_utts: i
                   skips: SkipLog | None = None) -> list[Example]:
     """Examples of ``manifest_dir/cuts_SPLIT.jsonl.gz`` with their ``field_name`` label. A cut without it is an
     error naming the cut, or, given ``skips`` (``data.skip_bad``), counted there as ``missing_field``."""
-    from lhotse import CutSet
-
-    from speechssl.data.audio import supervision_field
-
     path = Path(manifest_dir) / f"cuts_{split}.jsonl.gz"
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} not found (config keys data.manifest_dir / split '{split}')")
     out = []
-    for cut in CutSet.from_file(path):
-        if cut.duration < min_duration:
-            continue
+    for cut in filter_durations(open_cuts(path, "data.manifest_dir"), min_duration):
         label = supervision_field(cut, field_name)
         if label is None or label == "":
             if skips is None:
@@ -99,6 +95,10 @@ def bucket_batches(lengths: Sequence[int], max_samples: int, num_buckets: int = 
                    rng: np.random.Generator | None = None, weights: Sequence[float] | None = None) -> list[list[int]]:
     """Duration-bucketed batches of indices: similar lengths together, at most ``max_samples`` padded samples
     per batch (a longer single utterance gets a batch of its own).
+
+    The batcher over cached hidden states: a task's batches are rebuilt every epoch of every learning-rate trial
+    from lengths alone, so it stays a few numpy operations instead of a Lhotse sampler over cuts (the audio of
+    these utterances is read through ``SpeechDataset`` by :class:`~speechssl.superb.cache.FeatureSource`).
 
     ``rng``: shuffle within buckets and the batch order (None = sorted, for evaluation). ``weights``: draw the
     epoch's indices with replacement in proportion to them (class-balanced sampling).
