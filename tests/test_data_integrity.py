@@ -257,8 +257,9 @@ def test_superb_skip_bad_counts_and_reports_scored(tmp_path, synthetic_wav, cach
 
     faults = _superb_corpus(tmp_path / "data", synthetic_wav)
     cfg_path = Path(__file__).resolve().parents[1] / "conf" / "superb" / "mini_sid.yaml"
-    sets = [f"data.manifest_dir={tmp_path / 'data'}", "progress=false", "head.proj_dim=16", "optim.steps=4",
-            "optim.eval_every=4", "optim.log_every=4", "data.max_duration=2", "data.train_crop=0",
+    sets = [f"data.manifest_dir={tmp_path / 'data'}", "trainer.progress=false", "head.proj_dim=16",
+            "trainer.max_steps=4", "trainer.eval_every=4", "trainer.log_every=4", "data.max_duration=2",
+            "data.train_crop=0",
             f"cache.enabled={cache}"]
     n = torch.get_num_threads()
     try:
@@ -278,9 +279,9 @@ def test_superb_skip_bad_counts_and_reports_scored(tmp_path, synthetic_wav, cach
 
 def test_superb_asv_trials_naming_skipped_cuts_are_dropped_and_counted():
     from speechssl.superb.cache import Example
-    from speechssl.superb.train import SkipLog, _drop_unscorable_trials
+    from speechssl.superb.train import SkipLog, Unit, _drop_unscorable_trials
 
-    units = [{"tests": {"asv_test": [Example(id=i, num_samples=1) for i in ("a", "b", "c")]}}]
+    units = [Unit(None, [], [], {"asv_test": [Example(id=i, num_samples=1) for i in ("a", "b", "c")]})]
     skips = SkipLog()
     skips.add("asv_test", "d", "truncated")
     trials = [(1, "a", "b"), (0, "a", "d"), (0, "d", "c")]

@@ -75,8 +75,8 @@ def _run(args):
         torch.set_num_threads(n)
 
 
-COMMON = ["--set", "progress=false", "--set", "num_threads=1", "--set", "head.proj_dim=32",
-          "--set", "optim.steps=40", "--set", "optim.eval_every=20", "--set", "optim.log_every=10",
+COMMON = ["--set", "trainer.progress=false", "--set", "trainer.num_threads=1", "--set", "head.proj_dim=32",
+          "--set", "trainer.max_steps=40", "--set", "trainer.eval_every=20", "--set", "trainer.log_every=10",
           "--set", "data.max_duration=4"]
 
 
@@ -84,7 +84,7 @@ def test_sid_with_lr_sweep_and_resume(corpus, tmp_path, capsys):
     cfg = Path(__file__).resolve().parents[1] / "conf" / "superb" / "mini_sid.yaml"
     out = tmp_path / "sid"
     rc = _run(["superb", "--config", str(cfg), "--out", str(out), "--set", f"data.manifest_dir={corpus}",
-               "--set", "upstream=fbank", "--set", "optim.lrs=[0.00001, 0.005]", *COMMON])
+               "--set", "upstream=fbank", "--set", "sweep.lrs=[0.00001, 0.005]", *COMMON])
     assert rc == 0
     r = json.loads((out / "results.json").read_text())
     for k in ("task", "upstream", "upstream_params", "split", "metric", "value", "best_lr", "dev", "layer_weights"):
@@ -99,7 +99,7 @@ def test_sid_with_lr_sweep_and_resume(corpus, tmp_path, capsys):
     assert "sid sid_test acc=" in capsys.readouterr().out
     # resume reuses both finished trials and gives the same result
     rc = _run(["superb", "--config", str(cfg), "--out", str(out), "--set", f"data.manifest_dir={corpus}",
-               "--set", "upstream=fbank", "--set", "optim.lrs=[0.00001, 0.005]", "--resume", *COMMON])
+               "--set", "upstream=fbank", "--set", "sweep.lrs=[0.00001, 0.005]", "--resume", *COMMON])
     assert rc == 0 and json.loads((out / "results.json").read_text())["value"] == r["value"]
 
 
@@ -109,7 +109,7 @@ def test_er_folds(corpus, tmp_path):
     rc = _run(["superb", "--config", str(cfg), "--out", str(out), "--set", f"data.manifest_dir={corpus}",
                "--set", "data.folds=[1, 2]", "--set", "data.fold_splits=[sid_train, sid_test]",
                "--set", "data.dev_fraction=0.2", "--set", "optim.lr=0.005", *COMMON,
-               "--set", "optim.steps=150", "--set", "optim.eval_every=50"])
+               "--set", "trainer.max_steps=150", "--set", "trainer.eval_every=50"])
     assert rc == 0
     r = json.loads((out / "results.json").read_text())
     assert [f["fold"] for f in r["folds"]] == [1, 2]
@@ -176,8 +176,8 @@ def test_reference_and_mini_configs_load(name):
     full = load_config(SuperbConfig, conf / f"{name}.yaml")
     mini = load_config(SuperbConfig, conf / f"mini_{name}.yaml")
     assert full.task == mini.task == name
-    assert full.optim.grad_clip == 1.0 and full.optim.steps >= 30000
-    assert mini.optim.steps <= 1000 and mini.cache.enabled  # the demo budget: seconds per head on cached states
+    assert full.trainer.clip_norm == 1.0 and full.trainer.max_steps >= 30000
+    assert mini.trainer.max_steps <= 1000 and mini.cache.enabled  # the demo budget: seconds per head on cached states
     if name == "asv":
         assert (full.head.am_scale, full.head.am_margin, full.asv.p_target) == (30.0, 0.4, 0.01)
     if name == "er":
@@ -195,15 +195,20 @@ def _sid_args(corpus, out, *extra):
 
 def test_bf16_autocast_on_cpu(corpus, tmp_path, capsys):
     out = tmp_path / "sid_bf16"
-    assert _run(_sid_args(corpus, out, "--set", "precision=bf16", "--set", "device=cpu")) == 0
+    assert _run(_sid_args(corpus, out, "--set", "trainer.precision=bf16", "--set", "trainer.device=cpu")) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["task"] == "sid" and r["value"] >= 0.6  # 4 classes: chance 0.25
     assert "precision: bf16" in (out / "config.yaml").read_text()
     # fp16 needs a GPU: a clear config error, not a crash
     capsys.readouterr()
-    assert _run(_sid_args(corpus, tmp_path / "x", "--set", "precision=fp16", "--set", "device=cpu")) == 2
-    assert "fp16 needs a GPU" in capsys.readouterr().err
-    assert _run(_sid_args(corpus, tmp_path / "x", "--set", "precision=fp8")) == 2
+    cpu_fp16 = ("--set", "trainer.precision=fp16", "--set", "trainer.device=cpu")
+    assert _run(_sid_args(corpus, tmp_path / "x", *cpu_fp16)) == 2
+    assert "config key 'trainer.precision': fp16 needs a GPU" in capsys.readouterr().err
+    assert _run(_sid_args(corpus, tmp_path / "x", "--set", "trainer.precision=fp8")) == 2
+    assert "config key 'trainer.precision' must be one of ['fp32', 'bf16', 'fp16']" in capsys.readouterr().err
+    # the old spelling of the section is refused with the key named
+    assert _run(_sid_args(corpus, tmp_path / "x", "--set", "optim.steps=4")) == 2
+    assert "unknown config key 'optim.steps'" in capsys.readouterr().err
 
 
 def test_two_processes_gloo(corpus, tmp_path):
@@ -223,11 +228,11 @@ def test_two_processes_gloo(corpus, tmp_path):
     two = tmp_path / "two"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "speechssl.cli.main",
-                           *_sid_args(corpus, two, "--set", "device=cpu", "--set", "optim.lrs=[0.001, 0.005]")],
+                           *_sid_args(corpus, two, "--set", "trainer.device=cpu", "--set", "sweep.lrs=[0.001, 0.005]")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = tmp_path / "one"
-    assert _run(_sid_args(corpus, one, "--set", "optim.lrs=[0.001, 0.005]")) == 0
+    assert _run(_sid_args(corpus, one, "--set", "sweep.lrs=[0.001, 0.005]")) == 0
     r2, r1 = (json.loads((d / "results.json").read_text()) for d in (two, one))
     assert r2.keys() == r1.keys() and r2["scores"].keys() == r1["scores"].keys()
     assert r2["lr_sweep"].keys() == r1["lr_sweep"].keys() and r2["split"] == r1["split"] == "sid_test"

@@ -8,7 +8,7 @@ import torch
 
 from speechssl.superb.cache import Example, FeatureSource
 from speechssl.superb.tasks import HeadConfig, build_task, make_trials
-from speechssl.superb.train import SuperbConfig, bucket_batches, carve_dev, class_weights, train_trial
+from speechssl.superb.train import LoopConfig, SuperbConfig, bucket_batches, carve_dev, class_weights, train_trial
 from speechssl.superb.upstream import FbankUpstream
 
 SR = 16000
@@ -52,8 +52,8 @@ def class_examples(n_per_class, classes, seed0, prefix="u"):
 
 
 def cfg_for(task, steps=60, lr=5e-3, **head):
-    cfg = SuperbConfig(task=task, progress=False, seed=0)
-    cfg.optim.steps, cfg.optim.eval_every, cfg.optim.log_every, cfg.optim.lr = steps, steps // 2, 20, lr
+    cfg = SuperbConfig(task=task, trainer=LoopConfig(progress=False, seed=0))
+    cfg.trainer.max_steps, cfg.trainer.eval_every, cfg.trainer.log_every, cfg.optim.lr = steps, steps // 2, 20, lr
     cfg.data.max_duration = 4.0
     cfg.head = HeadConfig(**{"proj_dim": 32, "hidden": 32, "num_layers": 1, "dropout": 0.0, **head})
     return cfg

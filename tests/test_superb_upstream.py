@@ -9,27 +9,43 @@ import torch
 import torch.nn as nn
 
 from speechssl.superb.cache import Example, FeatureSource
-from speechssl.superb.featurizer import Featurizer, cut_to_frames, expected_frames
-from speechssl.superb.upstream import (BottleneckAdapter, EncoderUpstream, FbankUpstream, LoRALinear, MfccUpstream,
-                                       build_upstream)
+from speechssl.superb.featurizer import Featurizer, cut_to_frames
+from speechssl.superb.loop import Downstream, _trainable_state, load_trial_state
+from speechssl.superb.tasks import HeadConfig, build_task
+from speechssl.superb.upstream import (AdaptedLayer, BottleneckAdapter, EncoderUpstream, FbankUpstream, LoRALinear,
+                                       MfccUpstream, build_upstream)
+
+
+class FakeLayer(nn.Module):
+    """A transformer layer's contract: ``layer(h, ...) -> (h, attention or None)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ff = nn.Linear(8, 8)
+
+    def forward(self, h, key_mask=None):
+        return torch.tanh(self.ff(h)), None
 
 
 class FakeEncoder(nn.Module):
-    """The Encoder interface in miniature: strided conv front end, a `layers` stack, dropout."""
+    """The Encoder interface in miniature: strided conv front end, a `layers` stack, dropout, num_frames."""
 
     num_layers, hidden_size, downsample_rate = 2, 8, 160
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv1d(1, 8, 400, stride=160)
-        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2)])
+        self.layers = nn.ModuleList([FakeLayer() for _ in range(2)])
         self.drop = nn.Dropout(0.5)
+
+    def num_frames(self, num_samples):
+        return torch.div(torch.as_tensor(num_samples).long() - 400, 160, rounding_mode="floor") + 1
 
     def forward(self, wav, lengths=None):
         h = self.drop(self.conv(wav[:, None]).transpose(1, 2))
         states = [h]
         for layer in self.layers:
-            h = layer(h)
+            h, _ = layer(h, None)
             states.append(h)
         return SimpleNamespace(hidden_states=states, lengths=None)
 
@@ -76,21 +92,23 @@ def test_frame_cutting_odd_lengths_real_encoder(lengths):
     up = EncoderUpstream(enc)
     wav = torch.randn(2, max(lengths)) * 0.1
     states, frames = up(wav, torch.tensor(lengths))
-    expect = [n // enc.downsample_rate for n in lengths]
+    expect = enc.num_frames(torch.tensor(lengths)).tolist()  # the encoder's own count: conv arithmetic
     assert frames.tolist() == expect
+    assert enc.num_frames(torch.tensor([16000])).tolist() == [49]  # the receptive field: not 16000 // 320
     assert all(s.shape == (2, max(expect), enc.hidden_size) for s in states)
     assert len(states) == enc.num_layers + 1
+    # the longest input's states are what the encoder computed, uncut and unpadded
+    full = enc(wav, torch.tensor(lengths)).hidden_states
+    assert full[0].shape[1] == max(expect) and torch.equal(states[-1], full[-1])
 
 
 def test_cut_to_frames_rules():
     h = torch.randn(2, 10, 3)
     (cut,) = cut_to_frames([h], torch.tensor([8, 5]))
-    assert cut.shape == (2, 8, 3)
-    (pad,) = cut_to_frames([h], torch.tensor([11, 5]))
-    assert pad.shape == (2, 11, 3) and torch.equal(pad[:, 10], h[:, 9])
-    with pytest.raises(ValueError, match="downsample_rate"):
-        cut_to_frames([h], torch.tensor([20, 5]))
-    assert expected_frames(torch.tensor([16001, 159]), 160).tolist() == [100, 0]
+    assert cut.shape == (2, 8, 3) and torch.equal(cut, h[:, :8])
+    with pytest.raises(ValueError, match="num_frames"):
+        cut_to_frames([h], torch.tensor([11, 5]))
+    assert FbankUpstream().num_frames(torch.tensor([16001, 159])).tolist() == [100, 0]
 
 
 def test_fbank_and_mfcc_upstreams(synthetic_wav):
@@ -131,7 +149,9 @@ def test_parameter_efficient_modes(mode):
     trainable = [n for n, p in up.named_parameters() if p.requires_grad]
     kind = BottleneckAdapter if mode == "adapter" else LoRALinear
     assert trainable and any(isinstance(m, kind) for m in up.modules())
-    assert all(("adapters" in n) if mode == "adapter" else ("lora_" in n) for n in trainable)
+    assert all((".adapter." in n) if mode == "adapter" else ("lora_" in n) for n in trainable)
+    if mode == "adapter":  # each encoder.layers[i] is wrapped explicitly
+        assert all(isinstance(layer, AdaptedLayer) for layer in up.encoder.layers)
     up.train(True)
     assert not up.encoder.drop.training  # the encoder itself stays in eval mode
     states, _ = up(wav, lens)
@@ -146,6 +166,55 @@ def test_finetune_mode_trains_encoder():
     assert up.encoder.training and all(p.requires_grad for p in up.encoder.parameters())
     with pytest.raises(ValueError, match="upstream_mode"):
         EncoderUpstream(FakeEncoder(), mode="bogus")
+
+
+def test_adapter_and_lora_need_the_encoder_layers():
+    class NoLayers(FakeEncoder):
+        def __init__(self):
+            super().__init__()
+            self.blocks = self.layers
+            del self.layers
+
+    for mode in ("adapter", "lora"):
+        with pytest.raises(ValueError, match="`layers` ModuleList of num_layers=2"):
+            EncoderUpstream(NoLayers(), mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["adapter", "lora", "finetune"])
+def test_trained_upstream_state_reloads_into_a_fresh_upstream(mode, tmp_path):
+    """The best-checkpoint reload of SUPERB test scoring: the trainable upstream tensors saved by a trial load
+    into a freshly built upstream of the same config (same keys) and give the same hidden states."""
+    from speechssl.models.encoder import build_encoder
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    base = build_encoder("tiny_hubert", num_layers=2).eval()
+
+    def fresh():  # the loaded model, then wrapped (as build_upstream does)
+        enc = build_encoder("tiny_hubert", num_layers=2).eval()
+        enc.load_state_dict(base.state_dict())
+        return EncoderUpstream(enc, mode=mode, adapter_dim=8, lora_rank=4)
+
+    up, again = fresh(), fresh()
+    task = build_task("sid", HeadConfig(proj_dim=8))
+    task.classes = ["a", "b"]
+    model = Downstream.build(task, up, None, False)
+    with torch.no_grad():  # as if trained: every trainable tensor moves
+        for p in list(up.parameters()) + list(model.parameters()):
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    state = _trainable_state(model, up)
+    assert any(k.startswith("upstream.encoder.layers.") for k in state)
+    save_file(state, str(tmp_path / "best.safetensors"))
+    model2 = Downstream.build(task, again, None, False)
+    load_trial_state(model2, again, load_file(str(tmp_path / "best.safetensors")))
+    wav, lens = torch.randn(2, 8000) * 0.1, torch.tensor([8000, 6500])
+    up.eval(), again.eval()
+    with torch.no_grad():
+        a, b = up(wav, lens)[0], again(wav, lens)[0]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="unknown upstream keys"):
+        load_trial_state(model2, again, {**state, "upstream.encoder.nope": torch.zeros(1)})
 
 
 def _examples(synthetic_wav, n=5):
@@ -210,7 +279,7 @@ def test_parameter_efficient_modes_real_encoder(mode):
     b, _ = up(wav, lens)
     feat(b).pow(2).mean().backward()
     trainable = {n for n, p in up.named_parameters() if p.requires_grad}
-    assert trainable and all(("adapters" in n) or ("lora_" in n) for n in trainable)
+    assert trainable and all((".adapter." in n) or ("lora_" in n) for n in trainable)
     assert sum(1 for n, p in up.named_parameters() if p.requires_grad and p.grad is not None) > 0
     assert all(p.grad is None for n, p in up.named_parameters() if not p.requires_grad)
     assert up.upstream_params() == sum(p.numel() for p in ref.parameters())

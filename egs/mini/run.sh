@@ -86,7 +86,7 @@ if stage_in 9; then
   # the recipe skips, with a log line, an encoder whose directory is missing (its stage was not run)
   bash ../../recipes/superb/run.sh --stage 1 --stop-stage 1 --conf-prefix mini_ \
     --upstreams "fbank random:$exp/hubert_small/final $exp/hubert_small/final $exp/distilhubert/final $exp/dphubert/final" \
-    --data "$data/mini" --trials "$data/mini/asv_trials.txt" --exp "$exp/superb" --overrides "progress=false"
+    --data "$data/mini" --trials "$data/mini/asv_trials.txt" --exp "$exp/superb" --overrides "trainer.progress=false"
 fi
 
 if stage_in 10; then

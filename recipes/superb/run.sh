@@ -23,7 +23,7 @@ trials=""              # ASV trial list (overrides data.trials when set)
 exp=exp/superb
 mode=frozen            # frozen | finetune | adapter | lora
 lrs=""                 # learning-rate sweep, e.g. "[1e-4,1e-3,1e-2]" (no spaces)
-overrides=""           # more space-separated KEY=VALUE overrides for every run, e.g. "optim.steps=2000"
+overrides=""           # more space-separated KEY=VALUE overrides for every run, e.g. "trainer.max_steps=2000"
 resume=false           # true: reuse the finished trials in EXP/NAME; false: score again (--overwrite clears an earlier run)
 
 . "$(dirname "$0")/../lib/stages.sh"
@@ -81,7 +81,7 @@ if stage_in 1; then
     [ "$n" -gt 1 ] || args[1]="$exp/$name/$tasks"   # a single config writes straight into --out
     [ -n "$data" ] && args+=(--set "data.manifest_dir=$data")
     [ -n "$trials" ] && args+=(--set "data.trials=$trials")
-    [ -n "$lrs" ] && args+=(--set "optim.lrs=$lrs")
+    [ -n "$lrs" ] && args+=(--set "sweep.lrs=$lrs")
     for o in $overrides; do args+=(--set "$o"); done
     if [ "$resume" = true ]; then args+=(--resume); else args+=(--overwrite); fi
     log "Stage 1: SUPERB ($tasks) on $name"

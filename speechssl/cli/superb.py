@@ -9,7 +9,11 @@ from pathlib import Path
 from speechssl.cli.common import EXAMPLES_FORMATTER
 
 EXAMPLES = """upstream specs (config key upstream): fbank | mfcc | a model path (speechssl, HF or fairseq .pt) |
-random:PRESET_OR_MODEL (that architecture with freshly initialised weights, seeded by the config key seed)
+random:PRESET_OR_MODEL (that architecture with freshly initialised weights, seeded by config key trainer.seed)
+
+config sections besides the task's: optim (name, lr, betas, eps, weight_decay), sweep (lrs, upstream_lr_scale),
+trainer (max_steps, eval_every, log_every, clip_norm, precision fp32|bf16|fp16, device auto|cpu|cuda, seed,
+progress, num_threads)
 
 examples:
   # speaker identification with a pretrained encoder (frozen, weighted sum of all layers)
@@ -17,14 +21,17 @@ examples:
       --set upstream=exp/hubert_iter2/final --set data.manifest_dir=data/voxceleb1
   # the FBANK baseline on keyword spotting, with a learning-rate sweep
   speechssl superb --config conf/superb/ks.yaml --out exp/superb/fbank/ks --set upstream=fbank \\
-      --set "optim.lrs=[1e-4, 1e-3, 1e-2]"
+      --set "sweep.lrs=[1e-4, 1e-3, 1e-2]"
   # the random-init control row: the same architecture as exp/hubert_iter2/final with fresh weights drawn from
-  # the config key seed (reported as random_hubert_iter2; random:tiny_hubert or random:conf/model/X.yaml work too)
-  speechssl superb --config conf/superb/sid.yaml --out exp/superb/random_hubert_iter2/sid \
+  # trainer.seed (reported as random_hubert_iter2; random:tiny_hubert or random:conf/model/X.yaml work too)
+  speechssl superb --config conf/superb/sid.yaml --out exp/superb/random_hubert_iter2/sid \\
       --set upstream=random:exp/hubert_iter2/final --set data.manifest_dir=data/voxceleb1
   # ASR with LoRA inside the frozen encoder and prefix beam search at test time
   speechssl superb --config conf/superb/asr.yaml --out exp/superb/hubert_lora/asr \\
       --set upstream=exp/hubert_iter2/final --set upstream_mode=lora --set decoding.name=beam
+  # bf16 autocast on a GPU, fewer steps
+  speechssl superb --config conf/superb/ks.yaml --out exp/superb/hubert/ks --set upstream=exp/hubert_iter2/final \\
+      --set trainer.precision=bf16 --set trainer.max_steps=20000
   # several tasks in one process (the upstream loads once, shared utterances are encoded once):
   # with more than one --config, each task writes to OUT/TASK
   speechssl superb --config conf/superb/mini_sid.yaml --config conf/superb/mini_ks.yaml \\
@@ -39,7 +46,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "superb", help="score an upstream on a SUPERB task (asr | pr | sid | asv | er | ks)",
         description="Train a task head on the (frozen by default) upstream's weighted hidden states, pick the "
-                    "best-dev checkpoint (and learning rate, with optim.lrs) and score it on the test split(s).",
+                    "best-dev checkpoint (and learning rate, with sweep.lrs) and score it on the test split(s).",
         epilog=EXAMPLES, formatter_class=EXAMPLES_FORMATTER,
     )
     p.add_argument("--config", required=True, action="append",

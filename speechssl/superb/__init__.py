@@ -4,10 +4,10 @@ Entry points: :func:`speechssl.superb.train.run_superb` (one task on one upstrea
 :func:`speechssl.superb.report.make_report` (table + plots over experiment dirs), and the building blocks
 re-exported here.
 """
-from speechssl.superb.featurizer import Featurizer, cut_to_frames, expected_frames
+from speechssl.superb.featurizer import Featurizer, cut_to_frames
 from speechssl.superb.upstream import EncoderUpstream, FbankUpstream, MfccUpstream, Upstream, build_upstream
 
-__all__ = ["Featurizer", "cut_to_frames", "expected_frames", "Upstream", "EncoderUpstream", "FbankUpstream",
+__all__ = ["Featurizer", "cut_to_frames", "Upstream", "EncoderUpstream", "FbankUpstream",
            "MfccUpstream", "build_upstream", "run_superb", "make_report"]
 
 

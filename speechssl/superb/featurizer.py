@@ -1,7 +1,8 @@
 """Layer combination for SUPERB: a softmax-weighted sum over all hidden states, or a single chosen layer.
 
 One learnable weight per hidden state, initialised to zero (so training starts from the plain average), trained
-with the downstream's optimiser. Hidden states are first cut to the frame count their input length implies.
+with the downstream's optimiser. Upstreams cut their hidden states to their own frame count (``cut_to_frames``
+with the upstream's ``num_frames``) before the featurizer sees them.
 """
 from __future__ import annotations
 
@@ -11,33 +12,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Featurizer", "expected_frames", "cut_to_frames"]
+__all__ = ["Featurizer", "cut_to_frames"]
 
 
-def expected_frames(num_samples: torch.Tensor, downsample_rate: int) -> torch.Tensor:
-    """Frames implied by an input length: ``num_samples // downsample_rate`` ([B] -> [B], long)."""
-    return torch.div(num_samples.long(), int(downsample_rate), rounding_mode="floor")
-
-
-def cut_to_frames(states: Sequence[torch.Tensor], frames: torch.Tensor, tolerance: int = 3) -> list[torch.Tensor]:
-    """Cut (or pad by repeating the last frame) each state [B, T, D] to ``T = frames.max()``.
-
-    Convolutional front ends produce a frame or two fewer than ``samples // rate`` (receptive field); anything
-    further off than ``tolerance`` frames means the downsample rate is wrong, which is an error, not padding.
-    """
+def cut_to_frames(states: Sequence[torch.Tensor], frames: torch.Tensor) -> list[torch.Tensor]:
+    """Each state [B, T, D] cut to ``T = frames.max()``, the upstream's own frame count for the batch's longest
+    input. A state with fewer frames means the upstream's frame function disagrees with its output: an error."""
     target = int(frames.max())
     out = []
     for i, h in enumerate(states):
-        T = h.shape[1]
-        if T > target:
-            h = h[:, :target]
-        elif T < target:
-            if target - T > tolerance:
-                raise ValueError(
-                    f"hidden state {i} has {T} frames but the input lengths imply {target}: "
-                    f"check the upstream's downsample_rate")
-            h = torch.cat([h, h[:, -1:].expand(-1, target - T, -1)], dim=1)
-        out.append(h)
+        if h.shape[1] < target:
+            raise ValueError(f"hidden state {i} has {h.shape[1]} frames but the upstream's frame count for this "
+                             f"batch is {target}: its num_frames does not match its output")
+        out.append(h[:, :target])
     return out
 
 

@@ -10,13 +10,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from speechssl.constants import SAMPLE_RATE
 from speechssl.superb import metrics
 from speechssl.superb.cache import Example
 from speechssl.superb.decoding import build_decoder
@@ -35,7 +36,7 @@ class HeadConfig:
     """Head sizes; the defaults are SUPERB's, the mini configs shrink them."""
 
     proj_dim: int = 256           # first Linear of every head (ASR 1024, ASV 512)
-    pool_activation: str = "relu"  # SID/ER/KS: nonlinearity before mean pooling (relu | none)
+    pool_activation: Literal["relu", "none"] = "relu"  # SID/ER/KS: nonlinearity before mean pooling
     hidden: int = 1024            # ASR BiLSTM width
     num_layers: int = 2           # ASR BiLSTM layers
     dropout: float = 0.2
@@ -138,7 +139,7 @@ class CTCTask(Task):
         if self.name == "asr":
             stack = 1
             if c.frame_ms > 0 and downsample_rate:  # the same output frame shift whatever the upstream's
-                stack = max(1, int(round(c.frame_ms * 16 / downsample_rate)))
+                stack = max(1, int(round(c.frame_ms * SAMPLE_RATE / 1000 / downsample_rate)))
             body = CTCHead(in_dim, V, proj_dim=c.proj_dim, hidden=c.hidden, num_layers=c.num_layers,
                            dropout=c.dropout, stack=stack)
         else:

@@ -2,16 +2,23 @@
 ``random:PRESET_OR_MODEL``, an architecture with fresh (seeded) weights: the control for what pretraining adds.
 
 Every upstream maps ``(wav [B, T], lengths [B])`` to ``(hidden_states, frames)``: a list of ``num_states``
-tensors [B, T', D] already cut to the frame count the input lengths imply, and ``frames`` [B]. Modes for
-encoders:
+tensors [B, T', D] cut to the upstream's own frame count (its ``num_frames``: the encoder's, or whole 10 ms hops
+for FBANK / MFCC) and ``frames`` [B]. Modes for encoders:
 
 - ``frozen`` (default): eval mode (dropout and layer-drop off), no gradients, parameters excluded from the
   optimiser; hidden states may be cached (see :mod:`speechssl.superb.cache`).
 - ``finetune``: the whole encoder trains with the head.
-- ``adapter``: a bottleneck adapter after every transformer layer (up-projection initialised to zero so the
-  start is the frozen model); only the adapters train.
-- ``lora``: low-rank updates ``B @ A`` added to the transformer layers' linear maps (B initialised to zero);
-  only A and B train.
+- ``adapter``: every transformer layer ``encoder.layers[i]`` is replaced by ``AdaptedLayer(layer, adapter)``,
+  which runs the layer and then a bottleneck adapter on its output (up-projection initialised to zero, so the
+  start is the frozen model); only the adapters train. Their state-dict keys are
+  ``encoder.layers.I.adapter.*``.
+- ``lora``: the linear maps inside ``encoder.layers[i]`` (those whose name contains one of ``lora_targets``) are
+  replaced by ``LoRALinear``, adding a low-rank update ``B @ A`` (B initialised to zero); only A and B train.
+  Their keys are ``encoder.layers.I.NAME.lora_a`` / ``lora_b``.
+
+An encoder must expose its transformer layers as a ``layers`` ModuleList of ``num_layers`` entries, each called
+as ``layer(h, ...) -> (h [B, T', D], attention or None)`` (``speechssl.models.encoder.Encoder``), and its frame
+count as ``num_frames(num_samples [B]) -> [B]``.
 """
 from __future__ import annotations
 
@@ -22,14 +29,17 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from speechssl.superb.featurizer import cut_to_frames, expected_frames
+from speechssl.superb.featurizer import cut_to_frames
 
 __all__ = ["Upstream", "EncoderUpstream", "FbankUpstream", "MfccUpstream", "LoRALinear", "BottleneckAdapter",
-           "build_upstream", "build_random_encoder", "random_init_buffers", "random_init_config", "is_random_spec", "count_params",
-           "MODES"]
+           "AdaptedLayer", "build_upstream", "build_random_encoder", "random_init_buffers", "random_init_config",
+           "is_random_spec", "count_params", "MODES", "STATES_VERSION"]
 
 log = logging.getLogger(__name__)
 MODES = ("frozen", "finetune", "adapter", "lora")
+STATES_VERSION = 2
+"""Raised when the hidden states an upstream gives for the same model and input change (version 2: encoder
+states cut to ``Encoder.num_frames`` instead of ``samples // downsample_rate``); part of the cache key."""
 
 
 def count_params(module: nn.Module) -> int:
@@ -53,6 +63,10 @@ class Upstream(nn.Module):
         """Parameters of the upstream model itself (adapters and LoRA excluded)."""
         return 0
 
+    def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
+        """Frames this upstream gives for inputs of ``num_samples`` samples: [B] -> [B] (long)."""
+        raise NotImplementedError
+
     def forward(self, wav: torch.Tensor, lengths: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         raise NotImplementedError
 
@@ -62,13 +76,7 @@ class Upstream(nn.Module):
 
 
 def _features(fn, wav: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out = fn(wav, lengths)
-    if isinstance(out, (tuple, list)):
-        feats, flens = out[0], out[1]
-    else:
-        feats, flens = out, None
-    if flens is None:
-        flens = expected_frames(lengths, 160).clamp(max=feats.shape[1])
+    feats, flens = fn(wav, lengths)
     return feats, flens.long()
 
 
@@ -93,6 +101,11 @@ class _FeatureUpstream(Upstream):
         self.deltas, self.cmvn = deltas, cmvn
         self.hidden_size = self.base_dim * 3 if deltas else self.base_dim
 
+    def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
+        """Whole 10 ms hops: the extractor's last frame, centred past the end of an utterance whose length is not
+        a multiple of the hop, is left out."""
+        return torch.div(torch.as_tensor(num_samples).long(), self.downsample_rate, rounding_mode="floor")
+
     def _base(self, wav: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -112,7 +125,7 @@ class _FeatureUpstream(Upstream):
             raise ValueError(f"{self.name}: features have {feats.shape[-1]} dims, expected {self.hidden_size}")
         if self.cmvn:
             feats = utterance_cmvn(feats, flens)
-        frames = expected_frames(lengths, self.downsample_rate)
+        frames = self.num_frames(lengths)
         (feats,) = cut_to_frames([feats], frames)
         return [feats], torch.minimum(frames, flens.to(frames.device)).clamp(min=1)
 
@@ -180,30 +193,36 @@ class BottleneckAdapter(nn.Module):
         return h + self.up(torch.nn.functional.gelu(self.down(self.norm(h))))
 
 
-def find_layer_stack(encoder: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The encoder's list of transformer layers: the ModuleList of ``num_layers`` entries (named ``layers``
-    preferred)."""
-    found = [(n, m) for n, m in encoder.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
-    if not found:
-        raise ValueError(f"cannot find a list of {num_layers} transformer layers in {type(encoder).__name__}")
-    found.sort(key=lambda nm: (not nm[0].endswith("layers"), nm[0].count(".")))
-    return found[0][1]
+class AdaptedLayer(nn.Module):
+    """A transformer layer followed by a bottleneck adapter on its hidden-state output."""
+
+    def __init__(self, layer: nn.Module, adapter: BottleneckAdapter):
+        super().__init__()
+        self.layer, self.adapter = layer, adapter
+
+    def forward(self, h: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``h`` [B, T, D] and the layer's other arguments -> (adapted output [B, T, D], the layer's attention)."""
+        out, attn = self.layer(h, *args, **kwargs)
+        return self.adapter(out), attn
 
 
-def _add_adapters(layers: nn.ModuleList, dim: int, bottleneck: int) -> nn.ModuleList:
-    adapters = nn.ModuleList([BottleneckAdapter(dim, bottleneck) for _ in layers])
+def transformer_layers(encoder: nn.Module) -> nn.ModuleList:
+    """``encoder.layers``, the ModuleList of its ``num_layers`` transformer layers; anything else is an error."""
+    layers = getattr(encoder, "layers", None)
+    n = int(encoder.num_layers)
+    if not isinstance(layers, nn.ModuleList) or len(layers) != n:
+        raise ValueError(f"upstream_mode adapter/lora needs an encoder whose transformer layers are its `layers` "
+                         f"ModuleList of num_layers={n} entries (as speechssl.models.encoder.Encoder); "
+                         f"{type(encoder).__name__} has none")
+    return layers
 
-    def make_hook(adapter):
-        def hook(module, args, output):
-            if torch.is_tensor(output):
-                return adapter(output)
-            if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
-                return (adapter(output[0]),) + tuple(output[1:])
-            raise TypeError(f"adapter hook: unsupported layer output type {type(output).__name__}")
-        return hook
 
-    for layer, adapter in zip(layers, adapters):
-        layer.register_forward_hook(make_hook(adapter))
+def _add_adapters(layers: nn.ModuleList, dim: int, bottleneck: int) -> list[BottleneckAdapter]:
+    """Replace every layer of ``layers`` by ``AdaptedLayer(layer, adapter)``; returns the new adapters."""
+    adapters = []
+    for i, layer in enumerate(layers):
+        adapters.append(BottleneckAdapter(dim, bottleneck))
+        layers[i] = AdaptedLayer(layer, adapters[-1])
     return adapters
 
 
@@ -238,31 +257,33 @@ class EncoderUpstream(Upstream):
         if mode != "finetune":
             for p in encoder.parameters():
                 p.requires_grad_(False)
-        self.adapters = None
+        self.adapters: list[BottleneckAdapter] = []  # also inside encoder.layers (AdaptedLayer), which owns them
         if mode == "adapter":
-            self.adapters = _add_adapters(find_layer_stack(encoder, encoder.num_layers), self.hidden_size,
-                                          adapter_dim)
+            self.adapters = _add_adapters(transformer_layers(encoder), self.hidden_size, adapter_dim)
         elif mode == "lora":
-            n = _add_lora(find_layer_stack(encoder, encoder.num_layers), lora_targets, lora_rank, lora_alpha)
+            n = _add_lora(transformer_layers(encoder), lora_targets, lora_rank, lora_alpha)
             log.info("LoRA: wrapped %d linear layers (rank %d)", n, lora_rank)
         self.train(False)
 
     def upstream_params(self) -> int:
         return self._upstream_params
 
+    def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
+        return self.encoder.num_frames(num_samples)
+
     def train(self, mode: bool = True):
         super().train(mode)
         # a frozen (or adapter/LoRA-tuned) encoder keeps dropout and layer-drop off; only fine-tuning trains it
         if self.mode != "finetune":
             self.encoder.eval()
-            if self.adapters is not None:
-                self.adapters.train(mode)
+            for adapter in self.adapters:
+                adapter.train(mode)
         return self
 
     def forward(self, wav: torch.Tensor, lengths: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             out = self.encoder(wav, lengths)
-        frames = expected_frames(lengths, self.downsample_rate)
+        frames = self.num_frames(lengths).to(lengths.device)
         states = cut_to_frames(list(out.hidden_states), frames)
         return states, frames.clamp(min=1, max=states[0].shape[1])
 
