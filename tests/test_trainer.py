@@ -217,3 +217,129 @@ def test_accelerate_state_conflicts_on_precision_or_device_change():
     assert accelerate_state_conflicts(cuda_bf16, "bf16", cpu=True)       # CUDA trainer, then a CPU one
     assert accelerate_state_conflicts(cuda_bf16, "no", cpu=False)        # another precision
     assert accelerate_state_conflicts({"_mixed_precision": "no", "device": torch.device("cpu")}, "no", cpu=False)
+
+
+# ------------------------------------------------------------------------- the model-to-trainer contract
+class FrameEnergy(torch.nn.Module):
+    """A new objective written against speechssl.train.contract alone: regress each valid encoder frame's log
+    energy from the encoder output, per frame (the frame count is the sample size)."""
+
+    trainer_capabilities = ("step", "shared_layerdrop")
+
+    def __init__(self, encoder, hidden: int = 8):
+        super().__init__()
+        self.encoder = encoder
+        self.head = torch.nn.Sequential(torch.nn.Linear(encoder.hidden_size, hidden), torch.nn.Tanh(),
+                                        torch.nn.Linear(hidden, 1))
+        self.steps: list[int] = []
+
+    def set_step(self, step: int) -> None:
+        self.steps.append(step)
+
+    def set_layerdrop_seed(self, seed: int) -> None:
+        self.encoder.layerdrop_seed = seed
+
+    def forward(self, batch):
+        from speechssl.train.contract import StepOutput
+
+        audio, lens = batch["audio"], batch["audio_lens"]  # [B, S], [B]
+        out = self.encoder(audio, lens)
+        h = out.last_hidden_state  # [B, T, D]
+        B, T = h.shape[:2]
+        hop = self.encoder.downsample_rate
+        frames = torch.nn.functional.pad(audio, (0, max(0, T * hop - audio.shape[1])))[:, : T * hop]
+        target = frames.reshape(B, T, hop).pow(2).mean(-1).add(1e-6).log()  # [B, T]
+        valid = ~out.padding_mask
+        err = (self.head(h[valid]).squeeze(-1) - target[valid]).pow(2)
+        return StepOutput(err.mean(), {"mse": err.mean()}, sample_size=int(valid.sum()))
+
+
+FRAME_ENERGY_CONFIG = {"name": "frame_energy", "kwargs": {"hidden": 8}}
+
+
+def test_a_new_objective_trains_through_the_contract(tmp_path):
+    from speechssl.models import build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder("tiny_hubert", num_layers=1, hidden_size=16, num_heads=2, ffn_dim=32, conv_pos=8,
+                        conv_pos_groups=4, conv_layers=[[16, 10, 5]] + [[16, 3, 2]] * 4 + [[16, 2, 2]] * 2)
+    model = FrameEnergy(enc, **FRAME_ENERGY_CONFIG["kwargs"])
+
+    def loader():
+        g = torch.Generator().manual_seed(1)
+        lens = torch.tensor([4800, 3200])
+        audio = torch.randn(2, 4800, generator=g) * torch.linspace(0.01, 1.0, 4800)  # energy rises with time
+        audio = audio * (torch.arange(4800)[None] < lens[:, None])
+        return [{"audio": audio, "audio_lens": lens}] * 4
+
+    cfg = TrainerConfig(max_steps=12, log_every=4, ckpt_every=100, ckpt_at_end=False, progress=False, grad_accum=2)
+    tr = Trainer(cfg, model, tmp_path / "fe", optim=OptimConfig(lr=1e-2, weight_decay=0.0),
+                 schedule=ScheduleConfig(name="constant"), make_train_loader=loader)
+    tr.fit()
+    recs = [json.loads(x) for x in (tmp_path / "fe" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [4, 8, 12]
+    assert recs[-1]["mse"] < 0.5 * recs[0]["mse"] and recs[-1]["loss"] == pytest.approx(recs[-1]["mse"])
+    assert model.steps == list(range(12))  # the declared step hook, once before every update
+
+
+class _Tuple(ToyModel):
+    def forward(self, batch):
+        out = super().forward(batch)
+        return out.loss, out.logs
+
+
+class _NoSetStep(torch.nn.Module):
+    trainer_capabilities = ("shared_layerdrop",)
+
+
+class _Unknown(torch.nn.Module):
+    trainer_capabilities = ("epochs",)
+
+
+class _SometimesSized(ToyModel):
+    def forward(self, batch):
+        out = super().forward(batch)
+        out.sample_size = None if self.calls % 2 else out.sample_size
+        return out
+
+
+def test_contract_violations_name_the_model_class(tmp_path):
+    def build(model, **kw):
+        return _trainer(tmp_path / type(model).__name__, model=model, **kw)
+
+    with pytest.raises(TypeError, match=r"_Tuple.forward\(batch\) returned tuple.*StepOutput"):
+        build(_Tuple(dropout=0.0)).fit()
+    with pytest.raises(TypeError, match=r"_NoSetStep declares trainer capability 'shared_layerdrop' but has no "
+                                        r"method set_layerdrop_seed\(\)"):
+        build(_NoSetStep())
+    with pytest.raises(TypeError, match="_Unknown.trainer_capabilities names unknown capability 'epochs'"):
+        build(_Unknown())
+    with pytest.raises(TypeError, match="_SometimesSized.forward returned a sample_size for some micro-batches"):
+        build(_SometimesSized(dropout=0.0), grad_accum=2).fit()
+
+
+def test_unsized_steps_weigh_micro_batches_equally(tmp_path):
+    """Without a sample size the update is the gradient of the mean of the micro-batch losses: 2 accumulated
+    micro-batches of the same size equal one batch holding both (whose loss is the mean of the two)."""
+
+    class Unsized(ToyModel):
+        def forward(self, batch):
+            out = super().forward(batch)
+            out.sample_size = None
+            return out
+
+    class Equal(ToyLoader):  # batches of 4: the mean of two batch means is the mean of their union
+        def __init__(self, merge=1):
+            super().__init__(merge=merge)
+            self.sampler.batches = lambda: [list(range(i, i + 4 * merge)) for i in range(0, 48, 4 * merge)]
+
+    def run(name, accum, merge):
+        cfg = TrainerConfig(max_steps=4, log_every=1, ckpt_every=100, progress=False, grad_accum=accum)
+        tr = Trainer(cfg, Unsized(dropout=0.0), tmp_path / name, optim=OptimConfig(lr=1e-2, weight_decay=0.0),
+                     schedule=ScheduleConfig(name="constant"), make_train_loader=lambda: Equal(merge))
+        tr.fit()
+        return tr.model
+
+    a, b = run("a", 2, 1), run("b", 1, 2)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
