@@ -81,16 +81,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
         return from_dict(tp, value, prefix=key + ".")
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__}: {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(f"config key '{key}' must have {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        elem = args[0] if args else Any
-        out = [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
+        return _coerce_sequence(value, tp, key)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
@@ -109,6 +100,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"config key '{key}' has the wrong type: {value!r} matches none of {tp}")
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_sequence(value: Any, tp: Any, key: str) -> list | tuple:
+    """A list or tuple annotation: ``tuple[A, B]`` checks each position, ``list[A]``/``tuple[A, ...]`` each item."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__}: {value!r}")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value):
+            raise ConfigError(f"config key '{key}' must have {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elem = args[0] if args else Any
+    out = [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+    return tuple(out) if origin is tuple else out
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """bool, int, float (ints widen; YAML's "1e-3" strings read as numbers) and str (numbers become strings)."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -152,6 +162,15 @@ def from_dict(cls, data: dict, prefix: str = ""):
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': {e}") from None
+    return _checked(obj)
+
+
+def _checked(obj):
+    """Run the section's optional hooks: ``normalize()`` (the one place a config may change itself, e.g. fill a
+    value derived from others) and then ``validate()`` (checks only: raises ConfigError, never changes a field)."""
+    normalize = getattr(obj, "normalize", None)
+    if callable(normalize):
+        normalize()
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()

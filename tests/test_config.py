@@ -1,6 +1,6 @@
 """The typed config loader: unknown keys and wrong types are errors naming the key; overrides apply."""
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import pytest
 import yaml
@@ -61,3 +61,35 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         parse_overrides(["steps"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(Cfg, tmp_path / "nope.yaml")
+
+
+@dataclass
+class Choice:
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    units: list[str] = field(default_factory=list)
+    num_classes: Optional[dict] = None
+    calls: list = field(default_factory=list)
+
+    def normalize(self) -> None:
+        self.calls.append("normalize")
+        if self.num_classes is None and self.units:
+            self.num_classes = {u: 100 for u in self.units}
+
+    def validate(self) -> None:
+        self.calls.append("validate")
+        if self.units and set(self.num_classes) != set(self.units):
+            raise ConfigError("config key 'num_classes' must name every label set in 'units'")
+
+
+def test_literal_names_key_and_choices():
+    assert load_config(Choice, None, ["precision=bf16"]).precision == "bf16"
+    msg = r"config key 'precision' must be one of \['fp32', 'bf16', 'fp16'\], got 'fp64'"
+    with pytest.raises(ConfigError, match=msg):
+        load_config(Choice, None, ["precision=fp64"])
+
+
+def test_normalize_runs_before_validate():
+    cfg = load_config(Choice, None, ["units=[mfcc]"])
+    assert cfg.calls == ["normalize", "validate"] and cfg.num_classes == {"mfcc": 100}
+    with pytest.raises(ConfigError, match="every label set"):
+        load_config(Choice, None, ["units=[mfcc]", "num_classes={km: 5}"])

@@ -8,11 +8,14 @@ inputs are validated (``claim_out``). A command that fails its checks in a direc
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from speechssl.config import ConfigError, ExperimentError
 
@@ -38,19 +41,67 @@ RUN_ENTRIES = ("checkpoints", "final", "results.json", "trials", "stage1", "prun
 SIDE_ENTRIES = ("config.yaml", "config.json", "metrics.jsonl", "tb", "labels", "preprocessor_config.json",
                 "features.f32", ".tmp-final", ".old-final")
 
+EXAMPLES_FORMATTER = argparse.RawDescriptionHelpFormatter
+"""Keeps a command's examples (its epilog) as written."""
 
-def add_experiment_args(parser: argparse.ArgumentParser, resume: bool = True) -> None:
-    parser.add_argument("--config", required=True, help="YAML config (see conf/)")
+
+def add_command(subparsers, name: str, run: Callable, *, help: str, description: str,
+                examples: str) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``: ``examples`` as its epilog, ``run(args) -> exit code`` as its ``func``."""
+    p = subparsers.add_parser(name, help=help, description=description, epilog=examples,
+                              formatter_class=EXAMPLES_FORMATTER)
+    p.set_defaults(func=run)
+    return p
+
+
+def add_experiment_command(subparsers, name: str, run: Callable, **kwargs) -> argparse.ArgumentParser:
+    """:func:`add_command` with the experiment arguments (``--config``, ``--out``, ``--set``, ``--resume``); main.py
+    adds ``--overwrite`` to every command in ``OUTPUTS``."""
+    p = add_command(subparsers, name, run, **kwargs)
+    add_experiment_args(p)
+    return p
+
+
+def add_experiment_args(parser: argparse.ArgumentParser, *, resume: bool = True, several_configs: bool = False,
+                        resume_help: str = "continue from the latest checkpoint in --out",
+                        schedule_change: bool = True) -> None:
+    """``--config`` (repeatable with ``several_configs``: a list), ``--out``, ``--set KEY=VALUE`` (into
+    ``args.overrides``) and, with ``resume``, ``--resume`` (and ``--allow-schedule-change`` when the command's
+    config has ``trainer.allow_schedule_change``)."""
+    if several_configs:
+        parser.add_argument("--config", required=True, action="append",
+                            help="YAML config (see conf/); repeat it to run several, each into OUT/NAME")
+    else:
+        parser.add_argument("--config", required=True, help="YAML config (see conf/)")
     parser.add_argument("--out", required=True, help="experiment directory to write")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)",
     )
     if resume:
-        parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+        parser.add_argument("--resume", action="store_true", help=resume_help)
+    if resume and schedule_change:
         parser.add_argument("--allow-schedule-change", action="store_true",
                             help="with --resume: accept a trainer.max_steps, optim.lr or schedule that differs from "
                                  "the checkpoint's (the lr curve changes from the resumed step on)")
+
+
+def exits_on(*errors: type[Exception], code: int = 2):
+    """Decorate a command's ``run(args)``: one of ``errors`` from the library becomes one line on stderr
+    (``speechssl COMMAND: message``) and exit code ``code``, instead of a traceback."""
+
+    def wrap(run: Callable) -> Callable:
+        @functools.wraps(run)
+        def guarded(args) -> int:
+            try:
+                return run(args)
+            except errors as e:
+                print(f"speechssl {args.command}: {e}", file=sys.stderr)
+                return code
+
+        return guarded
+
+    return wrap
 
 
 def add_overwrite_arg(parser: argparse.ArgumentParser, flag: str = "--out") -> None:
@@ -280,6 +331,3 @@ def check_unit_ids(cfg, max_cuts: int = 50) -> None:
                         f"config key 'objective.kwargs.num_classes': label set '{name}' has unit id {top} on cut "
                         f"{cut.id} ({manifest}), outside [0, {k}); set it to the K of the k-means that labelled "
                         "the cuts (n_clusters in KM_DIR/kmeans.json)")
-
-
-EXAMPLES_FORMATTER = argparse.RawDescriptionHelpFormatter

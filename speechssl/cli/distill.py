@@ -1,7 +1,7 @@
 """``speechssl distill``: DistilHuBERT / layer-to-layer distillation of a pretrained teacher."""
 from __future__ import annotations
 
-from speechssl.cli.common import EXAMPLES_FORMATTER, add_experiment_args, experiment_config
+from speechssl.cli.common import add_experiment_command, experiment_config
 
 EXAMPLES = """examples:
   # DistilHuBERT: 2 layers copied from the teacher, heads predicting teacher layers 4/8/12
@@ -19,13 +19,11 @@ EXP/final/ (a model directory for speechssl.load_pretrained, usable as a SUPERB 
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "distill", help="distil a teacher into a smaller student (DistilHuBERT, layer-to-layer)",
+    add_experiment_command(
+        subparsers, "distill", run, examples=EXAMPLES,
+        help="distil a teacher into a smaller student (DistilHuBERT, layer-to-layer)",
         description="Distil a frozen teacher (any load_pretrained path) into a student built from its front end "
-                    "and first layers; L1 + cosine loss over valid frames.",
-        epilog=EXAMPLES, formatter_class=EXAMPLES_FORMATTER)
-    add_experiment_args(p)
-    p.set_defaults(func=run)
+                    "and first layers; L1 + cosine loss over valid frames.")
 
 
 def run(args) -> int:

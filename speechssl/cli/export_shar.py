@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from speechssl.cli.common import EXAMPLES_FORMATTER
+from speechssl.cli.common import add_command, exits_on
 
 EXAMPLES = """examples:
   speechssl export-shar data/librilight/cuts_small.jsonl.gz data/shar/small --shard-size 1000
@@ -17,9 +17,9 @@ every array field of the first cut (e.g. k-means units) is included.
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export-shar", help="write a CutSet as Lhotse Shar shards (streaming at scale)",
-                              description="Export CUTS (a cuts jsonl.gz manifest) as Lhotse Shar shards.",
-                              epilog=EXAMPLES, formatter_class=EXAMPLES_FORMATTER)
+    p = add_command(subparsers, "export-shar", run, examples=EXAMPLES,
+                    help="write a CutSet as Lhotse Shar shards (streaming at scale)",
+                    description="Export CUTS (a cuts jsonl.gz manifest) as Lhotse Shar shards.")
     p.add_argument("cuts", metavar="CUTS", help="input manifest (cuts_*.jsonl.gz)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output directory for the shards")
     p.add_argument("--shard-size", type=int, default=1000, help="cuts per shard (default 1000)")
@@ -28,9 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--audio-format", default="flac", choices=("flac", "wav", "opus", "original"),
                    help="how audio is stored (default flac)")
     p.add_argument("--num-jobs", type=int, default=1, help="parallel writers")
-    p.set_defaults(func=run)
 
 
+@exits_on(ValueError, KeyError, code=1)
 def run(args) -> int:
     from pathlib import Path
 
@@ -42,11 +42,7 @@ def run(args) -> int:
         print(f"speechssl export-shar: no such manifest: {args.cuts}", file=sys.stderr)
         return 1
     cuts = CutSet.from_file(args.cuts)
-    try:
-        fields = default_fields(cuts, args.audio_format, args.fields)
-        written = export_shar(cuts, args.out_dir, shard_size=args.shard_size, fields=fields, num_jobs=args.num_jobs)
-    except (ValueError, KeyError) as e:
-        print(f"speechssl export-shar: {e}", file=sys.stderr)
-        return 1
+    fields = default_fields(cuts, args.audio_format, args.fields)
+    written = export_shar(cuts, args.out_dir, shard_size=args.shard_size, fields=fields, num_jobs=args.num_jobs)
     print(f"wrote {len(written.get('cuts', []))} shards ({', '.join(fields)}) to {args.out_dir}")
     return 0

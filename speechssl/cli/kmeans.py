@@ -1,9 +1,9 @@
 """``speechssl kmeans``: fit k-means units on MFCC or on a model layer, streamed from a sampled share of cuts."""
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
+
+from speechssl.cli.common import add_command, exits_on
 
 EXAMPLES = """examples:
   # HuBERT iteration 1: K=100 on 39-dim MFCC (100 Hz) of 10% of the training cuts
@@ -19,13 +19,12 @@ log = logging.getLogger("speechssl.kmeans")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "kmeans", help="fit k-means units on MFCC or a model layer (HuBERT targets)",
+    p = add_command(
+        subparsers, "kmeans", run, examples=EXAMPLES,
+        help="fit k-means units on MFCC or a model layer (HuBERT targets)",
         description="Compute features for a random --fraction of the cuts, fit k-means (k-means++ init, chunked "
                     "Lloyd or mini-batch updates, CPU or GPU) and write KM_DIR/kmeans.safetensors (centres) and "
-                    "KM_DIR/kmeans.json (settings, inertia, and how the features were computed, for `label`).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+                    "KM_DIR/kmeans.json (settings, inertia, and how the features were computed, for `label`).")
     p.add_argument("--cuts", required=True, help="cut manifest (jsonl/jsonl.gz)")
     p.add_argument("--out", required=True, metavar="KM_DIR", help="directory to write the k-means model to")
     p.add_argument("--feature", default="mfcc", metavar="mfcc|mfcc_cmvn|MODEL",
@@ -44,19 +43,15 @@ def register(subparsers) -> None:
     p.add_argument("--store", choices=["memory", "disk"], default="memory",
                    help="hold the frames in RAM or in a temporary float32 file in KM_DIR")
     p.add_argument("--device", default="cpu", help="cpu | cuda (features and k-means)")
-    p.set_defaults(func=run)
 
 
+@exits_on(ValueError, FileNotFoundError, KeyError)
 def run(args) -> int:
     from speechssl.train.units import fit_kmeans
 
-    try:
-        km = fit_kmeans(args.cuts, args.out, feature=args.feature, layer=args.layer, n_clusters=args.n_clusters,
-                        fraction=args.fraction, seed=args.seed, batch_size=args.batch_size, max_iter=args.max_iter,
-                        mode=args.mode, n_init=args.n_init, device=args.device, store=args.store,
-                        max_frames=args.max_frames)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"speechssl kmeans: {e}", file=sys.stderr)
-        return 2
+    km = fit_kmeans(args.cuts, args.out, feature=args.feature, layer=args.layer, n_clusters=args.n_clusters,
+                    fraction=args.fraction, seed=args.seed, batch_size=args.batch_size, max_iter=args.max_iter,
+                    mode=args.mode, n_init=args.n_init, device=args.device, store=args.store,
+                    max_frames=args.max_frames)
     log.info("wrote %s (K=%d, inertia %.6g, %d iterations)", args.out, km.n_clusters, km.inertia_, km.n_iter_)
     return 0

@@ -1,9 +1,9 @@
 """``speechssl label``: attach k-means units (frame labels) to every cut of a manifest."""
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
+
+from speechssl.cli.common import add_command, exits_on
 
 EXAMPLES = """examples:
   # MFCC units (100 Hz) from exp/hubert/km_mfcc onto the training cuts, stored as 'mfcc'
@@ -18,13 +18,12 @@ log = logging.getLogger("speechssl.label")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "label", help="label every cut with k-means units (writes a new manifest)",
+    p = add_command(
+        subparsers, "label", run, examples=EXAMPLES,
+        help="label every cut with k-means units (writes a new manifest)",
         description="Recompute the features KM_DIR was fitted on (recorded in its kmeans.json) for every cut, "
                     "take the nearest centre per frame and store the units losslessly on the cut as "
-                    "cut.custom[NAME] (a temporal array at the features' frame rate, read back by the datasets).",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+                    "cut.custom[NAME] (a temporal array at the features' frame rate, read back by the datasets).")
     p.add_argument("--cuts", required=True, help="input cut manifest")
     p.add_argument("--kmeans", required=True, metavar="KM_DIR", help="directory written by `speechssl kmeans`")
     p.add_argument("--out", required=True, metavar="CUTS_OUT", help="output manifest (.jsonl.gz)")
@@ -32,17 +31,12 @@ def register(subparsers) -> None:
     p.add_argument("--storage", default=None,
                    help="directory for the unit arrays (default: <CUTS_OUT stem>_<NAME>/ next to CUTS_OUT)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.set_defaults(func=run)
 
 
+@exits_on(ValueError, FileNotFoundError, KeyError)
 def run(args) -> int:
     from speechssl.train.units import label_cuts
 
-    try:
-        n = label_cuts(args.cuts, args.kmeans, args.out, name=args.name, storage_dir=args.storage,
-                       device=args.device)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"speechssl label: {e}", file=sys.stderr)
-        return 2
+    n = label_cuts(args.cuts, args.kmeans, args.out, name=args.name, storage_dir=args.storage, device=args.device)
     log.info("wrote %s (%d cuts, units '%s')", args.out, n, args.name)
     return 0

@@ -5,7 +5,7 @@ import logging
 import sys
 from pathlib import Path
 
-from speechssl.cli.common import EXAMPLES_FORMATTER
+from speechssl.cli.common import add_command
 
 log = logging.getLogger("speechssl.prepare")
 
@@ -59,18 +59,17 @@ def _flag(option: str) -> str:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "prepare", help="prepare corpus manifests (Lhotse CutSets), synthesise the mini corpus, validate",
+    p = add_command(
+        subparsers, "prepare", run, examples=EXAMPLES,
+        help="prepare corpus manifests (Lhotse CutSets), synthesise the mini corpus, validate",
         description="Prepare CutSet manifests: `prepare CORPUS CORPUS_DIR OUT_DIR`, `prepare mini OUT_DIR`, "
-                    "or `prepare validate DIR`. A corpus option its corpus does not take is an error.",
-        epilog=EXAMPLES, formatter_class=EXAMPLES_FORMATTER)
+                    "or `prepare validate DIR`. A corpus option its corpus does not take is an error.")
     p.add_argument("corpus", choices=("mini", "validate") + CORPUS_NAMES, metavar="CORPUS",
                    help="one of: mini, validate, " + ", ".join(CORPUS_NAMES))
     p.add_argument("paths", nargs="+", metavar="DIR", help="CORPUS_DIR OUT_DIR (mini: OUT_DIR; validate: DIR)")
     _add_corpus_args(p)
     p.add_argument("--check", action="store_true", help="validate the manifests after preparing them")
     _add_validate_args(p)
-    p.set_defaults(func=run)
 
 
 def _add_corpus_args(p) -> None:

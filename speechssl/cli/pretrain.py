@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from speechssl.cli.common import EXAMPLES_FORMATTER, add_experiment_args, experiment_config
+from speechssl.cli.common import add_experiment_command, experiment_config
 
 EXAMPLES = """examples:
   # HuBERT iteration 1 on MFCC k-means units (labels from `speechssl label`)
@@ -26,18 +26,15 @@ outputs: EXP/config.yaml, EXP/metrics.jsonl, EXP/checkpoints/step-N/, EXP/final/
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "pretrain", help="pretrain a speech encoder (wav2vec2 | hubert | wavlm | bestrq)",
+    p = add_experiment_command(
+        subparsers, "pretrain", run, examples=EXAMPLES,
+        help="pretrain a speech encoder (wav2vec2 | hubert | wavlm | bestrq)",
         description="Pretrain a self-supervised speech encoder on Lhotse manifests or Shar shards with the "
-                    "accelerate trainer (CPU, one GPU, DDP; bf16/fp16; exact --resume).",
-        epilog=EXAMPLES, formatter_class=EXAMPLES_FORMATTER,
-    )
-    add_experiment_args(p)
+                    "accelerate trainer (CPU, one GPU, DDP; bf16/fp16; exact --resume).")
     p.add_argument("--minutes", type=float, default=None,
                    help="budget: set trainer.max_steps to the updates that fit in this many minutes of wall time "
                         "on this machine (timed on the run's own batches before training; a --resume keeps the "
                         "steps recorded in OUT/config.yaml)")
-    p.set_defaults(func=run)
 
 
 def budget_steps(cfg, out: str, minutes: float, resume: bool) -> int:

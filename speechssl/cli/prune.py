@@ -1,7 +1,7 @@
 """``speechssl prune``: DPHuBERT joint distillation + structured pruning, materialisation, final distillation."""
 from __future__ import annotations
 
-from speechssl.cli.common import EXAMPLES_FORMATTER, add_experiment_args, experiment_config
+from speechssl.cli.common import add_experiment_command, experiment_config
 
 EXAMPLES = """examples:
   speechssl prune --config conf/prune/dphubert.yaml --out exp/dphubert --set teacher=exp/hubert_iter2/final
@@ -17,13 +17,11 @@ blocks with distillation + a Lagrangian sparsity term; the gates are then materi
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "prune", help="structured pruning with distillation (DPHuBERT) into a smaller dense model",
+    add_experiment_command(
+        subparsers, "prune", run, examples=EXAMPLES,
+        help="structured pruning with distillation (DPHuBERT) into a smaller dense model",
         description="Jointly distil and prune a teacher to a target sparsity, materialise the kept units, "
-                    "then distil the pruned model.",
-        epilog=EXAMPLES, formatter_class=EXAMPLES_FORMATTER)
-    add_experiment_args(p)
-    p.set_defaults(func=run)
+                    "then distil the pruned model.")
 
 
 def run(args) -> int:
