@@ -194,3 +194,23 @@ def test_asr_frame_ms_gives_the_same_shift_for_every_upstream(tmp_path):
     assert task.build_head(6).body.stack == 1
     task.head_cfg.frame_ms = 0.0
     assert task.build_head(6, 160).body.stack == 1
+
+
+def test_clip_norm_zero_means_no_clipping(tmp_path):
+    """trainer.clip_norm as in the pretraining trainer: 0 leaves gradients alone (the norm is still logged)."""
+    import json
+
+    train, dev = class_examples(3, 2, 0), class_examples(1, 2, 500, "d")
+    states = {}
+    for clip in (0.0, 1e9, 1e-3):
+        cfg = cfg_for("sid", steps=3)
+        cfg.trainer.clip_norm, cfg.trainer.log_every = clip, 1
+        task = build_task("sid", cfg.head)
+        task.fit(train, tmp_path)
+        src = FeatureSource(FbankUpstream(), cache=True, progress=False)
+        _, states[clip] = train_trial(task, src, train, dev, cfg, 5e-3, tmp_path / f"t{clip}", {"lr": 5e-3})
+        norms = [x["grad_norm"] for x in map(json.loads, (tmp_path / f"t{clip}" / "metrics.jsonl").open())
+                 if "grad_norm" in x]
+        assert len(norms) == 3 and min(norms) > 1e-3
+    assert all(torch.equal(states[0.0][k], states[1e9][k]) for k in states[0.0])
+    assert not all(torch.equal(states[0.0][k], states[1e-3][k]) for k in states[0.0])

@@ -124,7 +124,7 @@ def build_tokenizer(kind: str, texts: list[str], work_dir: str | os.PathLike | N
         if work_dir is None:
             raise ValueError("a BPE tokenizer needs a work_dir to keep its sentencepiece model")
         return BPETokenizer.train(texts, Path(work_dir) / "bpe", vocab_size=vocab_size)
-    raise ValueError(f"unknown tokenizer '{kind}' (config key tokenizer.kind); choose char, phone or bpe")
+    raise ValueError(f"unknown tokenizer '{kind}' (config key tokenizer): choose char or bpe (phone is PR's)")
 
 
 def load_tokenizer(path: str | os.PathLike):
