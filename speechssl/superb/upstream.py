@@ -38,7 +38,7 @@ __all__ = ["Upstream", "EncoderUpstream", "FbankUpstream", "MfccUpstream", "LoRA
 log = logging.getLogger(__name__)
 MODES = ("frozen", "finetune", "adapter", "lora")
 STATES_VERSION = 2
-"""Raised when the hidden states an upstream gives for the same model and input change (version 2: encoder
+"""Increases when the hidden states an upstream gives for the same model and input change (version 2: encoder
 states cut to ``Encoder.num_frames`` instead of ``samples // downsample_rate``); part of the cache key."""
 
 
