@@ -416,6 +416,7 @@ def _results(run: _Run, summaries: dict, mean_dev: dict, best_lr: float, test_sc
 
 
 def _sweep_and_score(run: _Run) -> dict | list[dict]:
+    """The sweep on dev, the winner on test, results.json (rank 0); returns what results.json holds."""
     summaries, mean_dev, best_lr = _sweep(run)
     results = _results(run, summaries, mean_dev, best_lr, *_score_tests(run, best_lr))
     final = results[0] if len(results) == 1 else results
