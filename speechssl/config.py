@@ -203,8 +203,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)}); quote it, "
-                              "e.g. --set 'key=[1, 2]'") from None
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)}); quote the "
+                              "whole override in the shell, e.g. 'key=[1, 2]'") from None
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

@@ -222,7 +222,7 @@ def validate_dir(d, *, skip_bad: bool = False, decode: bool = False, min_duratio
         failed |= not _check_trials(d / "asv_trials.txt", ids_by_split["asv_test"])
     print(summarize(reports))
     if not decode:
-        print(f"note: {HEADER_ONLY_NOTE}")
+        print(f"note: {HEADER_ONLY_NOTE} (--decode)")
     out = {split: r for split, r in reports}
     atomic_write_json(d / "validation.json", out)
     return 1 if failed else 0

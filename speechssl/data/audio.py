@@ -295,7 +295,7 @@ def _check_source_header(cut_id: str, rec, src) -> None:
 
 
 HEADER_ONLY_NOTE = ("headers only: NaN/Inf samples and decoding errors inside the audio are not checked; "
-                    "run with --decode (decode=True) to find them")
+                    "decode the audio (decode=True) to find them")
 
 
 def validate_cuts(cuts, require: Sequence[str] = (), min_duration: float = 0.0, skip_bad: bool = False,

@@ -156,7 +156,7 @@ def add_phones(cuts, lexicon: dict[str, list[str]], *, oov: str = "skip", name: 
             if phones is None:
                 if oov == "error":
                     why = f"words not in the lexicon: {' '.join(words[:10])}" if words else "no text"
-                    raise ValueError(f"{name}: cut {cut.id}: {why} (use oov='skip' / --oov skip to drop such cuts)")
+                    raise ValueError(f"{name}: cut {cut.id}: {why} (oov='skip' drops such cuts)")
                 missing.update(words)
                 ok = False
                 break
