@@ -198,7 +198,7 @@ def validate_dir(d, *, skip_bad: bool = False, decode: bool = False, min_duratio
     holds each split's report with every dropped cut id (``dropped_ids``) and, when rewritten, ``original``.
     Returns 0 when every cut is good (or ``skip_bad``), 1 otherwise.
     """
-    from speechssl.data.audio import HEADER_ONLY_NOTE, BadCutError, summarize
+    from speechssl.data.audio import BadCutError, summarize
     from speechssl.utils.io import atomic_write_json
 
     d = Path(d)
@@ -222,7 +222,7 @@ def validate_dir(d, *, skip_bad: bool = False, decode: bool = False, min_duratio
         failed |= not _check_trials(d / "asv_trials.txt", ids_by_split["asv_test"])
     print(summarize(reports))
     if not decode:
-        print(f"note: {HEADER_ONLY_NOTE} (--decode)")
+        print(f"note: {_header_note()}")
     out = {split: r for split, r in reports}
     atomic_write_json(d / "validation.json", out)
     return 1 if failed else 0
@@ -231,12 +231,18 @@ def validate_dir(d, *, skip_bad: bool = False, decode: bool = False, min_duratio
 ORIG_SUFFIX = ".orig.jsonl.gz"
 
 
+def _header_note() -> str:
+    from speechssl.data.audio import HEADER_ONLY_NOTE
+
+    return f"{HEADER_ONLY_NOTE} (speechssl prepare validate --decode)"
+
+
 def _validate_file(f: Path, split: str, *, skip_bad: bool, decode: bool, min_duration: float, extra_require):
     """Validate one manifest (the fields its split needs plus ``extra_require``): (kept cuts, report); with
     ``skip_bad`` a manifest that lost cuts is rewritten (:func:`_rewrite_keeping_original`)."""
     from lhotse import CutSet
 
-    from speechssl.data.audio import HEADER_ONLY_NOTE, validate_cuts
+    from speechssl.data.audio import validate_cuts
 
     require = [r for pre, req in REQUIRED_BY_PREFIX.items() if split.startswith(pre) for r in req]
     require += list(extra_require)
@@ -244,7 +250,7 @@ def _validate_file(f: Path, split: str, *, skip_bad: bool, decode: bool, min_dur
                                  decode=decode, desc=f"validating {split}")
     report["require"] = require
     if not decode:
-        report["note"] = HEADER_ONLY_NOTE
+        report["note"] = _header_note()
     if skip_bad and report["skipped"]:
         report["original"] = str(_rewrite_keeping_original(f, kept))
         log.warning("%s: removed %d bad cuts %s; the original is %s", f, sum(report["skipped"].values()),
