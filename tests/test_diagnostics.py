@@ -159,7 +159,7 @@ def test_label_statistics_with_a_synthetic_alignment(tmp_path):
     from conftest import make_wav
 
     from speechssl.data.labels import store_units
-    from speechssl.train.pretrain import _label_statistics
+    from speechssl.train.diagnostics import label_statistics
 
     cuts = []
     with NumpyFilesWriter(str(tmp_path / "u")) as w:
@@ -171,7 +171,7 @@ def test_label_statistics_with_a_synthetic_alignment(tmp_path):
             cut.supervisions = [SupervisionSegment(id=f"u{i}", recording_id=f"u{i}", start=0, duration=1.0,
                                                    alignment={"phone": ali})]
             cuts.append(store_units(cut, units.astype(np.int64), w, "l6", 0.02))
-    st = _label_statistics(cuts, ["l6"])
+    st = label_statistics(cuts, ["l6"])
     assert st["units_l6_pnmi"] == pytest.approx(1.0) and st["units_l6_cluster_purity"] == pytest.approx(1.0)
     assert st["units_l6_used_units"] == 4 and st["units_prior_entropy"] == pytest.approx(math.log(4), abs=0.01)
 
@@ -228,10 +228,10 @@ def test_pretrain_logs_diagnostics(tmp_path):
     plain = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in plain] == [r["loss"] for r in recs if r["split"] == "train"]
     # the same masks at every evaluation (numbers move only when the model does), global RNG untouched
-    from speechssl.train.pretrain import _Diagnostics, build_model
+    from speechssl.train.pretrain import _diagnostics, build_model
 
     model = build_model(cfg)
-    diag = _Diagnostics(cfg, model.encoder, tmp_path / "d.jsonl")
+    diag = _diagnostics(cfg, model.encoder, tmp_path / "d.jsonl")
     rng = torch.get_rng_state()
     a, b = diag(model, 1), diag(model, 2)
     assert a == b and torch.equal(rng, torch.get_rng_state())
@@ -273,12 +273,12 @@ def test_mini_corpus_phone_alignment_matches_the_audio():
 
 def test_diagnostics_config_and_schedule(tmp_path):
     from speechssl.config import ConfigError, from_dict
-    from speechssl.train.pretrain import PretrainConfig, _Diagnostics, _make_evaluate
+    from speechssl.train.pretrain import PretrainConfig, _diagnostics, _make_evaluate
 
     base = {"data": {"train": ["x.jsonl.gz"]}, "objective": {"name": "bestrq"},
             "trainer": {"max_steps": 100, "eval_every": 10}}
     cfg = from_dict(PretrainConfig, {**base, "diagnostics": {"every": 30}})
-    d = _Diagnostics(cfg, None, tmp_path / "metrics.jsonl")
+    d = _diagnostics(cfg, None, tmp_path / "metrics.jsonl")
     assert [s for s in range(10, 101, 10) if d.due(s)] == [30, 60, 90, 100]  # multiples of 30 and the last
     with pytest.raises(ConfigError, match="diagnostics.num_cuts"):
         from_dict(PretrainConfig, {**base, "diagnostics": {"num_cuts": 0}})

@@ -13,7 +13,10 @@ input. These functions measure that on a fixed batch (plain torch/numpy, no spee
   that ignores its input reaches);
 - ``pnmi(units, phones)`` and ``purity(units, phones)``: phone-normalised mutual information and the cluster /
   phone purities of the HuBERT paper (Hsu et al. 2021, section IV-C), from aligned frame labels;
-- ``CollapseMonitor``: fed each evaluation's record, returns warning strings.
+- ``CollapseMonitor``: fed each evaluation's record, returns warning strings;
+- ``label_statistics(cuts, names)``: the unit prior (and PNMI on cuts with phone alignments) of stored labels;
+- ``DiagnosticsConfig`` and ``RunDiagnostics``: all of the above for a pretraining run, on a fixed batch at the
+  trainer's evaluations (``speechssl.train.pretrain`` builds it).
 
 Example::
 
@@ -24,14 +27,21 @@ Example::
 """
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
+from speechssl.config import ConfigError
+
 __all__ = ["temporal_std", "effective_rank", "layer_diagnostics", "unit_statistics", "pnmi", "purity",
-           "CollapseMonitor"]
+           "CollapseMonitor", "label_statistics", "DiagnosticsConfig", "RunDiagnostics"]
+log = logging.getLogger(__name__)
 
 _EPS = 1e-12
 
@@ -271,3 +281,146 @@ class CollapseMonitor:
     def update(self, record: dict) -> list[str]:
         """Warnings for one evaluation's ``record`` (a dict of floats)."""
         return self._layer_warnings(record) + self._loss_warning(record)
+
+
+# ------------------------------------------------------------------------------------------- a run's diagnostics
+@dataclass
+class DiagnosticsConfig:
+    """Collapse diagnostics at the trainer's evaluations (``speechssl.train.diagnostics``)."""
+
+    enabled: bool = True
+    num_cuts: int = 8              # the fixed batch: first cuts of data.valid (else data.train / data.shar_dir)
+    max_seconds: float = 4.0       # each of them cropped to its first seconds
+    every: int = 0                 # 0 = at every trainer evaluation; N = at evaluations on multiples of N (+ the last)
+    label_cuts: int = 200          # first cuts whose unit labels give the unit prior and PNMI (hubert, wavlm)
+    tstd_ratio: float = 0.01       # warn: a layer's temporal std < tstd_ratio x layer 0's
+    tstd_min: float = 1.0e-5       # warn: any layer's temporal std below this
+    erank_ratio: float = 0.1       # warn: a layer's effective rank < erank_ratio x layer 0's
+    loss_tolerance: float = 0.01   # warn: masked loss not more than this fraction below the unit prior entropy ...
+    patience: int = 3              # ... for this many evaluations in a row
+
+    def validate(self) -> None:
+        for k in ("num_cuts", "label_cuts", "patience"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"config key 'diagnostics.{k}' must be >= 1, got {getattr(self, k)}")
+        if self.every < 0:
+            raise ConfigError(f"config key 'diagnostics.every' must be >= 0 (0 = at every evaluation), "
+                              f"got {self.every}")
+        if self.max_seconds <= 0:
+            raise ConfigError(f"config key 'diagnostics.max_seconds' must be > 0, got {self.max_seconds}")
+
+
+class RunDiagnostics:
+    """The collapse diagnostics of one pretraining run, called at the trainer's evaluations (main process):
+    ``(model, step) -> record``. A fixed batch is built on first use from the first ``num_cuts`` cuts of
+    ``source_cuts()`` (each cropped to ``max_seconds``, read by ``make_batch(cuts) -> batch``), the unit label
+    statistics of ``label_sets`` over the first ``label_cuts`` cuts are computed once, and a ``CollapseMonitor``
+    follows the records; its warnings are logged and written to ``metrics_path`` on a line of their own."""
+
+    def __init__(self, cfg: DiagnosticsConfig, *, max_steps: int, label_sets: list[str],
+                 source_cuts: Callable[[], Iterable], make_batch: Callable[[list], dict], metrics_path: Path):
+        self.cfg, self.max_steps, self.label_sets = cfg, max_steps, list(label_sets)
+        self.source_cuts, self.make_batch, self.metrics_path = source_cuts, make_batch, Path(metrics_path)
+        self.monitor = CollapseMonitor(tstd_ratio=cfg.tstd_ratio, tstd_min=cfg.tstd_min, erank_ratio=cfg.erank_ratio,
+                                       loss_tolerance=cfg.loss_tolerance, patience=cfg.patience)
+        self.batch: dict | None = None
+        self.label_stats: dict[str, float] = {}
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.every
+        return every == 0 or step % every == 0 or step >= self.max_steps
+
+    def _build(self) -> None:
+        dg = self.cfg
+        cuts = list(islice(iter(self.source_cuts()), max(dg.num_cuts, dg.label_cuts)))
+        if not cuts:
+            raise ConfigError("config key 'diagnostics.enabled': the data has no cuts to run diagnostics on; "
+                              "check data.valid / data.train or set diagnostics.enabled=false")
+        # cropped to the first seconds (the dataset keeps the encoder frame grid, so labels stay aligned)
+        fixed = [c.truncate(duration=dg.max_seconds) if c.duration > dg.max_seconds else c for c in cuts[: dg.num_cuts]]
+        self.batch = self.make_batch(fixed)
+        if not self.batch["cut_ids"]:
+            raise ConfigError(f"config key 'diagnostics.num_cuts': none of the first {len(fixed)} cuts could be "
+                              "read; fix the data or set diagnostics.enabled=false")
+        if self.label_sets:
+            self.label_stats = label_statistics(cuts[: dg.label_cuts], self.label_sets)
+        log.info("diagnostics: fixed batch of %d cuts (<= %.1f s each)%s", len(self.batch["cut_ids"]),
+                 dg.max_seconds, f", unit labels of {min(len(cuts), dg.label_cuts)} cuts" if self.label_stats else "")
+
+    @staticmethod
+    def _objective_logs(model, batch) -> dict[str, float]:
+        """The objective's logs on the fixed batch, prefixed ``diag_``, with the same masks at every evaluation
+        (seed 0), so that changes come from the model, not from the masks. The RNGs (global, or a mask generator
+        of the objective's own) are restored afterwards: the diagnostics do not shift the training masks."""
+        gen = getattr(model, "_gen", None)
+        state = gen.get_state() if isinstance(gen, torch.Generator) else None
+        device = batch["audio"].device
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.default_generator.manual_seed(0)
+                if device.type == "cuda":
+                    with torch.cuda.device(device):
+                        torch.cuda.manual_seed(0)  # this device only: the one fork_rng restores
+                if state is not None:
+                    gen.manual_seed(0)
+                logs = model(batch).scalar_logs()
+        finally:
+            if state is not None:
+                gen.set_state(state)
+        return {f"diag_{k}": v for k, v in logs.items()}
+
+    def __call__(self, model, step: int) -> dict[str, float]:
+        from speechssl.train.runtime import move_to_device
+        from speechssl.utils.io import append_jsonl
+
+        if self.batch is None:
+            self._build()
+        batch = move_to_device(self.batch, next(model.parameters()).device)
+        rec = layer_diagnostics(model.encoder, batch)
+        rec.update(self._objective_logs(model, batch))
+        rec.update(self.label_stats)
+        warnings = self.monitor.update(rec)
+        for w in warnings:
+            log.warning("step %d: %s", step, w)
+        if warnings:  # the trainer's record holds floats only: the text goes on a line of its own
+            append_jsonl(self.metrics_path, {"step": step, "split": "diagnostics", "warnings": warnings})
+        rec["collapse_warnings"] = float(len(warnings))
+        return rec
+
+
+def label_statistics(cuts, names: list[str]) -> dict[str, float]:
+    """Unit prior per label set (``units_{name}_prior_entropy`` ...; ``units_prior_entropy`` / ``_acc`` average
+    the sets, as the objective's masked loss and accuracy do) and, on cuts with a phone alignment, PNMI and
+    purities of the labels against the phones at the label rate."""
+    from speechssl.data.labels import alignment_frame_labels, has_alignment, label_rate, load_units
+
+    out: dict[str, float] = {}
+    for name in names:
+        units, phones, phone_ids = [], [], {}
+        for cut in cuts:
+            try:
+                u = load_units(cut, name)
+            except (KeyError, OSError, ValueError):
+                continue  # a cut the training skips as well
+            units.append(u)
+            if has_alignment(cut, "phone"):
+                sym = alignment_frame_labels(cut, len(u), frame_rate=label_rate(cut, name))
+                phones.append(np.array([phone_ids.setdefault(x, len(phone_ids)) if x is not None else -1
+                                        for x in sym], dtype=np.int64))
+            else:
+                phones.append(np.full(len(u), -1, dtype=np.int64))
+        if not units:
+            continue
+        u, p = np.concatenate(units), np.concatenate(phones)
+        for k, v in unit_statistics(u).items():
+            out[f"units_{name}_{k}"] = v
+        if (p >= 0).any():
+            out[f"units_{name}_pnmi"] = pnmi(u, p)
+            out[f"units_{name}_cluster_purity"], out[f"units_{name}_phone_purity"] = purity(u, p)
+    for k in ("prior_entropy", "prior_acc"):
+        vals = [out[f"units_{n}_{k}"] for n in names if f"units_{n}_{k}" in out]
+        if vals:
+            out[f"units_{k}"] = sum(vals) / len(vals)
+    return out
+
+

@@ -33,6 +33,7 @@ import torch
 
 from speechssl.config import ConfigError, to_dict
 from speechssl.data.augment import AugmentConfig
+from speechssl.train.diagnostics import DiagnosticsConfig, RunDiagnostics
 from speechssl.train.optim import OptimConfig, ScheduleConfig
 from speechssl.train.trainer import Trainer, TrainerConfig
 
@@ -80,32 +81,6 @@ class ObjectiveConfig:
     # new objective needs no change here
     name: str = "hubert"
     kwargs: dict[str, Any] = field(default_factory=dict)  # build_objective keyword arguments
-
-
-@dataclass
-class DiagnosticsConfig:
-    """Collapse diagnostics at the trainer's evaluations (``speechssl.train.diagnostics``)."""
-
-    enabled: bool = True
-    num_cuts: int = 8              # the fixed batch: first cuts of data.valid (else data.train / data.shar_dir)
-    max_seconds: float = 4.0       # each of them cropped to its first seconds
-    every: int = 0                 # 0 = at every trainer evaluation; N = at evaluations on multiples of N (+ the last)
-    label_cuts: int = 200          # first cuts whose unit labels give the unit prior and PNMI (hubert, wavlm)
-    tstd_ratio: float = 0.01       # warn: a layer's temporal std < tstd_ratio x layer 0's
-    tstd_min: float = 1.0e-5       # warn: any layer's temporal std below this
-    erank_ratio: float = 0.1       # warn: a layer's effective rank < erank_ratio x layer 0's
-    loss_tolerance: float = 0.01   # warn: masked loss not more than this fraction below the unit prior entropy ...
-    patience: int = 3              # ... for this many evaluations in a row
-
-    def validate(self) -> None:
-        for k in ("num_cuts", "label_cuts", "patience"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"config key 'diagnostics.{k}' must be >= 1, got {getattr(self, k)}")
-        if self.every < 0:
-            raise ConfigError(f"config key 'diagnostics.every' must be >= 0 (0 = at every evaluation), "
-                              f"got {self.every}")
-        if self.max_seconds <= 0:
-            raise ConfigError(f"config key 'diagnostics.max_seconds' must be > 0, got {self.max_seconds}")
 
 
 @dataclass
@@ -258,133 +233,22 @@ def _make_loss_evaluate(cfg: PretrainConfig, encoder):
     return evaluate
 
 
-class _Diagnostics:
-    """The collapse diagnostics of one run: a fixed batch built on first use (on the main process only, where
-    the trainer evaluates), the label statistics computed once, and a ``CollapseMonitor`` across evaluations."""
+def _diagnostics(cfg: PretrainConfig, encoder, metrics_path: Path) -> RunDiagnostics:
+    """The run's collapse diagnostics: the fixed batch from the first cuts of ``data.valid`` (else of the training
+    data), read whole and clean, and the unit label sets the objective predicts."""
+    from speechssl.data.dataset import SpeechDataset
+    from speechssl.data.loader import split_cuts
 
-    def __init__(self, cfg: PretrainConfig, encoder, metrics_path: Path):
-        from speechssl.train.diagnostics import CollapseMonitor
+    d = cfg.data
 
-        self.cfg, self.encoder, self.metrics_path = cfg, encoder, metrics_path
-        d = cfg.diagnostics
-        self.monitor = CollapseMonitor(tstd_ratio=d.tstd_ratio, tstd_min=d.tstd_min, erank_ratio=d.erank_ratio,
-                                       loss_tolerance=d.loss_tolerance, patience=d.patience)
-        self.batch: dict | None = None
-        self.label_stats: dict[str, float] = {}
+    def make_batch(cuts: list) -> dict:
+        ds = SpeechDataset(mode=d.features, units=d.units, num_frames=encoder.num_frames,
+                           downsample_rate=encoder.downsample_rate, skip_bad=d.skip_bad)
+        return ds[cuts]
 
-    def due(self, step: int) -> bool:
-        every = self.cfg.diagnostics.every
-        return every == 0 or step % every == 0 or step >= self.cfg.trainer.max_steps
-
-    def _source_cuts(self):
-        """The first cuts of data.valid, else of the training data (manifests or Shar shards, in order)."""
-        d = self.cfg.data
-        return _filter(_open_cuts(d.valid, "valid"), d) if d.valid else _train_cuts(self.cfg)
-
-    def _build(self) -> None:
-        from itertools import islice
-
-        from speechssl.data.dataset import SpeechDataset
-
-        d, dg = self.cfg.data, self.cfg.diagnostics
-        cuts = list(islice(iter(self._source_cuts()), max(dg.num_cuts, dg.label_cuts)))
-        if not cuts:
-            raise ConfigError("config key 'diagnostics.enabled': the data has no cuts to run diagnostics on; "
-                              "check data.valid / data.train or set diagnostics.enabled=false")
-        # cropped to the first seconds on the encoder frame grid, so labels stay aligned and the batch is small
-        enc = self.encoder
-        crop = dg.max_seconds
-        fixed = [c.truncate(duration=crop) if c.duration > crop else c for c in cuts[: dg.num_cuts]]
-        ds = SpeechDataset(None, mode=d.features, units=d.units, num_frames=enc.num_frames,
-                           frame_rate=16000 / enc.downsample_rate, crop_to_shortest=False, max_crop_samples=None,
-                           crop_multiple=enc.downsample_rate, skip_bad=d.skip_bad)
-        self.batch = ds[fixed]
-        if not self.batch["cut_ids"]:
-            raise ConfigError(f"config key 'diagnostics.num_cuts': none of the first {len(fixed)} cuts could be "
-                              "read; fix the data or set diagnostics.enabled=false")
-        if self.cfg.objective.name in UNIT_OBJECTIVES:
-            self.label_stats = _label_statistics(cuts[: dg.label_cuts], d.units)
-        log.info("diagnostics: fixed batch of %d cuts (<= %.1f s each)%s", len(self.batch["cut_ids"]), crop,
-                 f", unit labels of {min(len(cuts), dg.label_cuts)} cuts" if self.label_stats else "")
-
-    def _objective_logs(self, model, batch) -> dict[str, float]:
-        """The objective's logs on the fixed batch, prefixed ``diag_``, with the same masks at every evaluation
-        (seed 0), so that changes come from the model, not from the masks. The RNGs (global, or a mask generator
-        of the objective's own) are restored afterwards: the diagnostics do not shift the training masks."""
-        gen = getattr(model, "_gen", None)
-        state = gen.get_state() if isinstance(gen, torch.Generator) else None
-        device = batch["audio"].device
-        try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.default_generator.manual_seed(0)
-                if device.type == "cuda":
-                    with torch.cuda.device(device):
-                        torch.cuda.manual_seed(0)  # this device only: the one fork_rng restores
-                if state is not None:
-                    gen.manual_seed(0)
-                logs = model(batch).scalar_logs()
-        finally:
-            if state is not None:
-                gen.set_state(state)
-        return {f"diag_{k}": v for k, v in logs.items()}
-
-    def __call__(self, model, step: int) -> dict[str, float]:
-        from speechssl.train.diagnostics import layer_diagnostics
-        from speechssl.train.runtime import move_to_device
-        from speechssl.utils.io import append_jsonl
-
-        if self.batch is None:
-            self._build()
-        batch = move_to_device(self.batch, next(model.parameters()).device)
-        rec = layer_diagnostics(model.encoder, batch)
-        rec.update(self._objective_logs(model, batch))
-        rec.update(self.label_stats)
-        warnings = self.monitor.update(rec)
-        for w in warnings:
-            log.warning("step %d: %s", step, w)
-        if warnings:  # the trainer's record holds floats only: the text goes on a line of its own
-            append_jsonl(self.metrics_path, {"step": step, "split": "diagnostics", "warnings": warnings})
-        rec["collapse_warnings"] = float(len(warnings))
-        return rec
-
-
-def _label_statistics(cuts, names: list[str]) -> dict[str, float]:
-    """Unit prior per label set (``units_{name}_prior_entropy`` ...; ``units_prior_entropy`` / ``_acc`` average
-    the sets, as the objective's masked loss and accuracy do) and, on cuts with a phone alignment, PNMI and
-    purities of the labels against the phones at the label rate."""
-    import numpy as np
-
-    from speechssl.data.labels import alignment_frame_labels, has_alignment, label_rate, load_units
-    from speechssl.train.diagnostics import pnmi, purity, unit_statistics
-
-    out: dict[str, float] = {}
-    for name in names:
-        units, phones, phone_ids = [], [], {}
-        for cut in cuts:
-            try:
-                u = load_units(cut, name)
-            except (KeyError, OSError, ValueError):
-                continue  # a cut the training skips as well
-            units.append(u)
-            if has_alignment(cut, "phone"):
-                sym = alignment_frame_labels(cut, len(u), frame_rate=label_rate(cut, name))
-                phones.append(np.array([phone_ids.setdefault(x, len(phone_ids)) if x is not None else -1
-                                        for x in sym], dtype=np.int64))
-            else:
-                phones.append(np.full(len(u), -1, dtype=np.int64))
-        if not units:
-            continue
-        u, p = np.concatenate(units), np.concatenate(phones)
-        for k, v in unit_statistics(u).items():
-            out[f"units_{name}_{k}"] = v
-        if (p >= 0).any():
-            out[f"units_{name}_pnmi"] = pnmi(u, p)
-            out[f"units_{name}_cluster_purity"], out[f"units_{name}_phone_purity"] = purity(u, p)
-    for k in ("prior_entropy", "prior_acc"):
-        vals = [out[f"units_{n}_{k}"] for n in names if f"units_{n}_{k}" in out]
-        if vals:
-            out[f"units_{k}"] = sum(vals) / len(vals)
-    return out
+    return RunDiagnostics(cfg.diagnostics, max_steps=cfg.trainer.max_steps, metrics_path=metrics_path,
+                          label_sets=list(d.units) if cfg.objective.name in UNIT_OBJECTIVES else [],
+                          source_cuts=lambda: split_cuts(d, "valid" if d.valid else "train"), make_batch=make_batch)
 
 
 def _make_evaluate(cfg: PretrainConfig, encoder, out_dir: Path, step_of):
@@ -393,7 +257,7 @@ def _make_evaluate(cfg: PretrainConfig, encoder, out_dir: Path, step_of):
     there is nothing to evaluate: no ``data.valid`` and neither diagnostics nor ``trainer.eval_every``."""
     loss_eval = _make_loss_evaluate(cfg, encoder) if cfg.data.valid else None
     # without data.valid and trainer.eval_every 0 there was no evaluation before: keep it so (no extra records)
-    diag = (_Diagnostics(cfg, encoder, Path(out_dir) / "metrics.jsonl")
+    diag = (_diagnostics(cfg, encoder, Path(out_dir) / "metrics.jsonl")
             if cfg.diagnostics.enabled and (cfg.data.valid or cfg.trainer.eval_every) else None)
     if loss_eval is None and diag is None:
         return None
