@@ -252,7 +252,7 @@ def compare_frontends(args) -> int:
     return 0
 
 
-def main() -> int:
+def _parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="4 layers, 2 x 2 s, 2 + 3 steps: a short correctness check")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -285,21 +285,25 @@ def main() -> int:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    return args
 
-    if args.variant:  # child process: one side, JSON on the last line
-        import torch
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        if args.variant in FRONTENDS:
-            res = run_ours(args, _frontend_configs(args)[args.variant])
-        else:
-            res = run_ours(args) if args.variant == "ours" else run_hf(args)
-        print(json.dumps(res))
-        return 0
-    if args.frontends:
-        return compare_frontends(args)
+def _run_variant(args: argparse.Namespace) -> int:
+    """Child process: one side, its JSON result on the last line."""
+    import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.variant in FRONTENDS:
+        res = run_ours(args, _frontend_configs(args)[args.variant])
+    else:
+        res = run_ours(args) if args.variant == "ours" else run_hf(args)
+    print(json.dumps(res))
+    return 0
+
+
+def compare_hf(args: argparse.Namespace) -> int:
+    """speechssl's Trainer against the transformers loop, each in its own subprocess."""
     print(f"HuBERT Base training step ({args.layers or 12} layers), batch {args.batch} x {args.seconds:g} s, "
           f"{args.device}, precision {args.precision}, {args.warmup} warm-up + {args.steps} timed steps")
     results = {}
@@ -320,10 +324,17 @@ def main() -> int:
     mem = (o["peak_mb"] - o["base_mb"]) / max(1e-9, h["peak_mb"] - h["base_mb"])
     print(f"throughput ratio speechssl / transformers loop: {thr:.2f}x (target >= 1.3x)")
     print(f"step-memory ratio speechssl / transformers loop: {mem:.2f} (target <= 1.0)")
-    if gpu:
+    if args.device == "cuda":
         print(f"speechssl: {o['audio_sec_per_sec']:.1f} audio-hours per GPU-hour "
               f"(transformers loop {h['audio_sec_per_sec']:.1f})")
     return 0
+
+
+def main() -> int:
+    args = _parse_args()
+    if args.variant:
+        return _run_variant(args)
+    return compare_frontends(args) if args.frontends else compare_hf(args)
 
 
 if __name__ == "__main__":
