@@ -2,9 +2,10 @@
 
 ``make_sampler`` wraps Lhotse's ``DynamicBucketingSampler`` (any number of cuts, lazy manifests included).
 ``ResumableLoader`` wraps a torch DataLoader (map-style: the sampler runs in the main process and workers only
-load audio) and counts the batches the training loop actually consumed. Lhotse's own sampler state counts the batches it handed to the DataLoader,
-which runs ahead with workers and prefetch; ``ResumableLoader.state_dict()`` rewrites that count to the consumed
-one, so ``load_state_dict()`` resumes at exactly the next unseen batch.
+load audio) and counts the batches the training loop actually consumed. Lhotse's own sampler state counts the
+batches it handed to the DataLoader, which runs ahead with workers and prefetch; ``ResumableLoader.state_dict()``
+rewrites that count to the consumed one, so ``load_state_dict()`` resumes at exactly the next unseen batch.
+``speechssl.data.loader.build_loader`` builds them from the ``data:`` config.
 """
 from __future__ import annotations
 

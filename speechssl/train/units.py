@@ -184,8 +184,8 @@ def fit_kmeans(cuts, out_dir, *, feature="mfcc", layer: int | None = None, n_clu
     fpath = out / "features.f32" if store == "disk" else None
     frames = _FrameStore(reader.spec.dim, fpath)
     try:
-        bar = progress_bar(total=len(chosen), desc=f"features ({reader.spec.feature if reader.model is None else 'layer ' + str(layer)})",
-                   unit="cut", disable=not progress)
+        what = reader.spec.feature if reader.model is None else f"layer {layer}"
+        bar = progress_bar(total=len(chosen), desc=f"features ({what})", unit="cut", disable=not progress)
         for group, feats in reader.batches(chosen):
             for f in feats:
                 frames.add(f)
