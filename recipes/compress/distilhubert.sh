@@ -13,26 +13,20 @@ data=                       # directory with cuts_<split>.jsonl.gz
 train_split=train
 teacher=                    # model dir (ours or HF), fairseq .pt
 exp=exp/distilhubert
-ngpu=1
-nnodes=1
-launcher=""
 config=$root/conf/distill/distilhubert.yaml
 distill_opts=""             # extra options, e.g. "--set student.num_layers=4" (no spaces in values)
 profile_threads=2
 seed=0
 
+. "$(dirname "$0")/../lib/launch.sh"   # the launch options (--ngpu, --nnodes ...) and run_training
 . "$(dirname "$0")/../lib/stages.sh"
-. "$root/recipes/ssl/_launch.sh"
-[ -n "$data" ] || { echo "$0: --data DIR is required" >&2; exit 1; }
-[ -n "$teacher" ] || { echo "$0: --teacher MODEL is required" >&2; exit 1; }
+require data teacher
 
 if stage_in 1; then
   log "Stage 1: DistilHuBERT distillation of $teacher ($config) -> $exp/final"
-  extra=()
-  ls -d "$exp"/checkpoints/step-* >/dev/null 2>&1 && extra+=(--resume)
   # shellcheck disable=SC2086
-  launch distill --config "$config" --out "$exp" --set "teacher=$teacher" \
-    --set "data.train=[$data/cuts_${train_split}.jsonl.gz]" --set "trainer.seed=$seed" "${extra[@]}" $distill_opts
+  run_training distill "$exp" --config "$config" --set "teacher=$teacher" \
+    --set "data.train=[$data/cuts_${train_split}.jsonl.gz]" --set "trainer.seed=$seed" $distill_opts
 fi
 
 if stage_in 2; then

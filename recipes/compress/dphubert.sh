@@ -15,26 +15,20 @@ train_split=train
 teacher=                    # model dir (ours or HF), fairseq .pt
 exp=exp/dphubert
 target=0.75                 # sparsity 1 - params / teacher params
-ngpu=1
-nnodes=1
-launcher=""
 config=$root/conf/prune/dphubert.yaml
 prune_opts=""               # extra options, e.g. "--set prune.warmup_steps=2000" (no spaces in values)
 profile_threads=2
 seed=0
 
+. "$(dirname "$0")/../lib/launch.sh"   # the launch options (--ngpu, --nnodes ...) and run_training
 . "$(dirname "$0")/../lib/stages.sh"
-. "$root/recipes/ssl/_launch.sh"
-[ -n "$data" ] || { echo "$0: --data DIR is required" >&2; exit 1; }
-[ -n "$teacher" ] || { echo "$0: --teacher MODEL is required" >&2; exit 1; }
+require data teacher
 
 if stage_in 1; then
   log "Stage 1: DPHuBERT pruning of $teacher to sparsity $target ($config) -> $exp/final"
-  extra=()
-  if [ -d "$exp/pruned" ] || ls -d "$exp"/stage1/checkpoints/step-* >/dev/null 2>&1; then extra+=(--resume); fi
   # shellcheck disable=SC2086
-  launch prune --config "$config" --out "$exp" --set "teacher=$teacher" --set "prune.target=$target" \
-    --set "data.train=[$data/cuts_${train_split}.jsonl.gz]" --set "trainer.seed=$seed" "${extra[@]}" $prune_opts
+  run_training prune "$exp" --config "$config" --set "teacher=$teacher" --set "prune.target=$target" \
+    --set "data.train=[$data/cuts_${train_split}.jsonl.gz]" --set "trainer.seed=$seed" $prune_opts
 fi
 
 if stage_in 2; then

@@ -1,6 +1,8 @@
-# Shared by recipes/ssl/*.sh (source it after lib/stages.sh): run a speechssl training command on 1 process or many.
+# Shared by the training recipes (source it BEFORE lib/stages.sh, which then parses the options below too): run a
+# speechssl training command on 1 process or many, and continue a run that has started.
 #   launch pretrain --config ... --out ...
-# Uses the recipe's options:
+#   run_training pretrain OUT --config ...       (launch with --out OUT, and --resume when OUT holds a started run)
+# Options (a recipe may give other defaults by setting them after sourcing this file):
 #   ngpu                       processes per machine
 #   nnodes                     machines (accelerate's --num_machines)
 #   machine_rank, main_ip,     this machine's rank (0 .. nnodes-1), the address and port of machine 0
@@ -14,6 +16,14 @@
 #   ngpu > 1      -> torchrun --standalone --nproc-per-node ngpu -m speechssl.cli.main ARGS
 #   otherwise     -> speechssl ARGS
 # SPEECHSSL_LAUNCH_DRY_RUN=1 prints the command (one line) instead of running it.
+
+ngpu=1                      # processes per machine
+nnodes=1                    # machines; with > 1 run the recipe on each with its --machine-rank
+machine_rank=0
+main_ip=""                  # address of machine rank 0 (required when nnodes > 1)
+main_port=29500
+launcher=""                 # a launcher prefix instead (see recipes/lib/launch.sh)
+OPTION_FILES+=("${BASH_SOURCE[0]}")   # lib/stages.sh lists these options in --help
 
 # launch_argv ARGS...: the command as the array LAUNCH_ARGV (returns 1 with a message on bad options).
 launch_argv() {
@@ -56,4 +66,22 @@ accum_for() {  # accum_for REF_GPUS WORLD_SIZE
   local ref=$1 world=$2
   [ "$world" -ge 1 ] || world=1
   echo $(( (ref + world - 1) / world ))
+}
+
+# True when DIR holds a run to continue: a step-N checkpoint, or a prune run's stage-1 checkpoint or pruned model.
+started_run() {
+  local p
+  for p in "$1"/checkpoints/step-* "$1"/stage1/checkpoints/step-* "$1/pruned"; do
+    [ -e "$p" ] && return 0
+  done
+  return 1
+}
+
+# run_training COMMAND OUT ARGS...: launch COMMAND --out OUT ARGS, resuming when OUT holds a started run.
+run_training() {
+  local cmd=$1 out=$2
+  shift 2
+  local resume=()
+  started_run "$out" && resume=(--resume)
+  launch "$cmd" --out "$out" "${resume[@]}" "$@"
 }

@@ -1,6 +1,7 @@
 # Shared shell helpers for recipes and egs: option parsing and stage logging (source this file).
 # Options: any variable defined before sourcing can be set as --name value (dashes become underscores),
-# as in Kaldi/ESPnet's parse_options.sh.
+# as in Kaldi/ESPnet's parse_options.sh. --help lists the script's own NAME=DEFAULT lines and those of the files a
+# sourced helper adds to OPTION_FILES (lib/launch.sh).
 
 log() { echo "$(date '+%Y-%m-%d %H:%M:%S') (${BASH_SOURCE[1]##*/}:${BASH_LINENO[0]}) $*" >&2; }
 
@@ -10,7 +11,8 @@ while [ $# -gt 0 ]; do
       echo "Usage: $0 [--stage N] [--stop-stage M] [--OPTION VALUE ...]" >&2
       # Scripts may cd to their own folder before sourcing this file: find the script either way.
       src="$0"; [ -f "$src" ] || src="$(basename "$0")"
-      sed -n 's/^\([a-z_][a-z_0-9]*\)=\(.*\)$/  --\1 (default: \2)/p' "$src" | tr '_' '-' | head -40 >&2
+      sed -n 's/^\([a-z_][a-z_0-9]*\)=\(.*\)$/  --\1 (default: \2)/p' "$src" ${OPTION_FILES[@]+"${OPTION_FILES[@]}"} \
+        | tr '_' '-' | head -60 >&2
       exit 0 ;;
     --*=*) name="${1%%=*}"; name="${name#--}"; name="${name//-/_}"; value="${1#*=}"; shift ;;
     --*) name="${1#--}"; name="${name//-/_}"; [ $# -ge 2 ] || { echo "$0: option $1 needs a value" >&2; exit 1; }
@@ -23,8 +25,13 @@ while [ $# -gt 0 ]; do
   printf -v "$name" '%s' "$value"
 done
 
+# require NAME...: stop with a message when one of these options is empty.
+require() {
+  local n
+  for n in "$@"; do
+    [ -n "${!n}" ] || { echo "$0: --${n//_/-} is required" >&2; exit 1; }
+  done
+}
+
 # True when stage $1 lies within [stage, stop_stage].
 stage_in() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
-
-# True (with a log line) when KM_DIR already holds a fitted k-means: recipes reuse it instead of refitting.
-km_done() { [ -f "$1/kmeans.json" ] && log "k-means in $1 exists; reusing it (delete it to refit)"; }

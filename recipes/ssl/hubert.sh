@@ -22,12 +22,6 @@ valid_split=""              # optional, e.g. dev_clean
 exp=exp/hubert               # k-means models; iterations in iter1_dir / iter2_dir
 iter1_dir=""                # default $exp/iter1
 iter2_dir=""                # default $exp/iter2
-ngpu=1
-nnodes=1                    # machines; with > 1 run the recipe on each with its --machine-rank
-machine_rank=0
-main_ip=""                  # address of machine rank 0 (required when nnodes > 1)
-main_port=29500
-launcher=""                 # a launcher prefix instead (see _launch.sh)
 ref_gpus=32                 # reference global batch: 32 GPUs x 87.5 s (grad_accum fills the gap)
 grad_accum=""               # default: ceil(ref_gpus / (ngpu * nnodes))
 iter1_config=$root/conf/pretrain/hubert_base_iter1.yaml
@@ -41,9 +35,10 @@ iter1_opts=""               # extra options, e.g. "--set trainer.max_steps=1000"
 iter2_opts=""
 seed=0
 
+. "$(dirname "$0")/../lib/launch.sh"   # the launch options (--ngpu, --nnodes ...) and run_training
 . "$(dirname "$0")/../lib/stages.sh"
-. "$(dirname "$0")/_launch.sh"
-[ -n "$data" ] || { echo "$0: --data DIR is required" >&2; exit 1; }
+. "$(dirname "$0")/../lib/units.sh"
+require data
 [ -n "$iter1_dir" ] || iter1_dir=$exp/iter1
 [ -n "$iter2_dir" ] || iter2_dir=$exp/iter2
 [ -n "$grad_accum" ] || grad_accum=$(accum_for "$ref_gpus" $((ngpu * nnodes)))
@@ -55,24 +50,21 @@ pretrain_iter() {  # pretrain_iter CONFIG OUT UNIT_NAME [ARGS...]: resumes when 
   shift 3
   local extra=()
   [ -z "$valid_split" ] || extra+=(--set "data.valid=[$data/cuts_${valid_split}_${unit}.jsonl.gz]")
-  ls -d "$out"/checkpoints/step-* >/dev/null 2>&1 && extra+=(--resume)
-  launch pretrain --config "$config" --out "$out" --set "data.train=[$data/cuts_${train_split}_${unit}.jsonl.gz]" \
+  run_training pretrain "$out" --config "$config" --set "data.train=[$data/cuts_${train_split}_${unit}.jsonl.gz]" \
     --set "trainer.grad_accum=$grad_accum" --set "trainer.seed=$seed" "${extra[@]}" "$@"
 }
 
 if stage_in 1; then
   log "Stage 1: k-means K=$km1_k on MFCC of ${km_fraction} of $data/cuts_${train_split}.jsonl.gz"
   # shellcheck disable=SC2086
-  km_done "$exp/km_mfcc" || speechssl kmeans --cuts "$data/cuts_${train_split}.jsonl.gz" --out "$exp/km_mfcc" \
-    --feature mfcc --n-clusters "$km1_k" --fraction "$km_fraction" --seed "$seed" $km_opts
+  fit_units "$exp/km_mfcc" "$data/cuts_${train_split}.jsonl.gz" --feature mfcc --n-clusters "$km1_k" \
+    --fraction "$km_fraction" --seed "$seed" $km_opts
 fi
 
 if stage_in 2; then
   log "Stage 2: MFCC units on every cut"
-  for s in $splits; do
-    speechssl label --cuts "$data/cuts_${s}.jsonl.gz" --kmeans "$exp/km_mfcc" \
-      --out "$data/cuts_${s}_mfcc.jsonl.gz" --name mfcc
-  done
+  # shellcheck disable=SC2086
+  label_splits "$data" "$exp/km_mfcc" mfcc $splits
 fi
 
 if stage_in 3; then
@@ -85,17 +77,14 @@ unit2=hubert_l${km2_layer}
 if stage_in 4; then
   log "Stage 4: k-means K=$km2_k on layer $km2_layer of $iter1_dir/final"
   # shellcheck disable=SC2086
-  km_done "$exp/km_${unit2}" || speechssl kmeans --cuts "$data/cuts_${train_split}.jsonl.gz" --out "$exp/km_${unit2}" \
-    --feature "$iter1_dir/final" --layer "$km2_layer" --n-clusters "$km2_k" --fraction "$km_fraction" \
-    --seed "$seed" $km_opts
+  fit_units "$exp/km_${unit2}" "$data/cuts_${train_split}.jsonl.gz" --feature "$iter1_dir/final" \
+    --layer "$km2_layer" --n-clusters "$km2_k" --fraction "$km_fraction" --seed "$seed" $km_opts
 fi
 
 if stage_in 5; then
   log "Stage 5: layer-$km2_layer units on every cut"
-  for s in $splits; do
-    speechssl label --cuts "$data/cuts_${s}.jsonl.gz" --kmeans "$exp/km_${unit2}" \
-      --out "$data/cuts_${s}_${unit2}.jsonl.gz" --name "$unit2"
-  done
+  # shellcheck disable=SC2086
+  label_splits "$data" "$exp/km_${unit2}" "$unit2" $splits
 fi
 
 if stage_in 6; then

@@ -12,30 +12,22 @@ data=                       # directory with cuts_<split>.jsonl.gz
 train_split=train
 valid_split=""
 exp=exp/pretrain
-ngpu=1
-nnodes=1                    # machines; with > 1 run the recipe on each with its --machine-rank
-machine_rank=0
-main_ip=""                  # address of machine rank 0 (required when nnodes > 1)
-main_port=29500
-launcher=""                 # a launcher prefix instead (see _launch.sh)
 ref_gpus=32                 # the reference global batch in GPUs x 87.5 s
 grad_accum=""               # default: ceil(ref_gpus / (ngpu * nnodes))
 config=                     # conf/pretrain/NAME.yaml (required)
 pretrain_opts=""            # extra options, e.g. "--set trainer.max_steps=1000" (no spaces in values)
 seed=0
 
+. "$(dirname "$0")/../lib/launch.sh"   # the launch options (--ngpu, --nnodes ...) and run_training
 . "$(dirname "$0")/../lib/stages.sh"
-. "$(dirname "$0")/_launch.sh"
-[ -n "$data" ] || { echo "$0: --data DIR is required" >&2; exit 1; }
-[ -n "$config" ] || { echo "$0: --config FILE is required" >&2; exit 1; }
+require data config
 [ -n "$grad_accum" ] || grad_accum=$(accum_for "$ref_gpus" $((ngpu * nnodes)))
 
 if stage_in 1; then
   log "Stage 1: pretraining ($config, $ngpu GPU(s) x $nnodes node(s), grad_accum $grad_accum) -> $exp/final"
   extra=()
   [ -z "$valid_split" ] || extra+=(--set "data.valid=[$data/cuts_${valid_split}.jsonl.gz]")
-  ls -d "$exp"/checkpoints/step-* >/dev/null 2>&1 && extra+=(--resume)
   # shellcheck disable=SC2086
-  launch pretrain --config "$config" --out "$exp" --set "data.train=[$data/cuts_${train_split}.jsonl.gz]" \
+  run_training pretrain "$exp" --config "$config" --set "data.train=[$data/cuts_${train_split}.jsonl.gz]" \
     --set "trainer.grad_accum=$grad_accum" --set "trainer.seed=$seed" "${extra[@]}" $pretrain_opts
 fi

@@ -22,16 +22,18 @@ km_fraction=1.0             # share of training cuts the k-means is fitted on
 pretrain_opts=""            # extra options, e.g. "--set model.overrides.num_layers=6" (no spaces in values)
 seed=0
 
+. "$(dirname "$0")/../lib/launch.sh"   # the launch options (one process by default) and run_training
 . "$(dirname "$0")/../lib/stages.sh"
-[ -n "$data" ] || { echo "$0: --data DIR is required" >&2; exit 1; }
+. "$(dirname "$0")/../lib/units.sh"
+require data
 [ -f "$data/cuts_${train_split}.jsonl.gz" ] || { echo "$0: no $data/cuts_${train_split}.jsonl.gz" >&2; exit 1; }
 mkdir -p "$exp/data"
 units=$exp/data/cuts_${train_split}_mfcc.jsonl.gz
 
 if stage_in 1; then
   log "Stage 1: k-means K=$km_k on normalised MFCC of ${km_fraction} of $data/cuts_${train_split}.jsonl.gz"
-  km_done "$exp/km_mfcc" || speechssl kmeans --cuts "$data/cuts_${train_split}.jsonl.gz" --out "$exp/km_mfcc" --feature mfcc_cmvn \
-    --n-clusters "$km_k" --fraction "$km_fraction" --seed "$seed"
+  fit_units "$exp/km_mfcc" "$data/cuts_${train_split}.jsonl.gz" --feature mfcc_cmvn --n-clusters "$km_k" \
+    --fraction "$km_fraction" --seed "$seed"
 fi
 
 if stage_in 2; then
@@ -42,11 +44,8 @@ fi
 if stage_in 3; then
   budget=(--minutes "$minutes")
   [ -z "$steps" ] || budget=(--set "trainer.max_steps=$steps")
-  extra=()
-  ls -d "$exp"/checkpoints/step-* >/dev/null 2>&1 && extra+=(--resume)
   log "Stage 3: pretraining ($config, ${steps:-$minutes min}) -> $exp/final"
   # shellcheck disable=SC2086
-  speechssl pretrain --config "$config" --out "$exp" --set "data.train=[$units]" \
-    --set "objective.kwargs.num_classes={\"mfcc\":$km_k}" --set "trainer.seed=$seed" "${budget[@]}" \
-    "${extra[@]}" $pretrain_opts
+  run_training pretrain "$exp" --config "$config" --set "data.train=[$units]" \
+    --set "objective.kwargs.num_classes={\"mfcc\":$km_k}" --set "trainer.seed=$seed" "${budget[@]}" $pretrain_opts
 fi
