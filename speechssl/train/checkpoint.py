@@ -40,6 +40,7 @@ __all__ = [
     "load_trainer_state", "load_model_weights", "load_torch", "get_rng_state", "set_rng_state", "clean_tmp",
     "save_state_file", "scan_checkpoints", "checkpoint_problem", "safetensors_problem", "has_step_dirs",
     "MANIFEST", "resume_checkpoint", "schedule_changes", "truncate_metrics", "load_rank_states",
+    "save_training_checkpoint",
 ]
 log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step-(\d+)$")
@@ -79,6 +80,33 @@ def save_checkpoint_dir(tmp: Path, *, model: nn.Module | None = None, optimizer=
     torch.save(get_rng_state(), tmp / f"rng-{rank}.pt")
     for name, obj in (extra_files or {}).items():
         torch.save(obj, tmp / name)
+
+
+def save_training_checkpoint(ckpt_root: Path, step: int, runtime, *, trainer_state: dict, keep_last: int,
+                             keep: set[int], scheduler, loader, model: nn.Module | None = None, optimizer=None,
+                             model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """``ckpt_root/step-N`` written atomically by every rank of ``runtime`` (all must call it): each rank its loader
+    and RNG state, the main rank the model (``model``, unwrapped, or a gathered ``model_state``), the optimiser
+    (likewise), scheduler, fp16 scaler and ``trainer_state``; then older checkpoints beyond ``keep_last`` go,
+    except the steps in ``keep``."""
+    main = runtime.is_main
+    final, tmp = Path(ckpt_root) / f"step-{step}", tmp_dir_for(ckpt_root, step)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    runtime.barrier()
+    scaler = runtime.acc.scaler
+    save_checkpoint_dir(
+        tmp, model=model if main else None, optimizer=optimizer if main else None,
+        model_state=model_state if main else None, optimizer_state=optimizer_state if main else None,
+        scheduler=scheduler if main else None, scaler=scaler if main else None, rank=runtime.rank,
+        loader_state=loader.state_dict() if hasattr(loader, "state_dict") else None)
+    runtime.barrier()
+    if main:
+        finalize_checkpoint(tmp, final, trainer_state)
+        prune_checkpoints(ckpt_root, keep_last, keep)
+    runtime.barrier()
+    return final
 
 
 def finalize_checkpoint(tmp: Path, final: Path, trainer_state: dict) -> None:

@@ -51,7 +51,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-__all__ = ["StepOutput", "CAPABILITIES", "declared_capabilities", "check_step_output"]
+__all__ = ["StepOutput", "StepSums", "CAPABILITIES", "declared_capabilities", "check_step_output"]
 
 CAPABILITIES: dict[str, str] = {
     "step": "set_step",
@@ -87,6 +87,32 @@ class StepOutput:
         if isinstance(self.sample_size, Tensor):
             return float(self.sample_size.detach().sum())
         return float(self.sample_size)
+
+
+@dataclass
+class StepSums:
+    """How the StepOutputs of one update's micro-batches add up on a rank (the trainer sums these over ranks):
+    loss x weight, weights, audio seconds and logs x weight, the weight being the sample size (``sized``) or 1.
+    The update's loss and logs are the sums over the summed weights."""
+
+    loss: float = 0.0
+    weight: float = 0.0
+    audio: float = 0.0
+    logs: dict[str, float] = field(default_factory=dict)
+    sized: bool | None = None
+
+    def add(self, loss: float, size: float | None, audio: float, logs: dict[str, float], model_name: str) -> None:
+        """Add one micro-batch: its loss, ``StepOutput.weight()``, audio seconds and ``scalar_logs()``."""
+        if self.sized is not None and self.sized != (size is not None):
+            raise TypeError(f"{model_name}.forward returned a sample_size for some micro-batches of an update and "
+                            "None for others: return it always or never (speechssl.train.contract)")
+        self.sized = size is not None
+        w = size if size is not None else 1.0
+        self.loss += loss * w
+        self.weight += w
+        self.audio += audio
+        for k, v in logs.items():
+            self.logs[k] = self.logs.get(k, 0.0) + v * w
 
 
 def declared_capabilities(model_class: type) -> frozenset[str]:

@@ -76,6 +76,17 @@ def is_oom(e: BaseException) -> bool:
     return (oom_type is not None and isinstance(e, oom_type)) or "out of memory" in str(e).lower()
 
 
+def _require_tensorboard(config_key: str) -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError as e:
+            raise ConfigError(f"config key '{config_key}.tensorboard' is true but neither tensorboard nor "
+                              "tensorboardX is installed (pip install tensorboard)") from e
+
+
 def accelerate_state_conflicts(state: dict, precision: str, cpu: bool) -> bool:
     """Whether accelerate's per-process shared state (a dict; empty before the first Accelerator) was set up for
     another precision (accelerate's name: no | bf16 | fp16) or another device type than a new Runtime asks for."""
@@ -93,7 +104,8 @@ class Runtime:
         device: auto | cpu | cuda.
         config_key: the config section these came from (``trainer``), named in errors.
         find_unused_parameters: DDP's flag (on for models with layer-drop).
-        log_dir: where TensorBoard events go; None = no tracker.
+        log_dir: where TensorBoard events go; None = no tracker (with one, tensorboard or tensorboardX must be
+            installed: a ConfigError names ``{config_key}.tensorboard``).
     """
 
     def __init__(self, precision: str = "fp32", device: str = "auto", *, config_key: str = "trainer",
@@ -104,6 +116,8 @@ class Runtime:
         cpu = resolve_cpu(device, config_key)
         if precision == "fp16" and cpu:
             raise ConfigError(f"config key '{config_key}.precision': fp16 needs a GPU; use bf16 on CPU")
+        if log_dir is not None:
+            _require_tensorboard(config_key)
         self.precision = precision
         self.acc = self._make_accelerator(_ACCELERATE_PRECISION[precision], cpu, find_unused_parameters, log_dir)
 

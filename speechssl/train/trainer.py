@@ -40,7 +40,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -50,7 +50,7 @@ from torch import nn
 from speechssl.config import ConfigError, save_config, to_dict
 from speechssl.constants import SAMPLE_RATE
 from speechssl.train import checkpoint as ckpt_lib
-from speechssl.train.contract import check_step_output, declared_capabilities
+from speechssl.train.contract import StepSums, check_step_output, declared_capabilities
 from speechssl.train.optim import (OptimConfig, ScheduleConfig, build_optimizer, build_scheduler,
                                    default_param_groups, follow_new_schedule)
 from speechssl.train import fsdp
@@ -126,41 +126,6 @@ def _uses_layerdrop(model: nn.Module) -> bool:
     return False
 
 
-def _require_tensorboard() -> None:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        try:
-            import tensorboardX  # noqa: F401
-        except ImportError as e:
-            raise ConfigError("config key 'trainer.tensorboard' is true but neither tensorboard nor tensorboardX is "
-                              "installed (pip install tensorboard)") from e
-
-
-@dataclass
-class _Sums:
-    """One update's micro-batches on this rank: sums of loss x weight, weights, audio seconds and logs x weight;
-    ``sized`` says whether the weights are sample sizes (else 1 per micro-batch)."""
-
-    loss: float = 0.0
-    weight: float = 0.0
-    audio: float = 0.0
-    logs: dict[str, float] = field(default_factory=dict)
-    sized: bool | None = None
-
-    def add(self, loss: float, size: float | None, audio: float, logs: dict[str, float], model_name: str) -> None:
-        if self.sized is not None and self.sized != (size is not None):
-            raise TypeError(f"{model_name}.forward returned a sample_size for some micro-batches of an update and "
-                            "None for others: return it always or never (speechssl.train.contract)")
-        self.sized = size is not None
-        w = size if size is not None else 1.0
-        self.loss += loss * w
-        self.weight += w
-        self.audio += audio
-        for k, v in logs.items():
-            self.logs[k] = self.logs.get(k, 0.0) + v * w
-
-
 class _Meter:
     """Averages of the update records between two log lines, and the audio throughput over that time."""
 
@@ -223,8 +188,6 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _make_runtime(self) -> Runtime:
         cfg = self.cfg
-        if cfg.tensorboard:
-            _require_tensorboard()
         find_unused = cfg.ddp_find_unused if cfg.ddp_find_unused is not None else _uses_layerdrop(self.model)
         return Runtime(cfg.precision, cfg.device, config_key="trainer", find_unused_parameters=find_unused,
                        log_dir=self.out_dir / "tb" if cfg.tensorboard else None)
@@ -315,32 +278,15 @@ class Trainer:
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
         """Save the full training state at ``self.step`` atomically (all ranks must call this)."""
-        rt, main = self.runtime, self.runtime.is_main
-        final = self.ckpt_root / f"step-{self.step}"
-        tmp = ckpt_lib.tmp_dir_for(self.ckpt_root, self.step)
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        rt.barrier()
-        model_state = optim_state = None
         if self.fsdp:  # gather full state dicts (collectives on every rank); rank 0 writes them
-            model_state = fsdp.full_model_state(self.model)
-            optim_state = fsdp.full_optimizer_state(self.model, self.optimizer.optimizer)
-        scaler = rt.acc.scaler
-        ckpt_lib.save_checkpoint_dir(
-            tmp, model=self._unwrapped() if (main and not self.fsdp) else None,
-            optimizer=self.optimizer.optimizer if (main and not self.fsdp) else None,
-            model_state=model_state if main else None, optimizer_state=optim_state if main else None,
-            scheduler=self.scheduler if main else None, scaler=scaler if (main and scaler is not None) else None,
-            loader_state=self.loader.state_dict() if hasattr(self.loader, "state_dict") else None, rank=rt.rank,
-        )
-        rt.barrier()
-        if main:
-            ckpt_lib.finalize_checkpoint(tmp, final, self._trainer_state())
-            keep = {self.best_step} if self.best_step is not None else set()
-            ckpt_lib.prune_checkpoints(self.ckpt_root, self.cfg.keep_last, keep)
-        rt.barrier()
-        return final
+            weights = {"model_state": fsdp.full_model_state(self.model),
+                       "optimizer_state": fsdp.full_optimizer_state(self.model, self.optimizer.optimizer)}
+        else:
+            weights = {"model": self._unwrapped(), "optimizer": self.optimizer.optimizer}
+        return ckpt_lib.save_training_checkpoint(
+            self.ckpt_root, self.step, self.runtime, trainer_state=self._trainer_state(), keep_last=self.cfg.keep_last,
+            keep={self.best_step} if self.best_step is not None else set(), scheduler=self.scheduler,
+            loader=self.loader, **weights)
 
     def _load_weights(self, ckpt: Path, saved_strategy: str) -> None:
         """Model and optimiser state: positional with DDP, full state dicts keyed by name with FSDP (every rank
@@ -387,7 +333,7 @@ class Trainer:
                 f"the training loader yielded no batch in epoch {self.epoch}: is the manifest empty, or are all "
                 "cuts longer than data.max_duration?") from None
 
-    def _forward_backward(self, batch, sync: bool, sums: _Sums) -> None:
+    def _forward_backward(self, batch, sync: bool, sums: StepSums) -> None:
         """One micro-batch: forward, backward (un-normalised by the sample size when there is one: the gradient
         is divided by the global count in ``_update``), its numbers added to ``sums``."""
         rt, model = self.runtime, self.model
@@ -417,7 +363,7 @@ class Trainer:
         if "step" in self.capabilities:
             self._unwrapped().set_step(self.step)
         shared_drop = cfg.distributed_strategy == "fsdp" and "shared_layerdrop" in self.capabilities
-        sums = _Sums()
+        sums = StepSums()
         for i in range(cfg.grad_accum):
             if shared_drop:
                 # same layer-drop decisions on every rank, derived from (seed, step, micro-batch): exact on resume
@@ -426,7 +372,7 @@ class Trainer:
             self._forward_backward(batch, i == cfg.grad_accum - 1, sums)
         return self._update(sums)
 
-    def _update(self, sums: _Sums) -> dict | None:
+    def _update(self, sums: StepSums) -> dict | None:
         """Reduce the micro-batch sums over ranks, normalise and clip the gradient, step (or skip)."""
         rt, cfg = self.runtime, self.cfg
         keys = sorted(sums.logs)
