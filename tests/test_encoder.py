@@ -84,6 +84,13 @@ def test_unknown_preset_and_bad_config_errors():
         build_encoder(small_cfg(layer_heads=[[0, 1]]))
     with pytest.raises(ConfigError, match="hidden_size"):
         build_encoder(small_cfg(num_heads=5))
+    # choice fields: from a dict (the config loader) and from code (EncoderConfig.validate)
+    for key, value in [("frontend", "mfcc"), ("input_norm", "speaker"), ("padding_rule", "fairseq"),
+                       ("extractor_mode", "batch_norm"), ("model_type", "data2vec")]:
+        with pytest.raises(ConfigError, match=f"'{key}' must be one of"):
+            build_encoder({key: value})
+        with pytest.raises(ConfigError, match=f"'{key}' must be one of"):
+            build_encoder(small_cfg(**{key: value}))
 
 
 @pytest.mark.parametrize("n", [401, 999, 4001, 12345, 16001])
@@ -101,6 +108,73 @@ def test_num_frames_matches_cnn_arithmetic(n):
     for k, s in [(10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2)]:
         m = max(0, (m - k) // s + 1)
     assert int(base.num_frames(torch.tensor([n]))[0]) == m
+
+
+FBANK_CONV = [[32, 3, 2], [32, 5, 3]]
+
+
+def fbank_frames_by_hand(n: int, layers) -> int:
+    """10 ms log-mel frames, then each subsampling conv with padding kernel // 2."""
+    t = n // 160
+    for _, k, s in layers:
+        t = max(0, (t + 2 * (k // 2) - k) // s + 1)
+    return t
+
+
+@pytest.mark.parametrize("frontend", ["cnn", "fbank"])
+def test_num_frames_is_the_encoders_output_length(frontend):
+    # every length over a range: the frames of an unpadded utterance, and the valid frames of a padded batch
+    if frontend == "cnn":
+        enc = build_encoder(small_cfg()).eval()
+        lengths = list(range(400, 4400, 37))
+    else:
+        enc = build_encoder(small_cfg(frontend="fbank", conv_layers=FBANK_CONV, n_mels=16)).eval()
+        lengths = list(range(160, 8160, 71))
+        assert [int(enc.num_frames(n)) for n in lengths] == [fbank_frames_by_hand(n, FBANK_CONV) for n in lengths]
+    torch.manual_seed(0)
+    wav = torch.randn(len(lengths), max(lengths))
+    lens = torch.tensor(lengths)
+    with torch.no_grad():
+        for i, n in enumerate(lengths):
+            out = enc(wav[i : i + 1, :n])
+            assert out.hidden_states[0].shape[1] == int(enc.num_frames(n)) == int(enc.num_frames(lens)[i]), n
+        batch = enc(wav, lens)
+    assert batch.hidden_states[0].shape[1] == int(enc.num_frames(max(lengths)))
+    assert batch.lengths.tolist() == enc.num_frames(lens).tolist()
+    assert len(set(batch.lengths.tolist())) > 8  # the range covers many frame counts
+    if frontend == "fbank":
+        feats = torch.randn(len(lengths), max(lengths) // 160, 16)
+        with torch.no_grad():
+            by_features = enc(None, lens // 160, features=feats)
+        assert by_features.lengths.tolist() == enc.num_frames_from_features(lens // 160).tolist() \
+            == enc.num_frames(lens).tolist()
+    else:
+        with pytest.raises(ValueError, match="frontend 'fbank'"):
+            enc.num_frames_from_features(lens)
+
+
+def test_padding_rules_differ_only_on_padded_batches():
+    # fairseq_block counts a frame valid when any sample of its block is; the frame count of an utterance
+    # (num_frames) is the CNN's under both rules
+    from speechssl.models.frames import block_valid_frames
+
+    torch.manual_seed(0)
+    cnn = build_encoder(small_cfg()).eval()
+    block = build_encoder(small_cfg(padding_rule="fairseq_block")).eval()
+    block.load_state_dict(cnn.state_dict())
+    lengths = list(range(1200, 4000, 53))
+    wav, lens = torch.randn(len(lengths), 4000), torch.tensor(lengths)
+    with torch.no_grad():
+        a, b = cnn(wav, lens), block(wav, lens)
+        T = a.hidden_states[0].shape[1]
+        assert b.lengths.tolist() == block_valid_frames(lens, 4000, T).tolist()
+        assert a.lengths.tolist() == cnn.num_frames(lens).tolist() == block.num_frames(lens).tolist()
+        assert (b.lengths >= a.lengths).all() and (b.lengths > a.lengths).any()
+        for i in (0, 7):  # unpadded, both rules give the same frames and outputs
+            n = lengths[i]
+            x, y = cnn(wav[i : i + 1, :n]), block(wav[i : i + 1, :n], lens[i : i + 1])
+            assert y.lengths.tolist() == [x.hidden_states[0].shape[1]] == [int(cnn.num_frames(n))]
+            torch.testing.assert_close(x.last_hidden_state, y.last_hidden_state)
 
 
 def test_relative_position_buckets_hand_computed():

@@ -12,11 +12,8 @@ from speechssl import export_pretrained, load_pretrained  # noqa: E402
 from speechssl.config import ConfigError  # noqa: E402
 from speechssl.models import build_encoder, get_preset  # noqa: E402
 from speechssl.models.convert_hf import config_from_hf, config_to_hf  # noqa: E402
-from speechssl.models.encoder import EncoderConfig  # noqa: E402
 from speechssl.models.frames import block_valid_frames  # noqa: E402
 from speechssl.models.io import load_checkpoint_parts  # noqa: E402
-
-# EncoderConfig.padding_rule lives in encoder.py; the tests that need it wait for it
 
 HF = {
     "wav2vec2": (transformers.Wav2Vec2Config, transformers.Wav2Vec2Model),
@@ -428,8 +425,6 @@ def test_relabelled_model_type_cannot_export_to_hf(tmp_path):
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("extractor_mode", ["layer_norm", "group_norm"])
 def test_hf_pipeline_on_padded_batch(extractor_mode, normalize, tmp_path):
-    import numpy as np
-
     torch.manual_seed(0)
     enc = build_encoder("tiny_hubert", extractor_mode=extractor_mode, normalize_waveform=normalize,
                         conv_bias=extractor_mode == "layer_norm", num_layers=2).eval()

@@ -26,7 +26,6 @@ The encoder reads the rule from ``EncoderConfig.padding_rule``; :func:`valid_fra
 """
 from __future__ import annotations
 
-import typing
 from typing import Literal, Sequence
 
 import torch
@@ -34,7 +33,7 @@ from torch import Tensor
 
 from speechssl.constants import SAMPLE_RATE
 
-__all__ = ["FBANK_HOP", "PaddingRule", "PADDING_RULES", "conv_layer_frames", "fbank_input_frames", "num_frames",
+__all__ = ["FBANK_HOP", "PaddingRule", "conv_layer_frames", "fbank_input_frames", "num_frames",
            "num_frames_from_features", "front_end_layer_frames", "valid_frames", "block_valid_frames",
            "fairseq_padding_rule"]
 
@@ -42,7 +41,6 @@ FBANK_HOP = SAMPLE_RATE // 100
 """Samples per log-mel frame of the fbank front end (10 ms at 16 kHz)."""
 
 PaddingRule = Literal["cnn", "fairseq_block"]
-PADDING_RULES: tuple[str, ...] = typing.get_args(PaddingRule)
 
 
 def conv_layer_frames(lengths: Tensor, conv_layers: Sequence[Sequence[int]], padded: bool) -> list[Tensor]:
