@@ -343,3 +343,13 @@ def test_unsized_steps_weigh_micro_batches_equally(tmp_path):
     a, b = run("a", 2, 1), run("b", 1, 2)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_tensorboard_without_the_package_names_the_key(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # None in sys.modules: the import fails
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    with pytest.raises(ConfigError, match="trainer.tensorboard.*pip install tensorboard"):
+        _trainer(tmp_path, tensorboard=True).fit()
+    assert not (tmp_path / "exp").exists()  # refused before anything was written
