@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 from torch import nn
@@ -38,6 +38,8 @@ from speechssl.train.optim import OptimConfig, ScheduleConfig
 from speechssl.train.trainer import TrainerConfig
 
 logger = logging.getLogger(__name__)
+
+PruneGroup = Literal["conv", "heads", "attn", "ffn_units", "ffn"]
 
 __all__ = ["EncoderStructure", "PruningGates", "PruneDistiller", "param_count", "target_sparsity", "PruneConfig",
            "run_prune", "prune_param_groups", "prune_summary"]
@@ -147,7 +149,7 @@ class PruningGates(nn.Module):
     equals the materialised one, which drops that block.
     """
 
-    GROUPS = ("conv", "heads", "attn", "ffn_units", "ffn")
+    GROUPS = get_args(PruneGroup)
 
     def __init__(self, encoder: nn.Module, groups: Sequence[str] = GROUPS, init_drop: float = 0.01,
                  ffn_units_init_drop: float = 0.5, temperature: float = 2.0 / 3.0,
@@ -293,7 +295,7 @@ class PruneDistiller(LayerDistiller):
 class PruneSettings:
     target: float = 0.75           # final sparsity 1 - params / teacher params
     warmup_steps: int = 5000       # the target ramps linearly from 0 over these steps
-    groups: list[str] = field(default_factory=lambda: list(PruningGates.GROUPS))
+    groups: list[PruneGroup] = field(default_factory=lambda: list(PruningGates.GROUPS))
     init_drop: float = 0.01        # initial drop probability of every gate but FFN units
     ffn_units_init_drop: float = 0.5
     gate_lr: float = 0.02          # learning rate of log_alpha
@@ -302,9 +304,6 @@ class PruneSettings:
     def validate(self) -> None:
         if not 0.0 <= self.target < 1.0:
             raise ConfigError(f"config key 'prune.target' must lie in [0, 1), got {self.target}")
-        bad = [g for g in self.groups if g not in PruningGates.GROUPS]
-        if bad:
-            raise ConfigError(f"config key 'prune.groups' has unknown groups {bad}; valid: {list(PruningGates.GROUPS)}")
 
 
 @dataclass
