@@ -58,8 +58,7 @@ class DataConfig:
     min_duration: float = 0.0                        # drop shorter cuts (fairseq min_sample_size 2 s)
     max_cut_duration: float | None = None            # drop longer cuts
     crop_to_shortest: bool = True                    # crop each batch to its shortest cut (fairseq); else pad
-    max_crop_seconds: float | None = 15.625          # crop longer cuts (fairseq max_sample_size 250k samples);
-    #                                                  None or 0 = no crop
+    max_crop_seconds: float | None = 15.625          # crop longer cuts (fairseq: 250k samples); null/0 = no crop
     units: list[str] = field(default_factory=list)   # unit label sets on the cuts (speechssl label --name)
     features: Features = "waveform"                  # extra features in the batch: none, fbank or mfcc
     skip_bad: bool = True                            # skip unreadable cuts (counted) instead of failing
