@@ -112,7 +112,7 @@ def _need(args, n: int, usage: str) -> list[str]:
     return args.paths
 
 
-def corpus_options(args) -> dict:
+def _options_given(args) -> dict:
     """The preparer options the command line sets (only the flags given)."""
     opts = {}
     for option, (dest, convert) in CORPUS_FLAGS.items():
@@ -130,7 +130,7 @@ def _validate(args, d) -> int:
 def run(args) -> int:
     from speechssl.data.corpora.prepare import UnsupportedOptionError
 
-    opts = corpus_options(args)
+    opts = _options_given(args)
     try:
         if args.corpus == "validate":
             (d,) = _need(args, 1, "DIR")

@@ -53,6 +53,34 @@ def _read_transcripts(session_dir: Path) -> dict[str, str]:
     return texts
 
 
+def _session(sdir: Path, n: int, dropped: Counter) -> list:
+    """(Recording, SupervisionSegment) of every 4-class utterance of session ``n``; the rest counted in
+    ``dropped`` by label."""
+    from lhotse import Recording, SupervisionSegment
+
+    if not sdir.is_dir():
+        raise FileNotFoundError(f"iemocap: {sdir} is missing (expected Session1..Session5)")
+    labels = _read_labels(sdir)
+    if not labels:
+        raise FileNotFoundError(f"iemocap: no labels in {sdir / 'dialog' / 'EmoEvaluation'}")
+    texts = _read_transcripts(sdir)
+    items = []
+    for wav in sorted((sdir / "sentences" / "wav").glob("*/*.wav")):
+        utt = wav.stem
+        emotion = EMOTION_MAP.get(labels.get(utt, "unlabelled"))
+        if emotion is None:
+            dropped[labels.get(utt, "unlabelled")] += 1
+            continue
+        rec = Recording.from_file(wav, recording_id=utt)
+        speaker = utt[:5] + utt.split("_")[-1][0]  # Ses01 + F/M of the speaking actor
+        items.append((rec, SupervisionSegment(
+            id=utt, recording_id=utt, start=0.0, duration=rec.duration, channel=0, speaker=speaker,
+            text=_normalise_text(texts[utt]) if utt in texts else None, language="English",
+            custom={"emotion": emotion, "session": int(n)},
+        )))
+    return items
+
+
 def prepare_iemocap(corpus_dir, output_dir=None, sessions=(1, 2, 3, 4, 5)) -> dict:
     """Return ``{"recordings": RecordingSet, "supervisions": SupervisionSet}`` for the 4-class utterances.
 
@@ -60,44 +88,20 @@ def prepare_iemocap(corpus_dir, output_dir=None, sessions=(1, 2, 3, 4, 5)) -> di
     ``sessions``). With ``output_dir`` the manifests are also written as ``iemocap_recordings.jsonl.gz`` and
     ``iemocap_supervisions.jsonl.gz``, as Lhotse recipes do.
     """
-    from lhotse import Recording, RecordingSet, SupervisionSegment, SupervisionSet
+    from lhotse import RecordingSet, SupervisionSet
     from lhotse.qa import fix_manifests, validate_recordings_and_supervisions
 
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():
         raise FileNotFoundError(f"iemocap: no such directory: {corpus_dir}")
-    recordings, supervisions, dropped = [], [], Counter()
-    for n in sessions:
-        sdir = corpus_dir / f"Session{n}"
-        if not sdir.is_dir():
-            raise FileNotFoundError(f"iemocap: {sdir} is missing (expected Session1..Session5)")
-        labels = _read_labels(sdir)
-        if not labels:
-            raise FileNotFoundError(f"iemocap: no labels in {sdir / 'dialog' / 'EmoEvaluation'}")
-        texts = _read_transcripts(sdir)
-        for wav in sorted((sdir / "sentences" / "wav").glob("*/*.wav")):
-            utt = wav.stem
-            raw = labels.get(utt)
-            if raw is None:
-                dropped["unlabelled"] += 1
-                continue
-            emotion = EMOTION_MAP.get(raw)
-            if emotion is None:
-                dropped[raw] += 1
-                continue
-            rec = Recording.from_file(wav, recording_id=utt)
-            speaker = utt[:5] + utt.split("_")[-1][0]  # Ses01 + F/M of the speaking actor
-            supervisions.append(SupervisionSegment(
-                id=utt, recording_id=utt, start=0.0, duration=rec.duration, channel=0, speaker=speaker,
-                text=_normalise_text(texts[utt]) if utt in texts else None, language="English",
-                custom={"emotion": emotion, "session": int(n)},
-            ))
-            recordings.append(rec)
+    dropped = Counter()
+    items = [item for n in sessions for item in _session(corpus_dir / f"Session{n}", n, dropped)]
     if dropped:
         log.info("iemocap: left out %d utterances outside the 4 classes: %s", sum(dropped.values()), dict(dropped))
-    if not recordings:
+    if not items:
         raise ValueError(f"iemocap: no 4-class utterances found under {corpus_dir}")
-    recs, sups = fix_manifests(RecordingSet.from_recordings(recordings), SupervisionSet.from_segments(supervisions))
+    recs, sups = fix_manifests(RecordingSet.from_recordings([r for r, _ in items]),
+                               SupervisionSet.from_segments([s for _, s in items]))
     validate_recordings_and_supervisions(recs, sups)
     if output_dir is not None:
         out = Path(output_dir)
