@@ -23,7 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from speechssl.utils.io import atomic_write, atomic_write_json
 
 from .lloyd import BoundedLloyd
 from .rows import check_rows, iter_chunks, num_rows, read_rows, take_rows
@@ -334,10 +337,6 @@ class KMeans:
     def save(self, out_dir: str | os.PathLike, meta: dict | None = None) -> None:
         """Write ``kmeans.safetensors`` (centres [K, D]) and ``kmeans.json`` (settings, inertia, ``meta``)
         atomically into ``out_dir``."""
-        from safetensors.torch import save_file
-
-        from speechssl.utils.io import atomic_write, atomic_write_json
-
         self._require_fit()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -355,8 +354,6 @@ class KMeans:
     @classmethod
     def load(cls, km_dir: str | os.PathLike, device: str | torch.device | None = None) -> "KMeans":
         """Load a model written by :meth:`save`; ``.meta`` holds the saved ``meta`` dict."""
-        from safetensors.torch import load_file
-
         km_dir = Path(km_dir)
         if not (km_dir / _STATE_FILE).is_file() or not (km_dir / _META_FILE).is_file():
             raise FileNotFoundError(f"{km_dir} is not a k-means directory: expected {_STATE_FILE} and {_META_FILE}")

@@ -18,15 +18,19 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from speechssl.config import ConfigError
 from speechssl.constants import SAMPLE_RATE
 from speechssl.utils.io import atomic_write, atomic_write_json
 
+from .convert_fairseq import read_fairseq_checkpoint
+from .convert_hf import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 from .encoder import Encoder, EncoderConfig
 
 __all__ = ["load_pretrained", "export_pretrained", "load_checkpoint_parts", "read_checkpoint", "save_state_dict",
@@ -47,16 +51,12 @@ def save_state_dict(sd: dict[str, Tensor], path: PathLike, metadata: Optional[di
 
     ``metadata`` replaces the default ``{"format": "pt"}`` (which transformers' loader wants): safetensors writes
     the metadata of a file in hash order, so only a single key keeps the same weights the same bytes."""
-    from safetensors.torch import save_file
-
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=dict(metadata) if metadata else {"format": "pt"}))
 
 
 def _load_weights(d: Path, map_location: str) -> dict[str, Tensor]:
     """model.safetensors (single or sharded) or pytorch_model.bin (weights_only) from an HF-style directory."""
-    from safetensors.torch import load_file
-
     if (d / "model.safetensors").is_file():
         return load_file(str(d / "model.safetensors"), device=str(map_location))
     index = d / "model.safetensors.index.json"
@@ -102,8 +102,6 @@ def _architecture(cfg_dict: dict[str, Any]) -> dict[str, Any]:
 def check_config_matches_weights(cfg_dict: dict[str, Any], weights: Path, cfg_file: Path) -> None:
     """Refuse a speechssl dir whose config.json was changed after its weights were saved (ConfigError naming
     every changed key); a weights file without the stored config (written before it existed) passes."""
-    from safetensors import safe_open
-
     with safe_open(str(weights), framework="pt") as f:
         saved = (f.metadata() or {}).get(CONFIG_META_KEY)
     if saved is None:
@@ -135,8 +133,6 @@ def read_checkpoint(path: PathLike, map_location: str = "cpu"
             if "encoder" not in meta_cfg:
                 raise ConfigError(f"{cfg_file}: speechssl config lacks the 'encoder' section")
             cfg = EncoderConfig.from_dict(meta_cfg["encoder"])
-            from safetensors.torch import load_file
-
             check_config_matches_weights(meta_cfg["encoder"], p / "model.safetensors", cfg_file)
             sd = load_file(str(p / "model.safetensors"), device=str(map_location))
             extra: dict[str, Tensor] = {}
@@ -144,16 +140,12 @@ def read_checkpoint(path: PathLike, map_location: str = "cpu"
                 extra = load_file(str(p / "parts.safetensors"), device=str(map_location))
             return cfg, sd, extra, dict(meta_cfg.get("meta", {}))
         if meta_cfg.get("model_type") is not None:
-            from .convert_hf import config_from_hf, state_dict_from_hf
-
             pre = p / "preprocessor_config.json"
             cfg = config_from_hf(meta_cfg, json.loads(pre.read_text()) if pre.is_file() else None)
             sd, extra = state_dict_from_hf(_load_weights(p, map_location), cfg)
             return cfg, sd, extra, {"source": "hf", "path": str(p)}
         raise ConfigError(f"{cfg_file}: neither a speechssl model (format: speechssl) nor an HF config (model_type)")
     if p.is_file() and p.suffix in (".pt", ".pth", ".ckpt"):
-        from .convert_fairseq import read_fairseq_checkpoint
-
         cfg, sd, extra = read_fairseq_checkpoint(p, map_location)
         return cfg, sd, extra, {"source": "fairseq", "path": str(p)}
     raise FileNotFoundError(f"{p}: expected a model directory (speechssl or HF) or a fairseq .pt checkpoint")
@@ -198,7 +190,7 @@ def hf_preprocessor_config(cfg: EncoderConfig) -> dict[str, Any]:
     }
 
 
-def export_pretrained(encoder: Encoder, out_dir: PathLike, format: str = "speechssl",
+def export_pretrained(encoder: Encoder, out_dir: PathLike, format: Literal["speechssl", "hf"] = "speechssl",
                       meta: Optional[dict[str, Any]] = None,
                       parts: Optional[dict[str, dict[str, Tensor]]] = None) -> Path:
     """Write ``encoder`` to ``out_dir``: format "speechssl" (config.json + model.safetensors [+ parts]) or "hf"
@@ -216,10 +208,8 @@ def export_pretrained(encoder: Encoder, out_dir: PathLike, format: str = "speech
         atomic_write_json(out / "config.json", {"format": "speechssl", "encoder": cfg_dict,
                                                 "meta": dict(meta or {})})
     elif format == "hf":
-        from .convert_hf import config_to_hf, state_dict_to_hf
-
         hf_cfg = config_to_hf(encoder.config)
-        if getattr(encoder.config, "padding_rule", "cnn") != "cnn":
+        if encoder.config.padding_rule != "cnn":
             log.warning("%s: transformers marks padding frames by the CNN length rule, this encoder by %r (its "
                         "fairseq source's): on padded batches the HF model differs near utterance ends",
                         out, encoder.config.padding_rule)
