@@ -78,8 +78,10 @@ def make_steps(model, wav, dev, dtype: str):
 def batch_wav(args, dev):
     import torch
 
+    from speechssl.constants import SAMPLE_RATE
+
     g = torch.Generator().manual_seed(0)
-    return (0.1 * torch.randn(args.batch, int(args.seconds * 16000), generator=g)).to(dev)
+    return (0.1 * torch.randn(args.batch, int(args.seconds * SAMPLE_RATE), generator=g)).to(dev)
 
 
 def sync(dev):
