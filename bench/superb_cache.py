@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from speechssl.constants import SAMPLE_RATE
+
 
 def synthetic_examples(n: int, classes: int, seed: int):
     from speechssl.superb.cache import Example
@@ -26,7 +28,7 @@ def synthetic_examples(n: int, classes: int, seed: int):
     for i in range(n):
         c = i % classes
         dur = rng.uniform(1.0, 2.0)
-        t = np.arange(int(dur * 16000)) / 16000
+        t = np.arange(int(dur * SAMPLE_RATE)) / SAMPLE_RATE
         f0 = 110 + 40 * c
         wav = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 6)) * 0.2
         wav = (wav + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
@@ -49,16 +51,17 @@ def main() -> None:
 
     n, steps = (16, 20) if args.quick else (48, 150)
     train, dev = synthetic_examples(n, 4, 0), synthetic_examples(n // 4, 4, 1)
-    cfg = SuperbConfig(task="sid", progress=False)
+    cfg = SuperbConfig(task="sid")
     cfg.head = HeadConfig(proj_dim=64)
-    cfg.optim.steps, cfg.optim.eval_every, cfg.data.max_duration = steps, max(1, steps // 3), 8.0
+    cfg.trainer.progress, cfg.trainer.max_steps, cfg.trainer.eval_every = False, steps, max(1, steps // 3)
+    cfg.data.max_duration = 8.0
     lrs = [1e-3, 5e-3]
     torch.manual_seed(0)
     upstream = EncoderUpstream(build_encoder("tiny_hubert").eval(), mode="frozen")
     # warm-up outside the timings: the first optimiser pulls in torch._dynamo, the first forward allocates
     torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
     with torch.no_grad():
-        upstream(torch.zeros(1, 16000), torch.tensor([16000]))
+        upstream(torch.zeros(1, SAMPLE_RATE), torch.tensor([SAMPLE_RATE]))
     scores = {}
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,7 +78,7 @@ def main() -> None:
             scores[cached] = best
             if cached:
                 stats = source.cache_stats()
-    audio_s = sum(e.num_samples for e in train + dev) / 16000
+    audio_s = sum(e.num_samples for e in train + dev) / SAMPLE_RATE
     print(f"superb cache bench: {len(train)} train + {len(dev)} dev utterances ({audio_s:.0f} s audio), "
           f"{steps} steps x {len(lrs)} learning rates, tiny_hubert upstream, {args.threads} threads")
     print(f"  no cache: {times[False]:.2f} s   cache: {times[True]:.2f} s   "
