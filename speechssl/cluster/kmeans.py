@@ -182,7 +182,9 @@ class KMeans:
         counts.copy_(new_counts)
         return float(mind.mean().item())
 
-    def _fit_minibatch(self, X, centers: Tensor, device, gen: torch.Generator) -> tuple[Tensor, int]:
+    def _fit_minibatch(self, X, centers: Tensor, device) -> tuple[Tensor, int]:
+        """Count-weighted updates on random batches of ``batch_size`` rows, ``max_iter`` epochs at most, stopping
+        when the smoothed batch inertia stalls for ``max_no_improvement`` batches -> (centres, epochs run)."""
         n = num_rows(X)
         counts = torch.zeros(self.n_clusters, dtype=torch.float64, device=device)
         steps_per_epoch = max(1, math.ceil(n / self.batch_size))
@@ -244,7 +246,7 @@ class KMeans:
             centers, n_iter, labels, self.inertia_ = self._fit_lloyd(X, centers, device)
             self._centers = centers
         else:
-            centers, n_iter = self._fit_minibatch(X, centers, device, gen)
+            centers, n_iter = self._fit_minibatch(X, centers, device)
             self._centers = centers
             labels, self.inertia_ = self._predict_with_inertia(X, device)
         self.n_iter_ = n_iter

@@ -131,7 +131,7 @@ _LAYER_MAP = {
 }
 
 
-def state_dict_from_fairseq(sd: dict[str, Tensor], cfg: EncoderConfig) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def state_dict_from_fairseq(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Rename a fairseq state dict to ours -> (encoder state dict, extra tensors)."""
     out: dict[str, Tensor] = {}
     extra: dict[str, Tensor] = {}
@@ -211,5 +211,5 @@ def read_fairseq_checkpoint(path: Union[str, os.PathLike], map_location: str = "
     if not isinstance(model_cfg, dict):
         raise ConfigError(f"{path}: fairseq cfg['model'] is not a plain dict.\n{_CONVERT_HINT}")
     cfg = config_from_fairseq(model_cfg, task_cfg)
-    sd, extra = state_dict_from_fairseq(ckpt["model"], cfg)
+    sd, extra = state_dict_from_fairseq(ckpt["model"])
     return cfg, sd, extra

@@ -129,7 +129,7 @@ def config_to_hf(cfg: EncoderConfig) -> dict[str, Any]:
 _LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
 
 
-def state_dict_from_hf(sd: dict[str, Tensor], cfg: EncoderConfig) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def state_dict_from_hf(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Rename a transformers state dict to ours. Returns (encoder state dict, extra tensors not in the encoder:
     quantizer, project_q/hid, heads ...)."""
     prefix = next((p for p in _PREFIXES if any(k.startswith(p) for k in sd)), "")
@@ -180,7 +180,7 @@ def state_dict_from_hf(sd: dict[str, Tensor], cfg: EncoderConfig) -> tuple[dict[
     return out, extra
 
 
-def state_dict_to_hf(sd: dict[str, Tensor], cfg: EncoderConfig) -> dict[str, Tensor]:
+def state_dict_to_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our encoder state dict -> transformers names (bare model, no 'hubert.' prefix)."""
     out: dict[str, Tensor] = {}
     for key, t in sd.items():

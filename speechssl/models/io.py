@@ -142,7 +142,7 @@ def read_checkpoint(path: PathLike, map_location: str = "cpu"
         if meta_cfg.get("model_type") is not None:
             pre = p / "preprocessor_config.json"
             cfg = config_from_hf(meta_cfg, json.loads(pre.read_text()) if pre.is_file() else None)
-            sd, extra = state_dict_from_hf(_load_weights(p, map_location), cfg)
+            sd, extra = state_dict_from_hf(_load_weights(p, map_location))
             return cfg, sd, extra, {"source": "hf", "path": str(p)}
         raise ConfigError(f"{cfg_file}: neither a speechssl model (format: speechssl) nor an HF config (model_type)")
     if p.is_file() and p.suffix in (".pt", ".pth", ".ckpt"):
@@ -213,7 +213,7 @@ def export_pretrained(encoder: Encoder, out_dir: PathLike, format: Literal["spee
             log.warning("%s: transformers marks padding frames by the CNN length rule, this encoder by %r (its "
                         "fairseq source's): on padded batches the HF model differs near utterance ends",
                         out, encoder.config.padding_rule)
-        save_state_dict(state_dict_to_hf(sd, encoder.config), out / "model.safetensors")
+        save_state_dict(state_dict_to_hf(sd), out / "model.safetensors")
         atomic_write_json(out / "preprocessor_config.json", hf_preprocessor_config(encoder.config))
         atomic_write_json(out / "config.json", hf_cfg)
     else:
