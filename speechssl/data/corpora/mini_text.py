@@ -111,43 +111,36 @@ class SentenceGrammar:
         return " ".join(parts)
 
     def sentence(self) -> str:
-        """One sentence of roughly 4 to 13 words (not yet normalised)."""
+        """One sentence of roughly 4 to 13 words (not yet normalised), from one of nine templates."""
         t = int(self.rng.integers(9))
         vt, vi = self._pick(VERBS_T), self._pick(VERBS_I)
         subj = self.noun_phrase()
-        if t == 0:
-            s = f"{subj} {vt[1]} {self.noun_phrase()} {self._tail()}"
-        elif t == 1:
-            s = f"{subj} {vi[1]} {self._pick(ADVERBS)} {self._tail()}"
-        elif t == 2:
-            s = f"{self._pick(PRONOUNS)} {self._pick(NEGATIVES)} {vt[0]} {self.noun_phrase()} {self._tail()}"
-        elif t == 3:
-            s = f"did {subj} {vt[0]} {self.noun_phrase()}"
-        elif t == 4:
-            s = f"{self._pick(NAMES)} said that {self.noun_phrase()} {vi[1]} {self._pick(ADVERBS)}"
-        elif t == 5:
-            s = f"there was {self.noun_phrase(0.9)} {self._pick(PREPOSITIONS)} the {self._pick(PLACES)}"
-        elif t == 6:
-            s = f"{self._pick(PRONOUNS)} will {vt[0]} {self.noun_phrase()} {self._pick(TIMES)}"
-        elif t == 7:
-            s = (f"{self._pick(NAMES)}'s {self._pick(NOUNS)} was {self._pick(ADJECTIVES)} "
-                 f"and {self._pick(ADJECTIVES)}")
-        else:
-            s = f"it's {self._pick(ADJECTIVES)} {self._tail() or self._pick(TIMES)}"
-        return " ".join(s.split())
+        pick, phrase = self._pick, self.noun_phrase
+        templates = (  # each draws its words left to right when called
+            lambda: f"{subj} {vt[1]} {phrase()} {self._tail()}",
+            lambda: f"{subj} {vi[1]} {pick(ADVERBS)} {self._tail()}",
+            lambda: f"{pick(PRONOUNS)} {pick(NEGATIVES)} {vt[0]} {phrase()} {self._tail()}",
+            lambda: f"did {subj} {vt[0]} {phrase()}",
+            lambda: f"{pick(NAMES)} said that {phrase()} {vi[1]} {pick(ADVERBS)}",
+            lambda: f"there was {phrase(0.9)} {pick(PREPOSITIONS)} the {pick(PLACES)}",
+            lambda: f"{pick(PRONOUNS)} will {vt[0]} {phrase()} {pick(TIMES)}",
+            lambda: f"{pick(NAMES)}'s {pick(NOUNS)} was {pick(ADJECTIVES)} and {pick(ADJECTIVES)}",
+            lambda: f"it's {pick(ADJECTIVES)} {self._tail() or pick(TIMES)}",
+        )
+        return " ".join(templates[t]().split())
 
     def short_sentence(self) -> str:
-        """A sentence of 3 to 7 words, for the emotion clips."""
+        """A sentence of 3 to 7 words, for the emotion clips, from one of five templates."""
         t = int(self.rng.integers(5))
-        if t == 0:
-            return f"{self.noun_phrase(0.3)} {self._pick(VERBS_I)[1]} {self._pick(ADVERBS)}"
-        if t == 1:
-            return f"{self._pick(PRONOUNS)} {self._pick(VERBS_T)[1]} {self.noun_phrase(0.3)}"
-        if t == 2:
-            return f"the {self._pick(NOUNS)} is {self._pick(ADJECTIVES)}"
-        if t == 3:
-            return f"{self._pick(NAMES)} {self._pick(VERBS_I)[1]} {self._pick(TIMES)}"
-        return f"where is the {self._pick(ADJECTIVES)} {self._pick(NOUNS)}"
+        pick = self._pick
+        templates = (
+            lambda: f"{self.noun_phrase(0.3)} {pick(VERBS_I)[1]} {pick(ADVERBS)}",
+            lambda: f"{pick(PRONOUNS)} {pick(VERBS_T)[1]} {self.noun_phrase(0.3)}",
+            lambda: f"the {pick(NOUNS)} is {pick(ADJECTIVES)}",
+            lambda: f"{pick(NAMES)} {pick(VERBS_I)[1]} {pick(TIMES)}",
+            lambda: f"where is the {pick(ADJECTIVES)} {pick(NOUNS)}",
+        )
+        return templates[t]()
 
     def unique_sentences(self, n: int, short: bool = False, exclude: set[str] | None = None) -> list[str]:
         """``n`` sentences whose normalised transcripts are pairwise different (and not in ``exclude``)."""
