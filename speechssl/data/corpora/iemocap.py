@@ -33,24 +33,15 @@ def _normalise_text(text: str) -> str | None:
     return text or None
 
 
-def _read_labels(session_dir: Path) -> dict[str, str]:
-    labels = {}
-    for f in sorted((session_dir / "dialog" / "EmoEvaluation").glob("*.txt")):
+def _read_matches(folder: Path, line_re: re.Pattern, key: int, value: int) -> dict[str, str]:
+    """``{group key: group value}`` over the lines of every ``*.txt`` in ``folder`` that ``line_re`` matches."""
+    out = {}
+    for f in sorted(folder.glob("*.txt")):
         for line in f.read_text(errors="replace").splitlines():
-            m = _EVAL_LINE.match(line.strip())
+            m = line_re.match(line.strip())
             if m:
-                labels[m.group(3)] = m.group(4)
-    return labels
-
-
-def _read_transcripts(session_dir: Path) -> dict[str, str]:
-    texts = {}
-    for f in sorted((session_dir / "dialog" / "transcriptions").glob("*.txt")):
-        for line in f.read_text(errors="replace").splitlines():
-            m = _TRANS_LINE.match(line.strip())
-            if m:
-                texts[m.group(1)] = m.group(2)
-    return texts
+                out[m.group(key)] = m.group(value)
+    return out
 
 
 def _session(sdir: Path, n: int, dropped: Counter) -> list:
@@ -60,10 +51,10 @@ def _session(sdir: Path, n: int, dropped: Counter) -> list:
 
     if not sdir.is_dir():
         raise FileNotFoundError(f"iemocap: {sdir} is missing (expected Session1..Session5)")
-    labels = _read_labels(sdir)
+    labels = _read_matches(sdir / "dialog" / "EmoEvaluation", _EVAL_LINE, 3, 4)  # utterance -> raw emotion
     if not labels:
         raise FileNotFoundError(f"iemocap: no labels in {sdir / 'dialog' / 'EmoEvaluation'}")
-    texts = _read_transcripts(sdir)
+    texts = _read_matches(sdir / "dialog" / "transcriptions", _TRANS_LINE, 1, 2)  # utterance -> transcript
     items = []
     for wav in sorted((sdir / "sentences" / "wav").glob("*/*.wav")):
         utt = wav.stem
