@@ -288,6 +288,12 @@ class KMeans:
         self._require_fit()
         return self._centers
 
+    def _fitted_input(self, X):
+        """(X checked against the fitted centres, where to compute: X's device for tensors, else the centres')."""
+        self._require_fit()
+        X = check_rows(X, self._centers.shape[1])
+        return X, (self._device_for(X) if isinstance(X, Tensor) else self._centers.device)
+
     def _require_fit(self):
         if self._centers is None:
             raise RuntimeError("this KMeans is not fitted yet: call fit(), partial_fit() or KMeans.load()")
@@ -305,9 +311,7 @@ class KMeans:
     def predict(self, X):
         """Nearest-centre labels for X [N, D]: numpy int64 [N] for numpy input, a long tensor on X's device for
         tensor input."""
-        self._require_fit()
-        X = check_rows(X, self._centers.shape[1])
-        device = self._device_for(X) if isinstance(X, Tensor) else self._centers.device
+        X, device = self._fitted_input(X)
         labels, _ = self._predict_with_inertia(X, device)
         return labels if isinstance(X, Tensor) else labels.cpu().numpy()
 
@@ -316,9 +320,7 @@ class KMeans:
 
     def transform(self, X):
         """Euclidean distances to every centre: [N, K] (numpy for numpy input, tensor for tensor input)."""
-        self._require_fit()
-        X = check_rows(X, self._centers.shape[1])
-        device = self._device_for(X) if isinstance(X, Tensor) else self._centers.device
+        X, device = self._fitted_input(X)
         centers = self._centers.to(device)
         c2 = (centers * centers).sum(1)
         outs = []
@@ -330,9 +332,7 @@ class KMeans:
 
     def score(self, X, y=None) -> float:
         """Negative inertia of X under the fitted centres (scikit-learn convention)."""
-        self._require_fit()
-        X = check_rows(X, self._centers.shape[1])
-        device = self._device_for(X) if isinstance(X, Tensor) else self._centers.device
+        X, device = self._fitted_input(X)
         return -self._predict_with_inertia(X, device)[1]
 
     # ------------------------------------------------------------------ persistence

@@ -78,6 +78,15 @@ class ConvBlock(nn.Module):
         return F.gelu(x)
 
 
+def _gated_blocks(blocks: nn.ModuleList, x: Tensor, gates: Optional[Sequence[Tensor]]) -> Tensor:
+    """Conv blocks in order on x [B, C, T]; gates[i] [C_i] (None: no gate) multiplies block i's output channels."""
+    for i, block in enumerate(blocks):
+        x = block(x)
+        if gates is not None and gates[i] is not None:
+            x = x * gates[i].to(x.dtype)[:, None]
+    return x
+
+
 class ConvFeatureExtractor(nn.Module):
     """Waveform CNN (wav2vec 2.0 style): 7 strided convs, 320x downsampling for the Base layout.
 
@@ -98,12 +107,7 @@ class ConvFeatureExtractor(nn.Module):
 
     def forward(self, wav: Tensor, gates: Optional[Sequence[Tensor]] = None) -> Tensor:
         """wav: [B, T] -> features [B, C_last, T']; gates[i]: [C_i] multiplies block i's output channels."""
-        x = wav.unsqueeze(1)
-        for i, block in enumerate(self.conv_layers):
-            x = block(x)
-            if gates is not None and gates[i] is not None:
-                x = x * gates[i].to(x.dtype)[:, None]
-        return x
+        return _gated_blocks(self.conv_layers, wav.unsqueeze(1), gates)
 
 
 def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float = 20.0, f_max: Optional[float] = None
@@ -201,12 +205,7 @@ class FbankFrontend(nn.Module):
 
     def forward(self, feats: Tensor, gates: Optional[Sequence[Tensor]] = None) -> Tensor:
         """feats: normalised [B, N, n_mels] -> [B, C_last, N'] with N' = ceil(N / prod(strides))."""
-        x = feats.transpose(1, 2)
-        for i, block in enumerate(self.conv_layers):
-            x = block(x)
-            if gates is not None and gates[i] is not None:
-                x = x * gates[i].to(x.dtype)[:, None]
-        return x
+        return _gated_blocks(self.conv_layers, feats.transpose(1, 2), gates)
 
 
 class FeatureProjection(nn.Module):

@@ -24,6 +24,18 @@ def _as_lengths(shape: tuple[int, int], lengths: Tensor | None, device) -> Tenso
     return lengths
 
 
+def _check_args(shape: tuple[int, int], lengths: Tensor | None, mask_prob: float, length_name: str, length: int,
+                generator: torch.Generator | None, device) -> tuple[torch.device, Tensor]:
+    """Check a sampler's arguments -> (output device: ``device``, else the generator's, else CPU; lengths [B])."""
+    if not 0.0 <= mask_prob <= 1.0:
+        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
+    if length < 1:
+        raise ValueError(f"{length_name} must be >= 1, got {length}")
+    device = torch.device(device) if device is not None else (
+        generator.device if generator is not None else torch.device("cpu"))
+    return device, _as_lengths(shape, lengths, device)
+
+
 def _spans_to_mask(starts: Tensor, keep: Tensor, span_len: Tensor, T: int) -> Tensor:
     """Paint spans onto a [B, T] bool mask.
 
@@ -69,14 +81,8 @@ def compute_span_mask(
     Returns:
         [B, T] bool, True = masked.
     """
-    if not 0.0 <= mask_prob <= 1.0:
-        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
-    if mask_length < 1:
-        raise ValueError(f"mask_length must be >= 1, got {mask_length}")
     B, T = shape
-    device = torch.device(device) if device is not None else (
-        generator.device if generator is not None else torch.device("cpu"))
-    lens = _as_lengths(shape, lengths, device)
+    device, lens = _check_args(shape, lengths, mask_prob, "mask_length", mask_length, generator, device)
     if B == 0 or T == 0 or mask_prob == 0.0:
         return torch.zeros(B, T, dtype=torch.bool, device=device)
 
@@ -122,14 +128,8 @@ def compute_block_mask(
     Returns:
         [B, T] bool, True = masked.
     """
-    if not 0.0 <= mask_prob <= 1.0:
-        raise ValueError(f"mask_prob must be in [0, 1], got {mask_prob}")
-    if block_length < 1:
-        raise ValueError(f"block_length must be >= 1, got {block_length}")
     B, T = shape
-    device = torch.device(device) if device is not None else (
-        generator.device if generator is not None else torch.device("cpu"))
-    lens = _as_lengths(shape, lengths, device)
+    device, lens = _check_args(shape, lengths, mask_prob, "block_length", block_length, generator, device)
     if B == 0 or T == 0:
         return torch.zeros(B, T, dtype=torch.bool, device=device)
     ar = torch.arange(T, device=device)
