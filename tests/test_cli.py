@@ -29,3 +29,37 @@ def test_console_script_runs():
     assert out.returncode == 0
     for name in COMMANDS:
         assert name in out.stdout
+
+
+def test_library_errors_become_one_line(capsys):
+    import argparse
+
+    from speechssl.cli.common import exits_on
+
+    @exits_on(ValueError, code=3)
+    def run(args):
+        if args.fail:
+            raise ValueError("config key 'x' must be > 0")
+        return 0
+
+    assert run(argparse.Namespace(command="demo", fail=False)) == 0
+    assert run(argparse.Namespace(command="demo", fail=True)) == 3
+    assert capsys.readouterr().err == "speechssl demo: config key 'x' must be > 0\n"
+    with pytest.raises(KeyError):  # anything else is a bug: its traceback stays
+        exits_on(ValueError)(lambda args: {}["k"])(argparse.Namespace(command="demo"))
+
+
+def test_experiment_args_one_helper():
+    import argparse
+
+    from speechssl.cli.common import add_experiment_args
+
+    p = argparse.ArgumentParser()
+    add_experiment_args(p, several_configs=True, schedule_change=False)
+    args = p.parse_args(["--config", "a.yaml", "--config", "b.yaml", "--out", "o", "--set", "k=1", "--resume"])
+    assert (args.config, args.out, args.overrides, args.resume) == (["a.yaml", "b.yaml"], "o", ["k=1"], True)
+    assert not hasattr(args, "allow_schedule_change")
+    parser = build_parser()
+    for name in ("pretrain", "distill", "prune"):
+        args = parser.parse_args([name, "--config", "c.yaml", "--out", "o", "--resume", "--allow-schedule-change"])
+        assert (args.config, args.resume, args.allow_schedule_change, args.overwrite) == ("c.yaml", True, True, False)
