@@ -276,6 +276,22 @@ def test_fairseq_checkpoint_import(model_type, layer_norm, tmp_path):
     assert torch.equal(parts["label_embs_concat"]["label_embs_concat"], sd["label_embs_concat"])
 
 
+def test_a_missing_projection_is_named():
+    from speechssl.models.convert_fairseq import state_dict_from_fairseq
+    from speechssl.models.convert_hf import state_dict_from_hf
+
+    hf_sd = small_hf("hubert", False).state_dict()
+    fairseq_sd = hf_to_fairseq_names(hf_sd, False)
+    ours, _ = state_dict_from_hf(hf_sd)
+    assert torch.equal(ours["layers.1.attention.qkv.bias"], torch.cat(
+        [hf_sd[f"encoder.layers.1.attention.{p}_proj.bias"] for p in "qkv"]))
+    del hf_sd["encoder.layers.1.attention.k_proj.bias"], fairseq_sd["encoder.layers.0.self_attn.v_proj.weight"]
+    with pytest.raises(ConfigError, match=r"HF checkpoint lacks encoder\.layers\.1\.attention\.k_proj\.bias$"):
+        state_dict_from_hf(hf_sd)
+    with pytest.raises(ConfigError, match=r"lacks encoder\.layers\.0\.self_attn\.v_proj\.weight$"):
+        state_dict_from_fairseq(fairseq_sd)
+
+
 def test_fairseq_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "old.pt"
     torch.save({"args": argparse.Namespace(encoder_layers=2), "model": {}}, path)

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from speechssl.config import ConfigError
 
+from .convert_hf import fuse_qkv
 from .encoder_config import EncoderConfig
 from .frames import fairseq_padding_rule
 
@@ -178,14 +179,7 @@ def state_dict_from_fairseq(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], d
                 extra[key] = t
         else:
             extra[key] = t
-    for i, parts in qkv.items():
-        for kind in ("weight", "bias"):
-            try:
-                out[f"layers.{i}.attention.qkv.{kind}"] = torch.cat(
-                    [parts["q" + kind], parts["k" + kind], parts["v" + kind]], 0)
-            except KeyError as e:
-                raise ConfigError(f"fairseq checkpoint lacks encoder.layers.{i}.self_attn."
-                                  f"{e.args[0][0]}_proj.{kind}") from None
+    out.update(fuse_qkv(qkv, "fairseq checkpoint lacks encoder.layers.{layer}.self_attn.{name}"))
     return out, extra
 
 

@@ -16,7 +16,7 @@ from speechssl.config import ConfigError
 
 from .encoder_config import EncoderConfig
 
-__all__ = ["config_from_hf", "config_to_hf", "state_dict_from_hf", "state_dict_to_hf", "HF_MODEL_TYPES"]
+__all__ = ["config_from_hf", "config_to_hf", "state_dict_from_hf", "state_dict_to_hf", "fuse_qkv", "HF_MODEL_TYPES"]
 
 HF_MODEL_TYPES = {"wav2vec2": "Wav2Vec2Model", "hubert": "HubertModel", "wavlm": "WavLMModel"}
 _PREFIXES = ("wav2vec2.", "hubert.", "wavlm.")
@@ -126,6 +126,20 @@ def config_to_hf(cfg: EncoderConfig) -> dict[str, Any]:
     return hf
 
 
+def fuse_qkv(qkv: dict[int, dict[str, Tensor]], missing: str) -> dict[str, Tensor]:
+    """Our fused ``layers.N.attention.qkv.{weight,bias}`` from separate projections: ``qkv[N]`` maps "qweight",
+    "kbias" ... to tensors; rows are stacked q, k, v. A missing projection raises ConfigError with ``missing``
+    formatted with ``layer`` (N) and ``name`` (e.g. ``k_proj.bias``)."""
+    out: dict[str, Tensor] = {}
+    for i, parts in qkv.items():
+        for kind in ("weight", "bias"):
+            absent = [p for p in "qkv" if p + kind not in parts]
+            if absent:
+                raise ConfigError(missing.format(layer=i, name=f"{absent[0]}_proj.{kind}"))
+            out[f"layers.{i}.attention.qkv.{kind}"] = torch.cat([parts[p + kind] for p in "qkv"], 0)
+    return out
+
+
 _LAYER_RE = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -170,13 +184,7 @@ def state_dict_from_hf(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[s
                 out[f"layers.{i}.{rest}"] = t
         else:
             extra[key] = t
-    for i, parts in qkv.items():
-        for kind in ("weight", "bias"):
-            try:
-                out[f"layers.{i}.attention.qkv.{kind}"] = torch.cat([parts["q" + kind], parts["k" + kind],
-                                                                      parts["v" + kind]], 0)
-            except KeyError as e:
-                raise ConfigError(f"HF checkpoint lacks encoder.layers.{i}.attention.{e.args[0][0]}_proj.{kind}")
+    out.update(fuse_qkv(qkv, "HF checkpoint lacks encoder.layers.{layer}.attention.{name}"))
     return out, extra
 
 
