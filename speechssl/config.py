@@ -147,6 +147,16 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _over_default(f: dataclasses.Field, value: Any) -> Any:
+    """A section given as a mapping starts from the field's own default section: a command whose config declares
+    ``data: DataConfig = field(default_factory=compress_data_config)`` keeps those defaults for the keys its YAML
+    leaves out, instead of falling back to the class's."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    return _merge(to_dict(default), value) if dataclasses.is_dataclass(default) else value
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError."""
     if not isinstance(data, dict):
@@ -157,7 +167,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     if unknown:
         k = unknown[0]
         raise ConfigError(f"unknown config key '{prefix}{k}'" + _suggest(k, fields))
-    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    kwargs = {name: _coerce(_over_default(fields[name], value), hints[name], prefix + name)
+              for name, value in data.items()}
     try:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing

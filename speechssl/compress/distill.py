@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speechssl.config import ConfigError
+from speechssl.data.loader import DataConfig, build_dataset, build_loader
 from speechssl.train.contract import StepOutput
 from speechssl.train.optim import OptimConfig, ScheduleConfig
 from speechssl.train.trainer import TrainerConfig
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "distill_loss", "FrozenTeacher", "build_distilhubert_student", "copy_encoder_weights", "copy_teacher",
-    "PredictionHeads", "HeadDistiller", "LayerDistiller", "valid_frame_mask", "CompressDataConfig",
+    "PredictionHeads", "HeadDistiller", "LayerDistiller", "valid_frame_mask", "compress_data_config",
     "DistillConfig", "load_teacher", "build_distill_model", "run_distill", "export_student",
 ]
 
@@ -292,19 +293,11 @@ def copy_teacher(teacher: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 # `speechssl distill`: config schema and run glue
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class CompressDataConfig:
-    train: list[str] = field(default_factory=lambda: ["data/mini/cuts_pretrain.jsonl.gz"])  # CutSet manifests
-    max_duration: float = 60.0     # padded audio seconds per batch
-    num_buckets: int = 10
-    max_crop_seconds: float = 0.0  # crop longer utterances to this (random start); 0 = no crop
-    skip_bad: bool = False         # drop unreadable cuts (counted and reported) instead of stopping
-
-    def validate(self) -> None:
-        if not self.train:
-            raise ConfigError("config key 'data.train' must list at least one CutSet manifest")
-        if self.max_duration <= 0:
-            raise ConfigError(f"config key 'data.max_duration' must be > 0, got {self.max_duration}")
+def compress_data_config() -> DataConfig:
+    """The ``data:`` defaults of distillation and pruning: whole utterances zero-padded in batches of 60 s (no crop
+    to the batch's shortest, no length crop), and an unreadable cut stops the run."""
+    return DataConfig(train=["data/mini/cuts_pretrain.jsonl.gz"], max_duration=60.0, crop_to_shortest=False,
+                      max_crop_seconds=None, skip_bad=False)
 
 
 @dataclass
@@ -342,7 +335,7 @@ class DistillConfig:
     teacher: str = ""              # model dir (ours or HF), fairseq .pt, or preset:NAME (random weights)
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: DistillLossConfig = field(default_factory=DistillLossConfig)
-    data: CompressDataConfig = field(default_factory=CompressDataConfig)
+    data: DataConfig = field(default_factory=compress_data_config)
     optim: OptimConfig = field(default_factory=_default_optim)
     schedule: ScheduleConfig = field(default_factory=_default_schedule)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -350,6 +343,8 @@ class DistillConfig:
     def validate(self) -> None:
         if not self.teacher:
             raise ConfigError("config key 'teacher' is empty: pass --set teacher=PATH (a model directory or .pt)")
+        if not self.data.train and not self.data.shar_dir:
+            raise ConfigError("config key 'data.train' (manifests) or 'data.shar_dir' (Shar shards) must be set")
 
 
 def load_teacher(spec: str, seed: int = 0) -> nn.Module:
@@ -367,33 +362,14 @@ def load_teacher(spec: str, seed: int = 0) -> nn.Module:
     return load_pretrained(spec)
 
 
-def make_train_loader_factory(data: CompressDataConfig, trainer: TrainerConfig, crop_multiple: int = 320):
-    """``() -> ResumableLoader`` over ``data.train`` (waveform batches for distillation)."""
+def make_train_loader_factory(data: DataConfig, trainer: TrainerConfig, encoder: nn.Module):
+    """``() -> resumable loader`` over the ``data:`` section: waveform batches, crops on ``encoder``'s frame grid
+    (the student's or the teacher's: they share the front end)."""
 
     def factory():
-        from lhotse import CutSet
-
-        from speechssl.data.sampler import make_loader
-
-        sets = []
-        for path in data.train:
-            if not Path(path).is_file():
-                raise ConfigError(f"config key 'data.train': manifest {path} does not exist")
-            sets.append(CutSet.from_file(path))
-        cuts = sets[0] if len(sets) == 1 else CutSet.from_cuts(c for s in sets for c in s)
-        crop = int(data.max_crop_seconds * 16000) or None
-        try:  # Lhotse needs at least as many cuts as duration buckets (tiny manifests)
-            buckets = max(1, min(data.num_buckets, len(cuts)))
-        except TypeError:  # lazy manifest: length unknown
-            buckets = data.num_buckets
-        return make_loader(
-            cuts,
-            {"mode": "waveform", "max_crop_samples": crop, "crop_multiple": crop_multiple, "skip_bad": data.skip_bad,
-             "seed": trainer.seed},
-            {"max_duration": data.max_duration, "num_buckets": buckets, "seed": trainer.seed,
-             "shuffle": True},
-            num_workers=trainer.num_workers,
-        )
+        dataset = build_dataset(data, num_frames=encoder.num_frames, downsample_rate=encoder.downsample_rate,
+                                seed=trainer.seed, train=True)
+        return build_loader(data, dataset, seed=trainer.seed, num_workers=trainer.num_workers)
 
     return factory
 
@@ -449,6 +425,6 @@ def run_distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -
     meta = {"method": "distilhubert" if cfg.loss.method == "heads" else "layer_distill", "teacher": cfg.teacher,
             "target_layers": list(cfg.loss.target_layers)}
     trainer = Trainer(cfg.trainer, model, out_dir, optim=cfg.optim, schedule=cfg.schedule,
-                      make_train_loader=make_train_loader_factory(cfg.data, cfg.trainer),
+                      make_train_loader=make_train_loader_factory(cfg.data, cfg.trainer, model.student),
                       save_final=lambda m, d: export_student(m.student, d, meta), run_config=cfg)
     return trainer.fit(resume=resume)

@@ -27,12 +27,13 @@ import torch
 from torch import nn
 
 from speechssl.compress.distill import (
-    CompressDataConfig, LayerDistiller, copy_teacher, evenly_spaced_layers, export_student, load_teacher,
+    LayerDistiller, compress_data_config, copy_teacher, evenly_spaced_layers, export_student, load_teacher,
     make_train_loader_factory,
 )
 from speechssl.compress.hardconcrete import HardConcrete
 from speechssl.compress.materialize import materialize
 from speechssl.config import ConfigError
+from speechssl.data.loader import DataConfig
 from speechssl.train.contract import StepOutput
 from speechssl.train.optim import OptimConfig, ScheduleConfig
 from speechssl.train.trainer import TrainerConfig
@@ -326,7 +327,7 @@ class PruneConfig:
     loss: LayerLossConfig = field(default_factory=LayerLossConfig)
     prune: PruneSettings = field(default_factory=PruneSettings)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    data: CompressDataConfig = field(default_factory=CompressDataConfig)
+    data: DataConfig = field(default_factory=compress_data_config)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, weight_decay=0.0))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(name="constant", warmup_steps=0))
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=50000))
@@ -334,6 +335,8 @@ class PruneConfig:
     def validate(self) -> None:
         if not self.teacher:
             raise ConfigError("config key 'teacher' is empty: pass --set teacher=PATH (a model directory or .pt)")
+        if not self.data.train and not self.data.shar_dir:
+            raise ConfigError("config key 'data.train' (manifests) or 'data.shar_dir' (Shar shards) must be set")
 
 
 def _layer_pairs(cfg: PruneConfig, num_layers: int) -> tuple[list[int], list[int]]:
@@ -455,7 +458,7 @@ def run_prune(cfg: PruneConfig, out_dir: str | Path, resume: bool = False) -> di
     out_dir = Path(out_dir)
     teacher = load_teacher(cfg.teacher, cfg.trainer.seed)
     pairs = _layer_pairs(cfg, teacher.num_layers)
-    loader = make_train_loader_factory(cfg.data, cfg.trainer)
+    loader = make_train_loader_factory(cfg.data, cfg.trainer, teacher)
     pruned_dir = out_dir / "pruned"
     meta = {"method": "dphubert", "teacher": cfg.teacher, "target_sparsity": cfg.prune.target}
     stage1: dict = {}

@@ -5,10 +5,10 @@
 - the encoder from ``model.preset`` (a preset name such as ``tiny_hubert`` or a ``conf/model/*.yaml`` path)
   with ``model.overrides``, optionally initialised from ``model.init_from`` (any ``load_pretrained`` path);
 - the objective with ``speechssl.models.objectives.build_objective(objective.name, encoder, **objective.kwargs)``;
-- the training data: Lhotse manifests (``data.train``, jsonl.gz, several are chained) or Shar shards
-  (``data.shar_dir``, streamed per rank and worker, resumable exactly), a duration-bucketing sampler (``data.max_duration`` padded seconds per batch per rank)
-  and ``SpeechDataset`` (crops on the encoder frame grid, units aligned to encoder frames), wrapped in the
-  resumable loader; ``data.valid`` manifests feed a periodic validation pass;
+- the training data through ``speechssl.data.loader`` (the ``data:`` section is its ``DataConfig``): Lhotse
+  manifests (``data.train``, several are chained) or Shar shards (``data.shar_dir``), duration-bucketed batches
+  of ``data.max_duration`` padded seconds per rank, ``SpeechDataset`` batches (crops on the encoder frame grid,
+  units aligned to the encoder's frames), exact resume; ``data.valid`` manifests feed a periodic validation pass;
 - collapse diagnostics (``diagnostics``, see ``DiagnosticsConfig``) at every trainer evaluation, on a fixed batch
   of the first cuts of ``data.valid`` (else of the training data): per-layer temporal std and effective rank,
   the objective's numbers on that batch, the unit prior (and PNMI when the cuts carry phone alignments) and
@@ -25,14 +25,14 @@ Example::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from speechssl.config import ConfigError, to_dict
-from speechssl.data.augment import AugmentConfig
+from speechssl.data.loader import DataConfig, build_dataset, build_loader, split_cuts
 from speechssl.train.diagnostics import DiagnosticsConfig, RunDiagnostics
 from speechssl.train.optim import OptimConfig, ScheduleConfig
 from speechssl.train.trainer import Trainer, TrainerConfig
@@ -42,30 +42,6 @@ __all__ = ["PretrainConfig", "DataConfig", "ModelConfig", "ObjectiveConfig", "Di
 log = logging.getLogger(__name__)
 
 UNIT_OBJECTIVES = ("hubert", "wavlm")  # objectives that predict k-means units stored on the cuts
-
-
-@dataclass
-class DataConfig:
-    train: list[str] = field(default_factory=list)   # CutSet manifests (jsonl.gz); chained in order
-    valid: list[str] = field(default_factory=list)   # optional validation manifests
-    shar_dir: str | None = None                      # Lhotse Shar shards instead of ``train`` manifests
-    max_duration: float = 200.0                      # padded seconds of audio per batch and rank
-    num_buckets: int = 10
-    min_duration: float = 0.0                        # drop shorter cuts (fairseq min_sample_size 2 s)
-    max_cut_duration: float | None = None            # drop longer cuts
-    crop_to_shortest: bool = True                    # crop each batch to its shortest cut (fairseq)
-    max_crop_seconds: float | None = 15.625          # crop longer cuts (fairseq max_sample_size 250k samples)
-    units: list[str] = field(default_factory=list)   # unit label sets on the cuts (speechssl label --name)
-    features: str = "waveform"                       # waveform | fbank | mfcc: extra features in the batch
-    skip_bad: bool = True                            # skip unreadable cuts (counted) instead of failing
-    max_valid_batches: int = 20
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # label-preserving augmentation (off)
-
-    def validate(self) -> None:
-        if self.max_duration <= 0:
-            raise ConfigError(f"config key 'data.max_duration' must be > 0, got {self.max_duration}")
-        if self.features not in ("waveform", "fbank", "mfcc"):
-            raise ConfigError(f"config key 'data.features' must be waveform|fbank|mfcc, got {self.features!r}")
 
 
 @dataclass
@@ -141,76 +117,22 @@ def build_model(cfg: PretrainConfig) -> torch.nn.Module:
         raise ConfigError(f"config key '{key}' (objective '{cfg.objective.name}'): {e}") from e
 
 
-def _open_cuts(paths: list[str], what: str):
-    from lhotse import CutSet
-
-    for p in paths:
-        if not Path(p).is_file():
-            raise ConfigError(f"config key 'data.{what}': manifest not found: {p}")
-    return CutSet.from_files([str(p) for p in paths]) if len(paths) > 1 else CutSet.from_file(paths[0])
-
-
-def _filter(cuts, cfg: DataConfig):
-    lo, hi = cfg.min_duration, cfg.max_cut_duration
-    if lo <= 0 and hi is None:
-        return cuts
-    return cuts.filter(lambda c: c.duration >= lo and (hi is None or c.duration <= hi))
-
-
 def _dataset(cfg: PretrainConfig, encoder, seed: int, train: bool):
-    from speechssl.data.dataset import SpeechDataset
-
-    d = cfg.data
-    augment = None
-    if train:
-        from speechssl.data.augment import build_augmenter
-
-        try:
-            augment = build_augmenter(d.augment)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"config key 'data.augment': {e}") from e
-    return SpeechDataset(
-        None, mode=d.features, units=d.units, num_frames=encoder.num_frames,
-        frame_rate=16000 / encoder.downsample_rate, crop_to_shortest=d.crop_to_shortest,
-        max_crop_samples=int(d.max_crop_seconds * 16000) if d.max_crop_seconds else None,
-        crop_multiple=encoder.downsample_rate, skip_bad=d.skip_bad, augment=augment, seed=seed,
-    )
+    return build_dataset(cfg.data, num_frames=encoder.num_frames, downsample_rate=encoder.downsample_rate, seed=seed,
+                         train=train)
 
 
 def build_train_loader(cfg: PretrainConfig, encoder):
     """The resumable training loader; call after the process group exists (the sampler shards by rank)."""
-    from speechssl.data.sampler import ResumableLoader, make_sampler
-
-    d = cfg.data
-    if d.shar_dir:
-        from speechssl.data.shar import make_resumable_shar_loader
-
-        if not Path(d.shar_dir).is_dir():
-            raise ConfigError(f"config key 'data.shar_dir': not a directory: {d.shar_dir}")
-        try:
-            return make_resumable_shar_loader(
-                d.shar_dir, _dataset(cfg, encoder, cfg.trainer.seed, train=True), max_duration=d.max_duration,
-                num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, num_buckets=d.num_buckets,
-                min_duration=d.min_duration, max_cut_duration=d.max_cut_duration)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"config key 'data.shar_dir': {e}") from e
-    cuts = _open_cuts(d.train, "train")
-    cuts = _filter(cuts, d)
-    sampler = make_sampler(cuts, max_duration=d.max_duration, num_buckets=d.num_buckets, shuffle=True,
-                           seed=cfg.trainer.seed, drop_last=False)
-    return ResumableLoader(sampler, _dataset(cfg, encoder, cfg.trainer.seed, train=True),
-                           num_workers=cfg.trainer.num_workers)
+    return build_loader(cfg.data, _dataset(cfg, encoder, cfg.trainer.seed, train=True), seed=cfg.trainer.seed,
+                        num_workers=cfg.trainer.num_workers)
 
 
 def _make_loss_evaluate(cfg: PretrainConfig, encoder):
     """Validation: the objective's logs averaged over up to ``data.max_valid_batches`` batches, weighted by
     sample size (the trainer runs it on the main process with the RNG forked, under no_grad/eval)."""
-    from speechssl.data.sampler import ResumableLoader, make_sampler
-
-    cuts = _filter(_open_cuts(cfg.data.valid, "valid"), cfg.data)
-    sampler = make_sampler(cuts, max_duration=cfg.data.max_duration, num_buckets=cfg.data.num_buckets,
-                           shuffle=False, seed=0, world_size=1, rank=0)
-    loader = ResumableLoader(sampler, _dataset(cfg, encoder, 0, train=False), num_workers=0)
+    loader = build_loader(cfg.data, _dataset(cfg, encoder, 0, train=False), seed=0, shuffle=False, split="valid",
+                          rank=0, world_size=1)
 
     def evaluate(model) -> dict[str, float]:
         from speechssl.train.runtime import move_to_device
@@ -236,15 +158,12 @@ def _make_loss_evaluate(cfg: PretrainConfig, encoder):
 def _diagnostics(cfg: PretrainConfig, encoder, metrics_path: Path) -> RunDiagnostics:
     """The run's collapse diagnostics: the fixed batch from the first cuts of ``data.valid`` (else of the training
     data), read whole and clean, and the unit label sets the objective predicts."""
-    from speechssl.data.dataset import SpeechDataset
-    from speechssl.data.loader import split_cuts
-
     d = cfg.data
+    whole = replace(d, crop_to_shortest=False, max_crop_seconds=None)
 
     def make_batch(cuts: list) -> dict:
-        ds = SpeechDataset(mode=d.features, units=d.units, num_frames=encoder.num_frames,
-                           downsample_rate=encoder.downsample_rate, skip_bad=d.skip_bad)
-        return ds[cuts]
+        return build_dataset(whole, num_frames=encoder.num_frames, downsample_rate=encoder.downsample_rate, seed=0,
+                             train=False)[cuts]
 
     return RunDiagnostics(cfg.diagnostics, max_steps=cfg.trainer.max_steps, metrics_path=metrics_path,
                           label_sets=list(d.units) if cfg.objective.name in UNIT_OBJECTIVES else [],
@@ -285,16 +204,6 @@ def _save_final(cfg: PretrainConfig):
     return save
 
 
-def _train_cuts(cfg: PretrainConfig):
-    """The training cuts in manifest (or shard) order, lazily."""
-    d = cfg.data
-    if d.train:
-        return _filter(_open_cuts(d.train, "train"), d)
-    from speechssl.data.shar import open_shar_cuts
-
-    return _filter(open_shar_cuts(d.shar_dir, split_for_dataloading=False, shuffle_shards=False), d)
-
-
 INPUT_STATS_CUTS = 200  # cuts read for the corpus-level log-mel statistics (evenly spread over the first 4x)
 
 
@@ -311,7 +220,7 @@ def set_input_statistics(cfg: PretrainConfig, encoder) -> None:
     front = encoder.feature_extractor
     if getattr(front, "input_norm", None) != "global" or cfg.model.init_from:
         return
-    head = list(islice(_train_cuts(cfg), 4 * INPUT_STATS_CUTS))  # manifests are often sorted by speaker
+    head = list(islice(split_cuts(cfg.data, "train"), 4 * INPUT_STATS_CUTS))  # manifests are often sorted by speaker
     cuts = head[:: -(-len(head) // INPUT_STATS_CUTS) or 1]
     total = torch.zeros(front.n_mels, dtype=torch.float64)
     sq = torch.zeros_like(total)
