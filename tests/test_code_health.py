@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "speechssl"
@@ -183,20 +182,6 @@ def test_the_checker_sees_relative_function_level_and_package_imports():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-# cycles in files another change is still reworking; test_no_import_cycle turns strict once this is empty
-KNOWN_CYCLES = {frozenset({"speechssl.data.loader", "speechssl.data.shar"})}
-
-
-def test_no_import_cycle_apart_from_known_ones():
-    found = cycles(import_graph())
-    for c in found:
-        print("import cycle:", " -> ".join(c))
-    new = [c for c in found if frozenset(c) not in KNOWN_CYCLES]
-    assert not new, "import cycles: " + "; ".join(" -> ".join(c) for c in new)
-
-
-@pytest.mark.xfail(strict=False, reason="speechssl.data.loader -> speechssl.data.shar -> speechssl.data.loader "
-                                        "(function-level imports in data/loader.py, module-level in data/shar.py)")
 def test_no_import_cycle():
     found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
@@ -222,7 +207,6 @@ def test_trainer_does_not_probe_the_model_with_hasattr():
     assert not found, f"hasattr(model, ...) at {path.relative_to(REPO)} lines {found}"
 
 
-@pytest.mark.xfail(strict=False, reason="long functions in modules still being split; made strict when done")
 def test_functions_are_short_or_say_why():
     found = long_functions()
     for f in found:

@@ -36,6 +36,7 @@ from speechssl.config import ConfigError
 from speechssl.constants import SAMPLE_RATE
 from speechssl.data.augment import AugmentConfig
 from speechssl.data.dataset import Features, SpeechDataset
+from speechssl.data.sampler import DurationFilter
 
 __all__ = ["DataConfig", "open_cuts", "filter_durations", "DurationFilter", "split_cuts", "build_dataset",
            "build_loader"]
@@ -114,23 +115,6 @@ def open_cuts(paths, key: str = "data.train"):
         if not Path(p).is_file():
             raise ConfigError(f"{_subject(key)}: manifest not found: {p}")
     return CutSet.from_files([str(p) for p in paths]) if len(paths) > 1 else CutSet.from_file(paths[0])
-
-
-@dataclass
-class DurationFilter:
-    """``filter(cut)``: True for cuts of ``min_duration`` to ``max_duration`` seconds (None = no upper limit).
-
-    A picklable callable, so that it also runs inside dataloader workers (Shar streams)."""
-
-    min_duration: float = 0.0
-    max_duration: float | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.min_duration > 0 or self.max_duration is not None
-
-    def __call__(self, cut) -> bool:
-        return cut.duration >= self.min_duration and (self.max_duration is None or cut.duration <= self.max_duration)
 
 
 def filter_durations(cuts, min_duration: float = 0.0, max_duration: float | None = None):

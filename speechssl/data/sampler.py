@@ -13,12 +13,30 @@ import copy
 import logging
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator, Sequence
 
 import torch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DurationFilter:
+    """``filter(cut)``: True for cuts of ``min_duration`` to ``max_duration`` seconds (None = no upper limit).
+
+    A picklable callable, so that it also runs inside dataloader workers (Shar streams)."""
+
+    min_duration: float = 0.0
+    max_duration: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.min_duration > 0 or self.max_duration is not None
+
+    def __call__(self, cut) -> bool:
+        return cut.duration >= self.min_duration and (self.max_duration is None or cut.duration <= self.max_duration)
 
 
 def estimate_duration_bins(cuts, num_buckets: int, max_duration: float, num_cuts: int = 10000) -> list[float]:

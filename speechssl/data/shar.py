@@ -25,8 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from speechssl.data.loader import DurationFilter
-from speechssl.data.sampler import check_not_all_bad, count_skips, estimate_duration_bins, is_empty_batch, log_skips
+from speechssl.data.sampler import DurationFilter, check_not_all_bad, count_skips, estimate_duration_bins, is_empty_batch, log_skips
 
 log = logging.getLogger(__name__)
 

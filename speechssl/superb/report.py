@@ -95,8 +95,25 @@ def make_report(exp_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
         return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    rows, columns = _table_cells(results)
+    order = sorted(columns, key=lambda c: (TASK_ORDER.index(columns[c][0]) if columns[c][0] in TASK_ORDER else 99, c))
+    # FBANK-like baselines first, then by parameter count
+    names = sorted(rows, key=lambda n: (n not in ("fbank", "mfcc"), rows[n]["params"] or 0, n))
+    md, csv_text = _render_table(rows, columns, order, names)
+    notes = _fbank_notes(rows, columns, order, names)
+    if notes:
+        md += "\nAgainst the FBANK baseline:\n" + "\n".join(notes) + "\n"
+    md_path, csv_path = out / "superb.md", out / "superb.csv"
+    atomic_write_text(md_path, "# SUPERB results\n\n" + md)
+    atomic_write_text(csv_path, csv_text)
+    plots = _plot_layer_weights(rows, order, columns, out, atomic_write)
+    return SuperbReport(md, md_path, csv_path, plots)
+
+
+def _table_cells(results: list[dict]) -> tuple[dict[str, dict], dict[str, tuple[str, str]]]:
+    """(rows: upstream label -> {upstream, params, cells: column -> result}, columns: column -> (task, metric))."""
     rows: dict[str, dict] = {}
-    columns: dict[str, tuple[str, str]] = {}  # column -> (task, metric)
+    columns: dict[str, tuple[str, str]] = {}
     splits_of_task: dict[str, set] = {}
     for r in results:
         splits_of_task.setdefault(r["task"], set()).add(r.get("split", "test"))
@@ -109,9 +126,11 @@ def make_report(exp_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
             continue
         row["cells"][col] = r
         columns.setdefault(col, (r["task"], r["metric"]))
-    order = sorted(columns, key=lambda c: (TASK_ORDER.index(columns[c][0]) if columns[c][0] in TASK_ORDER else 99, c))
-    # FBANK-like baselines first, then by parameter count
-    names = sorted(rows, key=lambda n: (n not in ("fbank", "mfcc"), rows[n]["params"] or 0, n))
+    return rows, columns
+
+
+def _render_table(rows: dict, columns: dict, order: list[str], names: list[str]) -> tuple[str, str]:
+    """The markdown table and the CSV text (values and each cell's best learning rate)."""
     head = ["upstream", "params (M)"] + [f"{c} {METRICS.get(columns[c][1], (columns[c][1],))[0]}" for c in order]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     buf = io.StringIO()
@@ -125,30 +144,28 @@ def make_report(exp_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
         lines.append("| " + " | ".join([n, f"{(params or 0) / 1e6:.2f}"] + cells) + " |")
         writer.writerow([n, params] + [row["cells"][c]["value"] if c in row["cells"] else "" for c in order] +
                         [row["cells"][c].get("best_lr", "") if c in row["cells"] else "" for c in order])
-    md = "\n".join(lines) + "\n"
-    # where each SSL upstream stands against the FBANK baseline
+    return "\n".join(lines) + "\n", buf.getvalue()
+
+
+def _fbank_notes(rows: dict, columns: dict, order: list[str], names: list[str]) -> list[str]:
+    """One line per column: how many upstreams beat the FBANK baseline there, and which."""
     base = rows.get("fbank")
-    notes = []
-    if base:
-        for c in order:
-            if c not in base["cells"]:
-                continue
-            metric = columns[c][1]
-            lower = METRICS.get(metric, (None, False))[1] if metric in METRICS else False
-            b = base["cells"][c]["value"]
-            better = [n for n in names if n != "fbank" and c in rows[n]["cells"] and (
-                rows[n]["cells"][c]["value"] < b if lower else rows[n]["cells"][c]["value"] > b)]
-            others = [n for n in names if n != "fbank" and c in rows[n]["cells"]]
-            if others:
-                notes.append(f"- {c}: {len(better)}/{len(others)} upstreams beat FBANK"
-                             + (f" ({', '.join(better)})" if better else ""))
-    if notes:
-        md += "\nAgainst the FBANK baseline:\n" + "\n".join(notes) + "\n"
-    md_path, csv_path = out / "superb.md", out / "superb.csv"
-    atomic_write_text(md_path, "# SUPERB results\n\n" + md)
-    atomic_write_text(csv_path, buf.getvalue())
-    plots = _plot_layer_weights(rows, order, columns, out, atomic_write)
-    return SuperbReport(md, md_path, csv_path, plots)
+    notes: list[str] = []
+    if not base:
+        return notes
+    for c in order:
+        if c not in base["cells"]:
+            continue
+        metric = columns[c][1]
+        lower = METRICS.get(metric, (None, False))[1] if metric in METRICS else False
+        b = base["cells"][c]["value"]
+        better = [n for n in names if n != "fbank" and c in rows[n]["cells"] and (
+            rows[n]["cells"][c]["value"] < b if lower else rows[n]["cells"][c]["value"] > b)]
+        others = [n for n in names if n != "fbank" and c in rows[n]["cells"]]
+        if others:
+            notes.append(f"- {c}: {len(better)}/{len(others)} upstreams beat FBANK"
+                         + (f" ({', '.join(better)})" if better else ""))
+    return notes
 
 
 def _plot_layer_weights(rows, order, columns, out: Path, atomic_write) -> list[Path]:
