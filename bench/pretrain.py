@@ -121,7 +121,7 @@ def run_hf(args) -> dict:
     from transformers.models.hubert.modeling_hubert import _compute_mask_indices
 
     from speechssl.models.convert_hf import config_to_hf
-    from speechssl.models.encoder import conv_out_frames
+    from speechssl.models.frames import num_frames
 
     torch.manual_seed(0)
     ecfg = _encoder_config(args)
@@ -138,7 +138,7 @@ def run_hf(args) -> dict:
     proj.to(dev)
     emb.data = emb.data.to(dev)
     opt = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
-    batch = _batch(args, lambda n: conv_out_frames(n, ecfg.conv_layers))
+    batch = _batch(args, lambda n: num_frames(ecfg, n))
     audio, units = batch["audio"].to(dev), batch["units"]["kmeans"].to(dev)
     B, T = units.shape
     base = _rss_mb() if args.device == "cpu" else 0.0

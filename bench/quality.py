@@ -93,7 +93,8 @@ def scores(results_dir: Path, tasks: list[str]) -> dict[str, float]:
 def superb(upstream: str, out: Path, tasks: list[str], data: Path, seed: int, log: Path) -> dict[str, float]:
     if not (out / tasks[-1] / "results.json").exists():
         args = ["superb", "--out", str(out), "--overwrite", "--set", f"upstream={upstream}", "--set",
-                f"data.manifest_dir={data}", "--set", "progress=false", "--set", f"seed={seed}"]
+                f"data.manifest_dir={data}", "--set", "trainer.progress=false", "--set",
+                f"trainer.seed={seed}"]
         if "asv" in tasks:
             args += ["--set", f"data.trials={data / 'asv_trials.txt'}"]
         for t in tasks:

@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from speechssl.models.frames import FBANK_HOP, fbank_input_frames
 from speechssl.superb.featurizer import cut_to_frames
 
 __all__ = ["Upstream", "EncoderUpstream", "FbankUpstream", "MfccUpstream", "LoRALinear", "BottleneckAdapter",
@@ -92,7 +93,7 @@ def utterance_cmvn(x: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-5) ->
 class _FeatureUpstream(Upstream):
     """Hand-crafted features as a single hidden state, 10 ms frames (downsample rate 160)."""
 
-    downsample_rate = 160
+    downsample_rate = FBANK_HOP
     num_states = 1
     base_dim = 80  # static coefficients; deltas are added only when the extractor returned these alone
 
@@ -104,7 +105,7 @@ class _FeatureUpstream(Upstream):
     def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
         """Whole 10 ms hops: the extractor's last frame, centred past the end of an utterance whose length is not
         a multiple of the hop, is left out."""
-        return torch.div(torch.as_tensor(num_samples).long(), self.downsample_rate, rounding_mode="floor")
+        return fbank_input_frames(num_samples)
 
     def _base(self, wav: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

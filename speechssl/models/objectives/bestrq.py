@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..components import FbankFrontend, log_mel_fbank
+from ..frames import FBANK_HOP, fbank_input_frames
 from ..masking import compute_block_mask, expand_mask
 from ..quantizers import RandomProjectionQuantizer
 from speechssl.train.contract import StepOutput
@@ -23,7 +24,6 @@ from .base import Objective, cross_entropy_fp32
 
 __all__ = ["BestRQObjective"]
 
-FBANK_HOP = 160
 
 
 class BestRQObjective(Objective):
@@ -62,7 +62,7 @@ class BestRQObjective(Objective):
             audio, alens = self.audio_of(batch)
             with torch.no_grad():
                 feats = log_mel_fbank(audio, self.n_mels, filters=self.encoder.feature_extractor.mel_filters)
-            return feats, torch.div(alens, FBANK_HOP, rounding_mode="floor").clamp_max(feats.shape[1])
+            return feats, fbank_input_frames(alens).clamp_max(feats.shape[1])
         feats = batch.get("features")
         if feats is None or feats.dim() != 3 or feats.shape[-1] != self.n_mels:
             raise KeyError(f"BEST-RQ needs 'audio' or {self.n_mels}-dim 'features' [B, F, {self.n_mels}] in the batch")

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from speechssl.constants import PAD_ID
 from speechssl.train.contract import StepOutput
 
+from ..frames import FBANK_HOP
 from .base import Objective, crop_or_pad, cross_entropy_fp32, fp32
 
 __all__ = ["HubertObjective", "normalize_num_classes"]
@@ -91,7 +92,7 @@ class HubertObjective(Objective):
             if cfg.frontend != "fbank":
                 raise ValueError("recon_weight needs the fbank front end (encoder config frontend: fbank): it "
                                  "reconstructs the input log-mel frames")
-            self.recon_proj = nn.Linear(D, cfg.n_mels * (encoder.downsample_rate // 160))
+            self.recon_proj = nn.Linear(D, cfg.n_mels * (encoder.downsample_rate // FBANK_HOP))
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, final_dim={self.final_dim}, logit_temp={self.logit_temp}"
