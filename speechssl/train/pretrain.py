@@ -69,6 +69,13 @@ class PretrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
+    def normalize(self) -> None:
+        """A bare ``objective.kwargs.num_classes: K`` with one label set is keyed by that set's name."""
+        nc, units = self.objective.kwargs.get("num_classes"), self.data.units
+        if (self.objective.name in UNIT_OBJECTIVES and isinstance(nc, int) and len(units) == 1
+                and units[0] != "kmeans"):
+            self.objective.kwargs["num_classes"] = {units[0]: nc}
+
     def validate(self) -> None:
         if not self.data.train and not self.data.shar_dir:
             raise ConfigError("config key 'data.train' (manifests) or 'data.shar_dir' must be set")
@@ -86,9 +93,6 @@ class PretrainConfig:
                 if missing:
                     raise ConfigError(f"config key 'objective.kwargs.num_classes' names label sets {missing} that are "
                                       f"not in 'data.units' {self.data.units}")
-            elif isinstance(nc, int) and len(self.data.units) == 1 and self.data.units[0] != "kmeans":
-                # a bare K with one label set: key it by that set's name
-                self.objective.kwargs["num_classes"] = {self.data.units[0]: nc}
 
 
 # --------------------------------------------------------------------------------------------- building
