@@ -273,3 +273,35 @@ def test_bestrq_overfits(synthetic_wav):
     assert codes.shape == (2, 15, 1) and codes.max() < 64
     stacked = torch.nn.functional.pad(norm, (0, 0, 0, 60 - norm.shape[1])).reshape(2, 15, 320)
     assert torch.equal(codes, obj.quantizer(stacked))
+
+
+def test_an_objective_class_registers_itself_by_name():
+    """A new objective is one module: its class sets ``name`` (and ``predicts_units``) and is then buildable by
+    name and checked by the pretraining config, with no registry or train/ code to edit."""
+    from speechssl.config import ConfigError
+    from speechssl.models.objectives import OBJECTIVES, Objective, build_objective
+    from speechssl.train.pretrain import PretrainConfig, predicts_units
+
+    class MaskedUnitsToy(Objective):
+        name = "masked_units_toy"
+        predicts_units = True
+
+        def __init__(self, encoder, num_classes=4, mask_prob: float = 0.5):
+            super().__init__(encoder, mask_prob=mask_prob, mask_length=2)
+            self.num_classes = num_classes
+
+    try:
+        assert OBJECTIVES["masked_units_toy"] is MaskedUnitsToy and predicts_units("masked_units_toy")
+        enc = torch.nn.Linear(2, 2)
+        assert build_objective("masked_units_toy", enc, num_classes=7).num_classes == 7
+        with pytest.raises(ValueError, match="has no option 'mask_len'"):
+            build_objective("masked_units_toy", enc, mask_len=3)
+        cfg = PretrainConfig()
+        cfg.data.train, cfg.objective.name = ["x.jsonl.gz"], "masked_units_toy"
+        with pytest.raises(ConfigError, match="data.units"):
+            cfg.validate()
+        with pytest.raises(ValueError, match="taken by"):
+            type("Clash", (Objective,), {"name": "masked_units_toy"})
+    finally:
+        OBJECTIVES.pop("masked_units_toy", None)
+    assert not predicts_units("wav2vec2") and predicts_units("hubert") and predicts_units("wavlm")

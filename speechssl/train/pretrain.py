@@ -38,10 +38,18 @@ from speechssl.train.optim import OptimConfig, ScheduleConfig
 from speechssl.train.trainer import Trainer, TrainerConfig
 
 __all__ = ["PretrainConfig", "DataConfig", "ModelConfig", "ObjectiveConfig", "DiagnosticsConfig", "run_pretrain",
-           "build_model", "build_train_loader", "UNIT_OBJECTIVES"]
+           "build_model", "build_train_loader"]
 log = logging.getLogger(__name__)
 
-UNIT_OBJECTIVES = ("hubert", "wavlm")  # objectives that predict k-means units stored on the cuts
+
+
+def predicts_units(objective_name: str) -> bool:
+    """Whether the objective registered as ``objective_name`` predicts unit labels stored on the cuts (False for
+    an unknown name: building the model reports it)."""
+    from speechssl.models.objectives import OBJECTIVES
+
+    cls = OBJECTIVES.get(objective_name)
+    return bool(cls is not None and cls.predicts_units)
 
 
 @dataclass
@@ -53,8 +61,8 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    # a speechssl.models.objectives.OBJECTIVES name (hubert | wav2vec2 | wavlm | bestrq); not a Literal, so that a
-    # new objective needs no change here
+    # a speechssl.models.objectives.OBJECTIVES name (hubert | wav2vec2 | wavlm | bestrq | any registered module);
+    # not a Literal, so that a new objective needs no change here
     name: str = "hubert"
     kwargs: dict[str, Any] = field(default_factory=dict)  # build_objective keyword arguments
 
@@ -72,14 +80,14 @@ class PretrainConfig:
     def normalize(self) -> None:
         """A bare ``objective.kwargs.num_classes: K`` with one label set is keyed by that set's name."""
         nc, units = self.objective.kwargs.get("num_classes"), self.data.units
-        if (self.objective.name in UNIT_OBJECTIVES and isinstance(nc, int) and len(units) == 1
+        if (predicts_units(self.objective.name) and isinstance(nc, int) and len(units) == 1
                 and units[0] != "kmeans"):
             self.objective.kwargs["num_classes"] = {units[0]: nc}
 
     def validate(self) -> None:
         if not self.data.train and not self.data.shar_dir:
             raise ConfigError("config key 'data.train' (manifests) or 'data.shar_dir' must be set")
-        if self.objective.name in UNIT_OBJECTIVES:
+        if predicts_units(self.objective.name):
             if not self.data.units:
                 raise ConfigError(f"objective '{self.objective.name}' predicts units: set 'data.units' to the label "
                                   "set names stored on the cuts (speechssl label --name NAME)")
@@ -170,7 +178,7 @@ def _diagnostics(cfg: PretrainConfig, encoder, metrics_path: Path) -> RunDiagnos
                              train=False)[cuts]
 
     return RunDiagnostics(cfg.diagnostics, max_steps=cfg.trainer.max_steps, metrics_path=metrics_path,
-                          label_sets=list(d.units) if cfg.objective.name in UNIT_OBJECTIVES else [],
+                          label_sets=list(d.units) if predicts_units(cfg.objective.name) else [],
                           source_cuts=lambda: split_cuts(d, "valid" if d.valid else "train"), make_batch=make_batch)
 
 

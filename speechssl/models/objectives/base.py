@@ -14,7 +14,7 @@ from speechssl.constants import PAD_ID
 
 from ..masking import compute_span_mask
 
-__all__ = ["Objective", "fp32", "cross_entropy_fp32", "crop_or_pad", "PAD_ID"]
+__all__ = ["OBJECTIVES", "Objective", "fp32", "cross_entropy_fp32", "crop_or_pad", "PAD_ID"]
 
 
 def fp32(device_type: str):
@@ -40,6 +40,11 @@ def crop_or_pad(x: Tensor, length: int, value) -> Tensor:
     return torch.cat([x, x.new_full(pad_shape, value)], dim=1)
 
 
+OBJECTIVES: dict[str, type["Objective"]] = {}
+"""``objective.name`` -> class: every ``Objective`` subclass that sets ``name``, registered when its module is
+imported (``speechssl.models.objectives`` imports every module of the package)."""
+
+
 class Objective(nn.Module):
     """Base class: ``forward(batch) -> StepOutput`` with ``self.encoder`` the model being pretrained.
 
@@ -49,6 +54,19 @@ class Objective(nn.Module):
     """
 
     trainer_capabilities = ("step", "shared_layerdrop")
+    name: str = ""
+    """The ``objective.name`` a config selects it by; a subclass that sets it is registered in ``OBJECTIVES``."""
+    predicts_units: bool = False
+    """Whether it predicts unit labels stored on the cuts: pretraining then requires ``data.units`` and
+    ``objective.kwargs.num_classes``."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name:
+            if name in OBJECTIVES and OBJECTIVES[name] is not cls:
+                raise ValueError(f"objective name '{name}' is taken by {OBJECTIVES[name].__qualname__}")
+            OBJECTIVES[name] = cls
 
     def __init__(self, encoder: nn.Module, *, mask_prob: float, mask_length: int, seed: int | None = None):
         super().__init__()

@@ -39,6 +39,8 @@ class BestRQObjective(Objective):
         seed: own generator for masks and noise (default: the global RNG).
     """
 
+    name = "bestrq"
+
     def __init__(self, encoder: nn.Module, *, codebook_size: int = 8192, code_dim: int = 16, num_codebooks: int = 1,
                  mask_prob: float = 0.01, mask_length: int = 40, noise_std: float = 0.1, quantizer_seed: int = 0,
                  seed: int | None = None):

@@ -66,6 +66,9 @@ class HubertObjective(Objective):
             front end only).
     """
 
+    name = "hubert"
+    predicts_units = True
+
     def __init__(self, encoder: nn.Module, num_classes=100, *, final_dim: int = 256, logit_temp: float = 0.1,
                  mask_prob: float = 0.8, mask_length: int = 10, pred_masked_weight: float = 1.0,
                  pred_nomask_weight: float = 0.0, feature_pen_weight: float = 10.0, untie_final_proj: bool = False,

@@ -61,6 +61,8 @@ class Wav2Vec2Objective(Objective):
         seed: own generator for masks and negatives (default: the global RNG).
     """
 
+    name = "wav2vec2"
+
     def __init__(self, encoder: nn.Module, *, final_dim: int = 256, num_negatives: int = 100,
                  logit_temp: float = 0.1, latent_vars: int = 320, latent_groups: int = 2, latent_dim: int = 0,
                  latent_temp: tuple[float, float, float] = (2.0, 0.5, 0.999995), diversity_weight: float = 0.1,

@@ -92,6 +92,8 @@ class WavLMObjective(HubertObjective):
     Other arguments as :class:`HubertObjective` (mask 0.8 / 10, cosine logits, CE on masked frames).
     """
 
+    name = "wavlm"
+
     def __init__(self, encoder: nn.Module, num_classes=100, *, mix_prob: float = 0.2, max_overlap: float = 0.5,
                  energy_ratio_db: tuple[float, float] = (-5.0, 5.0), **kwargs):
         super().__init__(encoder, num_classes, **kwargs)
