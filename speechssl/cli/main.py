@@ -17,12 +17,14 @@ COMMANDS = {
     "export-shar": "speechssl.cli.export_shar",
     "kmeans": "speechssl.cli.kmeans",
     "label": "speechssl.cli.label",
+    "extract": "speechssl.cli.extract",
     "pretrain": "speechssl.cli.pretrain",
     "distill": "speechssl.cli.distill",
     "prune": "speechssl.cli.prune",
     "superb": "speechssl.cli.superb",
     "report": "speechssl.cli.report",
     "profile": "speechssl.cli.profile",
+    "analyze": "speechssl.cli.analyze",
     "export": "speechssl.cli.export",
 }
 
