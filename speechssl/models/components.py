@@ -133,15 +133,33 @@ def log_mel_fbank(wav: Tensor, n_mels: int = 80, sample_rate: int = SAMPLE_RATE,
     centred by zero padding (win - hop) / 2 on each side so that frame i covers samples around i * hop)."""
     pad = (win - hop) // 2
     x = F.pad(wav.float(), (pad, pad))
-    frames = x.unfold(-1, win, hop)  # [B, N, win]
-    frames = frames - frames.mean(-1, keepdim=True)  # remove DC per frame, as Kaldi does
-    window = torch.hann_window(win, periodic=False, device=wav.device)
-    spec = torch.fft.rfft(frames * window, n=n_fft).abs().pow(2)  # [B, N, n_fft/2+1]
+    if torch.jit.is_tracing():  # ONNX export: neither unfold over a dynamic length nor rfft exports
+        spec = _power_spectrum_by_conv(x, win, hop, n_fft)
+    else:
+        frames = x.unfold(-1, win, hop)  # [B, N, win]
+        frames = frames - frames.mean(-1, keepdim=True)  # remove DC per frame, as Kaldi does
+        window = torch.hann_window(win, periodic=False, device=wav.device)
+        spec = torch.fft.rfft(frames * window, n=n_fft).abs().pow(2)  # [B, N, n_fft/2+1]
     if filters is None:
         filters = mel_filterbank(n_fft, n_mels, sample_rate).to(wav.device)
     mel = spec @ filters
     n = wav.shape[-1] // hop
     return mel[:, :n].clamp_min(1e-10).log()
+
+
+def _power_spectrum_by_conv(x: Tensor, win: int, hop: int, n_fft: int) -> Tensor:
+    """What :func:`log_mel_fbank` computes by unfold and rfft, as one strided Conv1d: x [B, T] (padded) ->
+    power spectrum [B, N, n_fft // 2 + 1]. The kernel folds the per-frame DC removal, the Hann window and the
+    real DFT (cosine and sine rows), built in float64; outputs agree with the FFT path to float32 rounding."""
+    n = torch.arange(win, dtype=torch.float64)
+    k = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
+    window = torch.hann_window(win, periodic=False, dtype=torch.float64)
+    angle = 2 * math.pi * k[:, None] * n[None] / n_fft  # [K, win]
+    basis = torch.cat([torch.cos(angle), -torch.sin(angle)]) * window  # [2K, win]: DFT of the windowed frame
+    basis = basis - basis.mean(-1, keepdim=True)  # DFT(w * (f - mean f)) = (basis - row mean) . f
+    y = F.conv1d(x.unsqueeze(1), basis.to(x.dtype).unsqueeze(1), stride=hop)  # [B, 2K, N]
+    re, im = y.chunk(2, dim=1)
+    return (re * re + im * im).transpose(1, 2)
 
 
 class FbankFrontend(nn.Module):

@@ -217,8 +217,8 @@ class Encoder(nn.Module):
         # stack the normalised input frames to the encoder frame rate (BEST-RQ quantizer input)
         stack = self.downsample_rate // FBANK_HOP
         T = x.shape[-1]
-        pad = T * stack - feats.shape[1]
-        f = torch.nn.functional.pad(feats, (0, 0, 0, pad)) if pad > 0 else feats[:, : T * stack]
+        # one pad for both cases (a negative pad crops), so a traced graph holds no branch on the input length
+        f = torch.nn.functional.pad(feats, (0, 0, 0, T * stack - feats.shape[1]))
         return x, frames, f.reshape(f.shape[0], T, stack * cfg.n_mels)
 
     @staticmethod
@@ -254,8 +254,9 @@ class Encoder(nn.Module):
                     torch.zeros(B, T, dtype=torch.bool, device=device), False)
         frames = frames.clamp_max(T)
         padding_mask = torch.arange(T, device=device)[None] >= frames[:, None]
-        # a full-length batch needs no attention mask (faster SDPA path, identical result)
-        return frames, padding_mask, device.type == "meta" or bool(padding_mask.any())
+        # a full-length batch needs no attention mask (faster SDPA path, identical result); a traced graph (ONNX
+        # export) always masks, since the inputs it will see may be padded
+        return frames, padding_mask, device.type == "meta" or torch.jit.is_tracing() or bool(padding_mask.any())
 
     def _layer_input(self, h: Tensor, mask_indices: Optional[Tensor], padding_mask: Tensor, any_pad: bool
                      ) -> Tensor:
@@ -318,7 +319,10 @@ class Encoder(nn.Module):
         by ``mask_emb``; gates: pruning gates (see EncoderGates).
         """
         if lengths is not None:
-            lengths = torch.as_tensor(lengths, device=(wav if wav is not None else features).device).long()
+            device = (wav if wav is not None else features).device
+            # a tensor stays a traced value under ONNX export (torch.as_tensor would make it a constant there)
+            lengths = (lengths.to(device) if torch.is_tensor(lengths) else torch.as_tensor(lengths, device=device)
+                       ).long()
         x, frames, stacked = self._features(wav, lengths, features, gates.conv if gates is not None else None)
         features_pen = x.float().pow(2).mean()
         x = x.transpose(1, 2)  # [B, T', C]
