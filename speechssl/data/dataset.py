@@ -8,6 +8,9 @@ batches of cuts from a sampler (``speechssl.data.loader.build_loader``). ``Speec
     units {name: [B, T'] long}                 aligned to encoder frames, padding PAD_ID (-100)
     cut_ids [B]; text / speaker / emotion / keyword / phones / session lists (None where absent)
     skipped [(cut_id, reason), ...]            only when skip_bad dropped cuts from this batch
+    labeled [B] bool, ctc_targets [B, L] long, ctc_lens [B]
+                                               with ctc_field: CTC targets of the cuts marked labeled
+                                               (speechssl.data.sampler.mix_labeled), PAD_ID elsewhere
 """
 from __future__ import annotations
 
@@ -25,12 +28,35 @@ from speechssl.constants import PAD_ID, SAMPLE_RATE
 from speechssl.data.audio import (SUPERVISION_FIELDS, BadCutError, check_fields, cut_audio_paths, load_cut_audio,
                                   supervision_field)
 from speechssl.data.labels import align_units, label_rate, load_units
+from speechssl.data.sampler import LABELED_KEY
 
-__all__ = ["Features", "SpeechDataset", "pad_waves"]
+__all__ = ["Features", "CtcField", "SpeechDataset", "pad_waves", "ctc_vocabulary", "ctc_symbols"]
 log = logging.getLogger(__name__)
 
 Features = Literal["waveform", "fbank", "mfcc"]
 """What a batch carries besides the waveform: nothing, 80-dim log-mel fbank, or 39-dim MFCC with deltas."""
+
+CtcField = Literal["phones", "text"]
+"""Where CTC targets come from: the ``phones`` supervision field (whitespace-separated symbols) or ``text``
+(its characters, words joined by one space)."""
+
+
+def ctc_symbols(value: str, field: CtcField) -> list[str]:
+    """The CTC symbols of one transcript: phones split on whitespace, or the characters of the text."""
+    return value.split() if field == "phones" else list(" ".join(value.split()))
+
+
+def ctc_vocabulary(cuts, field: CtcField) -> list[str]:
+    """The sorted symbols of ``field`` over ``cuts``; symbol ``i`` gets CTC id ``i + 1`` (0 is the blank), so a
+    CTC layer needs ``len(vocabulary) + 1`` outputs. A cut without the field is an error naming it."""
+    symbols: set[str] = set()
+    for cut in cuts:
+        value = supervision_field(cut, field)
+        if not value:
+            raise ValueError(f"labeled cut '{cut.id}' has no '{field}' (config key 'data.labeled_field')")
+        symbols.update(ctc_symbols(value, field))
+    log.info("CTC vocabulary of the labeled cuts: %d %s symbols (+ blank)", len(symbols), field)
+    return sorted(symbols)
 
 
 @dataclass
@@ -42,6 +68,11 @@ class _Item:
     scale: float
     labels: dict  # name -> (units [T_label] int64, label rate Hz)
     start: int = 0  # crop start in samples
+
+
+def is_labeled(cut) -> bool:
+    """Whether the cut came from the labeled set (``speechssl.data.sampler.mix_labeled`` marks it)."""
+    return bool((getattr(cut, "custom", None) or {}).get(LABELED_KEY))
 
 
 def pad_waves(wavs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,12 +102,15 @@ class SpeechDataset(torch.utils.data.Dataset):
         augment: an :class:`~speechssl.data.augment.Augmenter` (or None): label-preserving augmentation.
         seed: seeds crops and augmentation; each batch's randomness is derived from (seed, epoch, its cut
             ids), so results do not depend on worker count and resume exactly.
+        ctc_field, ctc_vocab: CTC targets for the cuts marked labeled (``ctc_field`` of :data:`CtcField`, symbol
+            ``ctc_vocab[i]`` -> id ``i + 1``); labeled cuts are not cropped (their transcripts cover them whole).
     """
 
     def __init__(self, *, mode: Features = "waveform", units: Sequence[str] = (),
                  num_frames: Callable[[torch.Tensor], torch.Tensor] | None = None, downsample_rate: int = 320,
                  crop_to_shortest: bool = False, max_crop_samples: int | None = None, fields: Sequence[str] = (),
-                 skip_bad: bool = False, augment=None, seed: int = 0):
+                 skip_bad: bool = False, augment=None, seed: int = 0, ctc_field: CtcField | None = None,
+                 ctc_vocab: Sequence[str] = ()):
         if mode not in typing.get_args(Features):
             raise ValueError(f"SpeechDataset: argument 'mode' must be one of {typing.get_args(Features)}, "
                              f"got {mode!r}")
@@ -97,6 +131,8 @@ class SpeechDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.skipped: Counter = Counter()
+        self.ctc_field = ctc_field
+        self.ctc_ids = {sym: i + 1 for i, sym in enumerate(ctc_vocab)}
 
     @property
     def frame_rate(self) -> float:
@@ -128,6 +164,8 @@ class SpeechDataset(torch.utils.data.Dataset):
         if self.units:
             batch["units"] = self._align(items, audio_lens)
         batch.update(self._supervisions([it.cut for it in items]))
+        if self.ctc_field is not None:
+            batch.update(self._ctc_targets([it.cut for it in items]))
         if errors:
             batch["skipped"] = [(e.cut_id, e.reason) for e in errors]
         return batch, errors
@@ -174,7 +212,10 @@ class SpeechDataset(torch.utils.data.Dataset):
         return target
 
     def _crop(self, items: list[_Item], rng: np.random.Generator) -> None:
-        """Crop in place to the batch's crop length; starts lie on the frame grid so labels keep their alignment."""
+        """Crop in place to the batch's crop length; starts lie on the frame grid so labels keep their alignment.
+        Labeled cuts (CTC targets) are neither cropped nor counted: their transcripts cover them whole."""
+        if self.ctc_field is not None:
+            items = [it for it in items if not is_labeled(it.cut)]
         target = self._crop_length([it.wav.shape[0] for it in items])
         if target is None:
             return
@@ -206,6 +247,22 @@ class SpeechDataset(torch.utils.data.Dataset):
                                            offset=it.start / SAMPLE_RATE)
             out[name] = units
         return out
+
+    def _ctc_targets(self, cuts: list) -> dict[str, torch.Tensor]:
+        """``labeled`` [B] bool, ``ctc_targets`` [B, L] long (PAD_ID padded; unlabeled rows all PAD_ID) and
+        ``ctc_lens`` [B] (0 for unlabeled cuts)."""
+        flags = [is_labeled(c) for c in cuts]
+        seqs = []
+        for cut, flag in zip(cuts, flags):
+            value = supervision_field(cut, self.ctc_field) if flag else None
+            if flag and not value:
+                raise BadCutError(cut.id, None, "missing_field", f"labeled cut without '{self.ctc_field}'")
+            seqs.append([self.ctc_ids[s] for s in ctc_symbols(value, self.ctc_field)] if flag else [])
+        lens = torch.tensor([len(q) for q in seqs], dtype=torch.long)
+        targets = torch.full((len(cuts), int(lens.max()) if len(cuts) else 0), PAD_ID, dtype=torch.long)
+        for i, q in enumerate(seqs):
+            targets[i, : len(q)] = torch.tensor(q, dtype=torch.long)
+        return {"labeled": torch.tensor(flags, dtype=torch.bool), "ctc_targets": targets, "ctc_lens": lens}
 
     def _supervisions(self, cuts: list) -> dict[str, list]:
         out = {}

@@ -14,6 +14,13 @@ Pretraining, distillation, pruning, k-means feature extraction and SUPERB read t
    per rank, sharded over DDP ranks, with exact mid-epoch resume (``state_dict`` counts the batches consumed):
    ``speechssl.data.sampler.ResumableLoader`` over manifests or ``speechssl.data.shar.ResumableSharLoader``.
 
+Labeled and unlabeled data in one run (UniSpeech): ``data.labeled`` manifests are mixed into the training cuts,
+each cut drawn from them with probability ``data.labeled_ratio`` (one Lhotse ``CutSet.mux``,
+``speechssl.data.sampler.mix_labeled``). Their batches carry ``labeled`` [B] bool and CTC targets from
+``data.labeled_field`` (``ctc_targets`` [B, L] PAD_ID-padded ids, 0 = blank, ``ctc_lens`` [B]) over the vocabulary
+of the labeled manifests (``ctc_vocabulary``: its size + 1 is the objective's ``vocab_size``); labeled cuts are
+never cropped, so their transcripts stay whole.
+
 Example::
 
     cfg = DataConfig(train=["data/mini/cuts_pretrain.jsonl.gz"], units=["kmeans"])
@@ -35,11 +42,11 @@ import torch
 from speechssl.config import ConfigError
 from speechssl.constants import SAMPLE_RATE
 from speechssl.data.augment import AugmentConfig
-from speechssl.data.dataset import Features, SpeechDataset
-from speechssl.data.sampler import DurationFilter
+from speechssl.data.dataset import CtcField, Features, SpeechDataset, ctc_vocabulary
+from speechssl.data.sampler import DurationFilter, mix_labeled
 
-__all__ = ["DataConfig", "open_cuts", "filter_durations", "DurationFilter", "split_cuts", "build_dataset",
-           "build_loader"]
+__all__ = ["DataConfig", "open_cuts", "filter_durations", "DurationFilter", "split_cuts", "labeled_cuts",
+           "build_dataset", "build_loader"]
 
 
 @dataclass
@@ -65,6 +72,9 @@ class DataConfig:
     skip_bad: bool = True                            # skip unreadable cuts (counted) instead of failing
     max_valid_batches: int = 20                      # validation batches per evaluation
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # label-preserving augmentation (off)
+    labeled: list[str] = field(default_factory=list)  # transcribed manifests mixed into training (UniSpeech)
+    labeled_ratio: float = 0.5                       # share of training cuts drawn from data.labeled
+    labeled_field: CtcField = "phones"               # CTC targets of labeled cuts: phones (symbols) | text (chars)
 
     def validate(self) -> None:
         if self.max_duration <= 0:
@@ -77,6 +87,11 @@ class DataConfig:
         if self.max_cut_duration is not None and self.max_cut_duration <= self.min_duration:
             raise ConfigError(f"config key 'data.max_cut_duration' ({self.max_cut_duration}) must be above "
                               f"'data.min_duration' ({self.min_duration}), or null for no upper limit")
+        if self.labeled and not 0.0 < self.labeled_ratio < 1.0:
+            raise ConfigError(f"config key 'data.labeled_ratio' must be in (0, 1), got {self.labeled_ratio}")
+        if self.labeled and not self.train:
+            raise ConfigError("config key 'data.labeled' mixes into 'data.train' manifests: set data.train (Shar "
+                              "shards from data.shar_dir are not mixed)")
         if self.max_crop_seconds is not None and self.max_crop_seconds < 0:
             raise ConfigError(f"config key 'data.max_crop_seconds' must be >= 0 (0 or null = no crop), "
                               f"got {self.max_crop_seconds}")
@@ -141,6 +156,11 @@ def split_cuts(cfg: DataConfig, split: Literal["train", "valid"] = "train"):
     return filter_durations(cuts, cfg.min_duration, cfg.max_cut_duration)
 
 
+def labeled_cuts(cfg: DataConfig):
+    """The ``data.labeled`` cuts, duration-filtered like the training cuts, lazily."""
+    return filter_durations(open_cuts(cfg.labeled, "data.labeled"), cfg.min_duration, cfg.max_cut_duration)
+
+
 def _shar_dir(cfg: DataConfig) -> str:
     if not Path(cfg.shar_dir).is_dir():
         raise ConfigError(f"config key 'data.shar_dir': not a directory: {cfg.shar_dir}")
@@ -163,9 +183,12 @@ def build_dataset(cfg: DataConfig, *, num_frames: Callable[[torch.Tensor], torch
             augment = build_augmenter(cfg.augment)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"config key 'data.augment': {e}") from e
+    ctc = {}
+    if train and cfg.labeled:  # only training batches mix labeled cuts in
+        ctc = {"ctc_field": cfg.labeled_field, "ctc_vocab": ctc_vocabulary(labeled_cuts(cfg), cfg.labeled_field)}
     return SpeechDataset(mode=cfg.features, units=cfg.units, num_frames=num_frames, downsample_rate=downsample_rate,
                          crop_to_shortest=cfg.crop_to_shortest, max_crop_samples=cfg.max_crop_samples,
-                         fields=fields, skip_bad=cfg.skip_bad, augment=augment, seed=seed)
+                         fields=fields, skip_bad=cfg.skip_bad, augment=augment, seed=seed, **ctc)
 
 
 def build_loader(cfg: DataConfig, dataset, *, seed: int, num_workers: int = 0, shuffle: bool = True,
@@ -173,7 +196,8 @@ def build_loader(cfg: DataConfig, dataset, *, seed: int, num_workers: int = 0, s
     """The resumable loader over a split: batches of ``data.max_duration`` padded seconds from
     ``data.num_buckets`` duration buckets, read by ``dataset``.
 
-    ``train`` reads ``data.train`` manifests, else ``data.shar_dir`` shards; ``valid`` reads ``data.valid``.
+    ``train`` reads ``data.train`` manifests (with ``data.labeled`` mixed in), else ``data.shar_dir`` shards;
+    ``valid`` reads ``data.valid``.
     ``rank``/``world_size`` default to torch.distributed's (call after the process group exists): each rank
     gets its own share of the epoch. The loader is a ``ResumableLoader`` (manifests) or ``ResumableSharLoader``
     (Shar): ``for batch in loader`` is one epoch, ``state_dict``/``load_state_dict`` resume exactly, and bad
@@ -192,6 +216,9 @@ def build_loader(cfg: DataConfig, dataset, *, seed: int, num_workers: int = 0, s
                 min_duration=cfg.min_duration, max_cut_duration=cfg.max_cut_duration)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"config key 'data.shar_dir': {e}") from e
-    sampler = make_sampler(split_cuts(cfg, split), max_duration=cfg.max_duration, num_buckets=cfg.num_buckets,
+    cuts = split_cuts(cfg, split)
+    if split == "train" and cfg.labeled:
+        cuts = mix_labeled(cuts, labeled_cuts(cfg), cfg.labeled_ratio, seed)
+    sampler = make_sampler(cuts, max_duration=cfg.max_duration, num_buckets=cfg.num_buckets,
                            shuffle=shuffle, seed=seed, world_size=world_size, rank=rank)
     return ResumableLoader(sampler, dataset, num_workers=num_workers)

@@ -5,7 +5,8 @@
 load audio) and counts the batches the training loop actually consumed. Lhotse's own sampler state counts the
 batches it handed to the DataLoader, which runs ahead with workers and prefetch; ``ResumableLoader.state_dict()``
 rewrites that count to the consumed one, so ``load_state_dict()`` resumes at exactly the next unseen batch.
-``speechssl.data.loader.build_loader`` builds them from the ``data:`` config.
+``mix_labeled`` mixes transcribed cuts into the unlabeled stream at a fixed ratio (UniSpeech's multi-task
+pretraining). ``speechssl.data.loader.build_loader`` builds them from the ``data:`` config.
 """
 from __future__ import annotations
 
@@ -37,6 +38,30 @@ class DurationFilter:
 
     def __call__(self, cut) -> bool:
         return cut.duration >= self.min_duration and (self.max_duration is None or cut.duration <= self.max_duration)
+
+
+LABELED_KEY = "labeled"
+"""Custom field ``mix_labeled`` sets on the cuts it draws from the labeled set (the dataset's per-utterance flag:
+the labeled and unlabeled sets may hold the same kinds of supervision, so only the source tells them apart)."""
+
+
+def mark_labeled(cut):
+    """``cut`` with the custom field ``LABELED_KEY`` set (a module-level function: lazy CutSets keep it)."""
+    return cut.with_custom(LABELED_KEY, True)
+
+
+def mix_labeled(unlabeled, labeled, ratio: float, seed: int):
+    """One lazy CutSet drawing each next cut from ``labeled`` with probability ``ratio`` and from ``unlabeled``
+    otherwise (Lhotse's ``CutSet.mux`` with weights ``[1 - ratio, ratio]``, seeded, so every pass and every
+    resume sees the same order before the sampler's shuffle). The labeled cuts are repeated without end and
+    marked with ``LABELED_KEY``; the stream ends with the unlabeled cuts, so an epoch is one pass over them with
+    about ``ratio / (1 - ratio)`` labeled cuts per unlabeled one."""
+    from lhotse import CutSet
+
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"config key 'data.labeled_ratio' must be in (0, 1), got {ratio}")
+    return CutSet.mux(unlabeled, labeled.map(mark_labeled).repeat(), weights=[1.0 - ratio, ratio],
+                      stop_early=True, seed=int(seed))
 
 
 def estimate_duration_bins(cuts, num_buckets: int, max_duration: float, num_cuts: int = 10000) -> list[float]:
