@@ -87,3 +87,25 @@ def test_reference_rows_show_literal_choices_defaults_and_comments():
         "| `size` | list[int] | `[1, 2]` | beside \\| with a bar, continued below |",
         "| `last` | float | `0.5` |  |",
     ]
+
+
+def test_architecture_example_objective_trains_through_the_contract():
+    import torch
+
+    from speechssl.models import build_encoder
+    from speechssl.models.objectives import OBJECTIVES, build_objective
+    from speechssl.train.contract import StepOutput, declared_capabilities
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    code = re.search(r"```python\n(from torch import nn\n.*?)```", text, re.S).group(1)
+    try:
+        exec(code, {})
+        torch.manual_seed(0)
+        obj = build_objective("masked_l1", build_encoder("tiny_hubert"), mask_prob=0.5)
+        out = obj({"audio": torch.randn(2, 16000), "audio_lens": torch.tensor([16000, 12000])})
+        assert isinstance(out, StepOutput) and out.loss.ndim == 0 and torch.isfinite(out.loss)
+        assert 0 < out.sample_size <= 49 + 37   # masked frames of the two utterances' valid frames
+        out.loss.backward()
+        assert declared_capabilities(type(obj)) == {"step", "shared_layerdrop"}
+    finally:
+        OBJECTIVES.pop("masked_l1", None)
