@@ -6,17 +6,21 @@
 - :func:`fit_kmeans` streams features of a sampled fraction of the cuts (as the references do: ~10%), fits
   :class:`speechssl.cluster.KMeans` and saves it (``kmeans.safetensors`` + ``kmeans.json``, whose ``meta``
   records how to recompute the features).
-- :func:`label_cuts` recomputes the same features for every cut, predicts units and stores them on the cut with
-  ``speechssl.data.labels.store_units`` (lossless ``NumpyFilesWriter`` arrays), writing a new manifest.
+- :func:`label_cuts` recomputes the same features for every cut, predicts units (:class:`KMeansUnits`) and
+  stores them on the cut with ``speechssl.data.labels.store_units`` (lossless ``NumpyFilesWriter`` arrays),
+  writing a new manifest: it is ``speechssl.extract.extract_corpus`` with that source.
 
-Cuts are read through ``speechssl.data.loader.open_cuts`` (lazily) and their audio through the same
-``SpeechDataset`` as training batches (bad audio raises :class:`~speechssl.data.audio.BadCutError`). Features
-are held in RAM for the fit, or in a float32 file on disk (``store="disk"``) when they would not fit.
+Features come from the path of ``speechssl extract``: cuts read lazily through ``speechssl.data.loader``, whole
+utterances batched by duration (``speechssl.extract.extraction_loader``; bad audio raises
+:class:`~speechssl.data.audio.BadCutError`) and model layers through ``speechssl.extract.LayerEncoder``, which
+gives each utterance of a padded batch the states it gets on its own. Features are held in RAM for the fit, or
+in a float32 file on disk (``store="disk"``) when they would not fit.
 """
 from __future__ import annotations
 
 import logging
 import os
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -28,6 +32,9 @@ from speechssl.cluster import KMeans
 from speechssl.constants import SAMPLE_RATE
 from speechssl.data.dataset import SpeechDataset
 from speechssl.data.loader import open_cuts
+from speechssl.extract.hidden import LayerEncoder, layer_field
+from speechssl.extract.run import ExtractOptions, extract_corpus, extraction_loader
+from speechssl.extract.units import UnitSource
 from speechssl.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -37,7 +44,7 @@ MFCC_FRAME_SHIFT = 0.01
 # coefficient over the utterance: targets about what is said rather than about the speaker or the channel)
 HANDCRAFTED = ("mfcc", "mfcc_cmvn")
 
-__all__ = ["FeatureSpec", "FeatureReader", "fit_kmeans", "label_cuts"]
+__all__ = ["FeatureSpec", "FeatureReader", "KMeansUnits", "fit_kmeans", "label_cuts"]
 
 
 @dataclass
@@ -51,16 +58,19 @@ class FeatureSpec:
 
 
 class FeatureReader:
-    """Frame features of cuts: ``reader(cuts) -> list of float32 arrays [T_i, D]``.
+    """Frame features of batches or cuts: ``reader.features(batch)`` / ``reader(cuts)`` -> float32 arrays [T_i, D].
 
     Args:
         feature: "mfcc", "mfcc_cmvn" (normalised per utterance), or a model (directory / checkpoint path, or an
-            Encoder) whose ``hidden_states[layer]``
-            are the features (index 0 = transformer input, i = output of layer i, as transformers defines them).
+            Encoder) whose ``hidden_states[layer]`` are the features (index 0 = transformer input, i = output of
+            layer i, as transformers defines them).
         layer: required for a model.
         device: where the model runs.
-        batch_size: cuts per forward for MFCC; models run one cut at a time (group-norm CNNs are not
-            padding-invariant, so padded batches would change the features and hence the units).
+        batch_size: cuts per forward for ``batches``.
+
+    Models run on padded batches through :class:`speechssl.extract.hidden.LayerEncoder`, the path of
+    ``speechssl extract``, which gives each utterance the states it gets on its own (group-norm front ends
+    included).
     """
 
     def __init__(self, feature, layer: int | None = None, device: str = "cpu", batch_size: int = 16):
@@ -70,7 +80,7 @@ class FeatureReader:
         if isinstance(feature, str) and feature in HANDCRAFTED:
             if layer is not None:
                 raise ValueError(f"argument 'layer' applies to model features, not {feature!r}: leave it unset")
-            self.model = None
+            self.encoder = None
             self.spec = FeatureSpec(feature, None, MFCC_FRAME_SHIFT, 39)
             return
         if isinstance(feature, torch.nn.Module):
@@ -85,47 +95,74 @@ class FeatureReader:
             model, name = load_pretrained(str(path)), str(path.resolve())
         if layer is None:
             raise ValueError(f"model features need argument 'layer' (0..{model.num_layers})")
-        if not 0 <= int(layer) <= model.num_layers:
-            raise ValueError(f"argument 'layer' ({layer}) is out of range: the model has layers 0..{model.num_layers}")
-        self.model = model.to(self.device).eval()
+        self.encoder = LayerEncoder(model, [layer], self.device, name=name)
         self.layer = int(layer)
         self.spec = FeatureSpec(name, int(layer), model.downsample_rate / SAMPLE_RATE, int(model.hidden_size))
+
+    @property
+    def model(self):
+        """The encoder (None for MFCC features)."""
+        return self.encoder.model if self.encoder is not None else None
 
     @classmethod
     def from_spec(cls, spec: dict, device: str = "cpu") -> "FeatureReader":
         return cls(spec["feature"], spec.get("layer"), device=device)
 
-    @torch.inference_mode()
-    def __call__(self, cuts) -> list[np.ndarray]:
-        batch = self.audio[list(cuts)]
+    def features(self, batch: dict) -> list[np.ndarray]:
+        """Features of a ``SpeechDataset`` batch (``audio`` [B, T], ``audio_lens`` [B]), one array per utterance."""
         audio, lens = batch["audio"], batch["audio_lens"]
-        if self.model is None:
-            from speechssl.data.features import compute_mfcc
+        if self.encoder is not None:
+            return self.encoder.per_utterance(audio, lens)[self.layer]
+        from speechssl.data.features import compute_mfcc
 
+        with torch.inference_mode():
             feats, n = compute_mfcc(audio, lens)
-            out = [feats[i, : int(n[i])].numpy().astype(np.float32) for i in range(len(lens))]
-            if self.spec.feature == "mfcc_cmvn":
-                out = [(f - f.mean(0)) / (f.std(0) + 1e-5) for f in out]
-            return out
-        out = []
-        for i in range(len(lens)):  # one utterance per forward: see the class docstring
-            x = audio[i: i + 1, : int(lens[i])].to(self.device)
-            res = self.model(x, lens[i: i + 1].to(self.device))
-            h = res.hidden_states[self.layer][0, : int(res.lengths[0])]
-            out.append(h.float().cpu().numpy())
+        out = [feats[i, : int(n[i])].numpy().astype(np.float32) for i in range(len(lens))]
+        if self.spec.feature == "mfcc_cmvn":
+            out = [(f - f.mean(0)) / (f.std(0) + 1e-5) for f in out]
         return out
 
+    def __call__(self, cuts) -> list[np.ndarray]:
+        return self.features(self.audio[list(cuts)])
+
     def batches(self, cuts) -> Iterator[tuple[list, list[np.ndarray]]]:
-        """Yield (cuts, features) in groups of ``batch_size`` (MFCC) or one cut (models)."""
-        size = self.batch_size if self.model is None else 1
+        """Yield (cuts, features) in groups of ``batch_size`` cuts."""
         group = []
         for c in cuts:
             group.append(c)
-            if len(group) == size:
+            if len(group) == self.batch_size:
                 yield group, self(group)
                 group = []
         if group:
             yield group, self(group)
+
+
+class KMeansUnits(UnitSource):
+    """Extraction source of k-means units: the features ``km_dir/kmeans.json`` records, nearest centre per frame.
+
+    ``name`` is the output field (default ``units_layer_<L>`` for a model layer, ``units_<feature>`` for MFCC).
+    """
+
+    def __init__(self, km_dir, name: str | None = None, device: str = "cpu"):
+        self.km, spec = _load_kmeans(km_dir, device)
+        self.reader = FeatureReader.from_spec(spec, device=device)
+        if self.reader.spec.dim != self.km.cluster_centers_.shape[1]:
+            raise ValueError(f"{km_dir}: centres have {self.km.cluster_centers_.shape[1]} dims, features "
+                             f"{self.reader.spec.dim}")
+        layer = self.reader.spec.layer
+        name = name or "units_" + (layer_field(layer) if layer is not None else self.reader.spec.feature)
+        centres = np.ascontiguousarray(np.asarray(self.km.cluster_centers_, dtype=np.float32))
+        info = {"kmeans": str(Path(km_dir).resolve()), "n_clusters": int(self.km.n_clusters),
+                "centres_crc32": zlib.crc32(centres.tobytes()), "feature": self.reader.spec.feature}
+        super().__init__(self._units, name, self.reader.spec.frame_shift, layer, info)
+
+    def _units(self, batch: dict) -> list[np.ndarray]:
+        feats = self.reader.features(batch)
+        for cid, f in zip(batch["cut_ids"], feats):
+            if f.shape[0] == 0:
+                raise ValueError(f"cut '{cid}' gives no feature frames (too short for the features)")
+        units = self.km.predict(np.concatenate(feats))
+        return np.split(units.astype(np.int64), np.cumsum([f.shape[0] for f in feats])[:-1])
 
 
 class _FrameStore:
@@ -184,12 +221,13 @@ def fit_kmeans(cuts, out_dir, *, feature="mfcc", layer: int | None = None, n_clu
     fpath = out / "features.f32" if store == "disk" else None
     frames = _FrameStore(reader.spec.dim, fpath)
     try:
-        what = reader.spec.feature if reader.model is None else f"layer {layer}"
+        what = reader.spec.feature if reader.encoder is None else f"layer {layer}"
         bar = progress_bar(total=len(chosen), desc=f"features ({what})", unit="cut", disable=not progress)
-        for group, feats in reader.batches(chosen):
-            for f in feats:
+        # the batches of `speechssl extract`: whole utterances by duration
+        for batch in extraction_loader(chosen, reader.spec.frame_shift, ExtractOptions(num_workers=0)):
+            for f in reader.features(batch):
                 frames.add(f)
-            bar.update(len(group))
+            bar.update(len(batch["cut_ids"]))
         bar.close()
         X = frames.array()
         if max_frames is not None and X.shape[0] > max_frames:
@@ -207,7 +245,7 @@ def fit_kmeans(cuts, out_dir, *, feature="mfcc", layer: int | None = None, n_clu
         meta = {"features": asdict(reader.spec), "num_frames": int(X.shape[0]), "num_cuts": len(chosen),
                 "fraction": fraction, "cuts": str(cuts) if isinstance(cuts, (str, os.PathLike)) else None,
                 "used_clusters": int((usage > 0).sum()), "inertia_per_frame": km.inertia_ / X.shape[0]}
-        if reader.model is not None and Path(reader.spec.feature).exists():
+        if reader.encoder is not None and Path(reader.spec.feature).exists():
             # also relative to KM_DIR, so that `label` still finds the model after the experiment dir moves
             meta["feature_relative"] = os.path.relpath(reader.spec.feature, Path(out).resolve())
         km.save(out, meta=meta)
@@ -218,61 +256,42 @@ def fit_kmeans(cuts, out_dir, *, feature="mfcc", layer: int | None = None, n_clu
     return km
 
 
-def label_cuts(cuts, km_dir, out_path, *, name: str = "kmeans", storage_dir=None, device: str = "cpu",
-               progress: bool = True) -> int:
-    """Label every cut with the units of the k-means in ``km_dir`` and write the manifest ``out_path``.
-
-    Units are recomputed from the features recorded in ``kmeans.json`` and stored as lossless arrays under
-    ``storage_dir`` (default: ``<out_path stem>_<name>/`` next to it) at the features' frame shift.
-    Returns the number of cuts labelled. The manifest is written to a temporary file and renamed at the end.
-    """
-    from lhotse import CutSet, NumpyFilesWriter
-
-    from speechssl.data.labels import store_units
-
+def _load_kmeans(km_dir, device: str = "cpu") -> tuple[KMeans, dict]:
+    """The k-means of ``km_dir`` and its feature spec; a feature model moved with the experiment directory is
+    found through the path recorded relative to ``km_dir``."""
     km = KMeans.load(km_dir, device=device)
-    spec = (getattr(km, "meta", {}) or {}).get("features")
+    meta = getattr(km, "meta", {}) or {}
+    spec = meta.get("features")
     if not spec:
         raise ValueError(f"{km_dir}/kmeans.json has no meta.features: was it written by `speechssl kmeans`?")
-    rel = (getattr(km, "meta", {}) or {}).get("feature_relative")
+    rel = meta.get("feature_relative")
     if spec["feature"] not in HANDCRAFTED and not Path(spec["feature"]).exists() and rel:
         moved = Path(km_dir) / rel
         if not moved.exists():
             raise FileNotFoundError(f"{km_dir}/kmeans.json: its feature model is neither at {spec['feature']} "
                                     f"nor at {moved} (relative to {km_dir})")
         spec = {**spec, "feature": str(moved)}
-    reader = FeatureReader.from_spec(spec, device=device)
-    if reader.spec.dim != km.cluster_centers_.shape[1]:
-        raise ValueError(f"{km_dir}: centres have {km.cluster_centers_.shape[1]} dims, features {reader.spec.dim}")
+    return km, spec
+
+
+def label_cuts(cuts, km_dir, out_path, *, name: str = "kmeans", storage_dir=None, device: str = "cpu",
+               progress: bool = True, max_duration: float = 100.0) -> int:
+    """Label every cut with the units of the k-means in ``km_dir`` and write the manifest ``out_path``.
+
+    Units are recomputed from the features recorded in ``kmeans.json`` and stored as lossless arrays under
+    ``storage_dir`` (default: ``<out_path stem>_<name>/`` next to it) at the features' frame shift. This is
+    :func:`speechssl.extract.extract_corpus` with a :class:`KMeansUnits` source (batches of ``max_duration``
+    seconds, resumable after a kill; a labelling with other settings in ``storage_dir`` is replaced). The
+    manifest is renamed into place at the end. Returns the number of cuts labelled.
+    """
     out_path = Path(out_path)
     if not str(out_path).endswith((".jsonl.gz", ".jsonl")):
         raise ValueError(f"argument 'out_path' must be a .jsonl.gz (or .jsonl) cut manifest, got {out_path}")
+    source = KMeansUnits(km_dir, name=name, device=device)
     stem = out_path.name.split(".jsonl")[0]
     storage = Path(storage_dir) if storage_dir is not None else out_path.parent / f"{stem}_{name}"
-    storage.mkdir(parents=True, exist_ok=True)
-    suffix = ".jsonl.gz" if str(out_path).endswith(".gz") else ".jsonl"
-    tmp = out_path.parent / f".{stem}.tmp{os.getpid()}{suffix}"
-    src = open_cuts(cuts, "cuts")
-    n = 0
-    try:
-        with NumpyFilesWriter(str(storage)) as writer, CutSet.open_writer(tmp) as cw:
-            bar = progress_bar(desc=f"label {name}", unit="cut", disable=not progress)
-            for group, feats in reader.batches(src):
-                lens = [f.shape[0] for f in feats]
-                units = km.predict(np.concatenate(feats)) if sum(lens) else np.zeros(0, np.int64)
-                offs = np.cumsum([0] + lens)
-                for i, cut in enumerate(group):
-                    if lens[i] == 0:
-                        raise ValueError(f"cut '{cut.id}' gives no feature frames (too short for the features)")
-                    cw.write(store_units(cut, units[offs[i] : offs[i + 1]], writer, name=name,
-                                         frame_shift=reader.spec.frame_shift))
-                n += len(group)
-                bar.update(len(group))
-            bar.close()
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    log.info("labelled %d cuts with '%s' (K=%d, %.0f Hz) -> %s", n, name, km.n_clusters,
-             1.0 / reader.spec.frame_shift, out_path)
-    return n
+    record = extract_corpus(cuts, storage, source, options=ExtractOptions(max_duration=max_duration),
+                            manifest=out_path, progress=progress, restart_on_change=True)
+    log.info("labelled %d cuts with '%s' (K=%d, %.0f Hz) -> %s", record["cuts"], name, source.km.n_clusters,
+             1.0 / source.reader.spec.frame_shift, out_path)
+    return int(record["cuts"])
