@@ -147,7 +147,7 @@ class UniSpeechObjective(Wav2Vec2Objective):
                 + self.feature_pen_weight * out.features_pen.float()
         n_lab = int(labeled.sum())
         logs = self._logs(loss, ce, ctc / max(1, n_lab), q, logits, out.features_pen)
-        logs.update({"masked_frames": float(M), "labeled_utts": float(n_lab),
+        logs.update({"masked_frames": float(M), "labeled_utts": float(n_lab), "replaced_frames": float(replaced),
                      "replaced_fraction": replaced / max(1, int(valid[labeled].sum()))})
         return StepOutput(loss, logs, sample_size=M)
 
