@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from speechssl.constants import SAMPLE_RATE
-from speechssl.models.frames import conv_layer_frames
+from speechssl.models.frames import conv_layer_frames, front_end_layer_frames
 
 __all__ = ["check_layers", "layer_field", "LayerEncoder", "HiddenStates", "FieldSpec", "StoreDtype"]
 
@@ -85,21 +85,46 @@ class _MaskedGroupNorm(nn.Module):
         return y * self.norm.weight[None, :, None] + self.norm.bias[None, :, None]
 
 
+class _MaskedBlock(nn.Module):
+    """A conv block whose output frames past each utterance's ``frames[b]`` are zero, as the zero padding of the
+    next block's convolution sees them when the utterance runs alone: [B, C, T] -> [B, C', T']."""
+
+    def __init__(self, block: nn.Module, frames: Tensor):
+        super().__init__()
+        self.block, self.frames = block, frames
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.block(x)
+        valid = torch.arange(y.shape[-1], device=y.device)[None] < self.frames.to(y.device)[:, None]
+        return y * valid[:, None].to(y.dtype)
+
+
+def _replacements(model: nn.Module, lens: Tensor) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, child name, replacement) for the front-end parts whose padded-batch output would differ from the
+    utterance alone."""
+    cfg, blocks = model.config, model.feature_extractor.conv_layers
+    if cfg.frontend == "cnn":  # unpadded convs: only the first block's GroupNorm sees the padding
+        if getattr(blocks[0], "norm", None) != "group":
+            return []
+        first = conv_layer_frames(lens, cfg.conv_layers[:1], padded=False)[0]
+        return [(blocks[0], "layer_norm", _MaskedGroupNorm(blocks[0].layer_norm, first))]
+    # fbank subsampler: convs padded by k // 2 see the next frames, which must be zeros past the end
+    frames = front_end_layer_frames(cfg, lens)
+    return [(blocks, str(i), _MaskedBlock(block, frames[i])) for i, block in enumerate(blocks)]
+
+
 @contextlib.contextmanager
 def _padding_exact(model: nn.Module, lens: Tensor) -> Iterator[None]:
-    """During the block: the first CNN block of a group-norm front end normalises over valid frames only."""
-    cfg = model.config
-    block = model.feature_extractor.conv_layers[0] if cfg.frontend == "cnn" else None
-    if block is None or getattr(block, "norm", None) != "group":
-        yield
-        return
-    norm = block.layer_norm
-    frames = conv_layer_frames(lens.cpu(), cfg.conv_layers[:1], padded=False)[0]
-    block.layer_norm = _MaskedGroupNorm(norm, frames)
+    """During the block: the front-end parts that would let padding change valid frames work per utterance."""
+    swaps = _replacements(model, lens.cpu())
+    originals = [parent.get_submodule(name) for parent, name, _ in swaps]
+    for parent, name, new in swaps:
+        parent.register_module(name, new)
     try:
         yield
     finally:
-        block.layer_norm = norm
+        for (parent, name, _), old in zip(swaps, originals):
+            parent.register_module(name, old)
 
 
 class LayerEncoder:
