@@ -27,7 +27,8 @@ from speechssl.constants import SAMPLE_RATE
 from speechssl.models.encoder import Encoder
 from speechssl.utils.io import atomic_write_json
 
-__all__ = ["export_onnx", "quantize_onnx", "resolve_layers", "is_onnx_dir", "ONNX_FILE", "DEFAULT_OPSET"]
+__all__ = ["export_onnx", "quantize_onnx", "resolve_layers", "is_onnx_dir", "require_onnx", "ONNX_FILE",
+           "DEFAULT_OPSET"]
 
 PathLike = Union[str, os.PathLike]
 ONNX_FILE = "model.onnx"
@@ -79,6 +80,8 @@ def _trace_to_onnx(encoder: Encoder, layers: list[int], path: Path, opset: int) 
         warnings.simplefilter("ignore", DeprecationWarning)
         # torch.as_tensor on a tensor that is already an input is traced as that input, not as a constant
         warnings.filterwarnings("ignore", message="torch.as_tensor results are registered as constants")
+        # strided slices (the fbank framing) stay unfolded: a speed note, not a correctness one
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         torch.onnx.export(graph, _example_batch(encoder), str(path), input_names=["wav", "lengths"],
                           output_names=outputs, dynamic_axes=axes, opset_version=opset, dynamo=False,
                           do_constant_folding=True)
@@ -90,10 +93,21 @@ def _trace_to_onnx(encoder: Encoder, layers: list[int], path: Path, opset: int) 
     }
 
 
+def require_onnx() -> None:
+    """Raise ModuleNotFoundError naming the ``deploy`` extra when onnx or onnxruntime is missing."""
+    for name in ("onnx", "onnxruntime"):
+        try:
+            __import__(name)
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(f"ONNX export and inference need the '{name}' package: pip install "
+                                      f"'speechssl[deploy]' (or pip install onnx onnxruntime)", name=name) from None
+
+
 def quantize_onnx(src: PathLike, dst: PathLike) -> Path:
     """onnxruntime dynamic int8 of an ONNX encoder: every MatMul with a constant weight gets int8 weights per
     output channel and activations quantised per call (``DynamicQuantizeLinear`` + ``MatMulInteger``); the
     convolutions, normalisations and attention products stay float32."""
+    require_onnx()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
@@ -106,6 +120,7 @@ def export_onnx(encoder: Encoder, out_dir: PathLike, layers: Optional[Sequence[i
                 meta: Optional[dict[str, Any]] = None) -> Path:
     """Write ``encoder`` (float, any family, pruned or not) as an ONNX model directory; see the module docstring.
     ``layers``: hidden-state indices to output (None: all); ``quantize="int8"``: onnxruntime dynamic int8."""
+    require_onnx()
     import onnx
 
     if quantize not in (None, "int8"):

@@ -13,6 +13,8 @@ from speechssl.config import ConfigError
 from speechssl.models.encoder_config import EncoderConfig
 from speechssl.models.frames import num_frames
 
+from .onnx_export import require_onnx
+
 __all__ = ["OnnxEncoder"]
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
@@ -27,6 +29,7 @@ class OnnxEncoder:
     """
 
     def __init__(self, path: Union[str, os.PathLike], num_threads: Optional[int] = None):
+        require_onnx()
         import onnxruntime as ort
 
         d = Path(path)

@@ -224,6 +224,9 @@ class Encoder(nn.Module):
     @staticmethod
     def _normalize_waveform(wav: Tensor, lengths: Optional[Tensor]) -> Tensor:
         """Zero mean, unit variance over valid samples (eps 1e-7, as HF's feature extractor); padding -> 0."""
+        if torch.jit.is_tracing() and wav.dtype != torch.float64:
+            # ONNX export: onnxruntime sums a long float32 axis with errors torch's reductions avoid; float64 sums
+            return Encoder._normalize_waveform(wav.double(), lengths).to(wav.dtype)
         if lengths is None:
             mean = wav.mean(-1, keepdim=True)
             var = wav.var(-1, unbiased=False, keepdim=True)
