@@ -4,6 +4,9 @@
   Gumbel softmax whose temperature decays with the training step; reports the perplexities the diversity loss uses.
 - :class:`RandomProjectionQuantizer` (BEST-RQ): a frozen Xavier random projection and a frozen L2-normalised random
   codebook; the target is the nearest codeword by cosine. Nothing in it is trained.
+- :class:`KMeansVectorQuantizer` (vq-wav2vec): G groups of V learned codewords chosen by the nearest Euclidean
+  distance (online k-means), the straight-through estimator for the gradient, and the codebook and commitment
+  terms of VQ-VAE as its loss.
 
 The softmax, Gumbel noise, norms and cosine run in fp32 even under autocast.
 """
@@ -16,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GumbelVectorQuantizer", "QuantizerOutput", "RandomProjectionQuantizer", "perplexity"]
+__all__ = ["GumbelVectorQuantizer", "QuantizerOutput", "RandomProjectionQuantizer", "KMeansVectorQuantizer",
+           "KMeansQuantizerOutput", "perplexity"]
 
 
 def perplexity(probs: Tensor) -> Tensor:
@@ -146,3 +150,80 @@ class RandomProjectionQuantizer(nn.Module):
             z = F.normalize(torch.einsum("nd,kde->kne", flat, self.projection.float()), dim=-1)  # [K, N, e]
             codes = torch.einsum("kne,kce->knc", z, self.codebook.float()).argmax(-1)  # [K, N]
         return codes.t().reshape(*x.shape[:-1], self.num_codebooks)
+
+
+@dataclass
+class KMeansQuantizerOutput:
+    x: Tensor                 # [..., vq_dim] quantized vectors; forward value = codewords, gradient = straight-through
+    codes: Tensor             # [..., G] long nearest codeword per group
+    code_perplexity: Tensor   # scalar: perplexity of the batch-averaged hard choices, summed over groups
+    loss: Tensor              # scalar: codebook term + gamma * commitment term (mean squared errors)
+    num_vars: int             # G * V: the maximum perplexity
+
+
+class KMeansVectorQuantizer(nn.Module):
+    """Online k-means product quantizer (vq-wav2vec): G groups x V codewords of ``vq_dim / G`` dims.
+
+    The input [..., input_dim] is projected (Linear, no bias) to ``vq_dim`` and split into G groups, each
+    normalised over its dims per frame (LayerNorm without affine: the scale the codebook sees cannot drift or
+    collapse; fairseq normalises each group over the utterance's frames, the per-frame form keeps a frame's code
+    independent of its neighbours and of padding). Each group picks its nearest codeword by Euclidean distance.
+
+    Gradient: the straight-through estimator, ``x = z + sg(q - z)``: the forward value is the codeword, the
+    gradient reaching ``z`` is the gradient at ``x``. The codewords learn from the loss
+    ``||sg(z) - q||^2 + gamma * ||z - sg(q)||^2`` (means over elements): the first term moves codewords towards
+    the frames assigned to them (the k-means update), the second, the commitment term, keeps the projection's
+    output close to its codeword. vq-wav2vec: V = 320, G = 2, gamma = 0.25. ``combine_groups`` shares one codebook
+    across the groups. The distances, the loss and the perplexity run in fp32 even under autocast.
+    """
+
+    def __init__(self, input_dim: int, num_vars: int = 320, groups: int = 2, vq_dim: int = 512, gamma: float = 0.25,
+                 combine_groups: bool = False):
+        super().__init__()
+        if min(input_dim, num_vars, groups, vq_dim) < 1:
+            raise ValueError("input_dim, num_vars, groups and vq_dim must be >= 1")
+        if vq_dim % groups:
+            raise ValueError(f"vq_dim ({vq_dim}) must be divisible by groups ({groups})")
+        if gamma < 0:
+            raise ValueError(f"gamma (the commitment weight) must be >= 0, got {gamma}")
+        self.input_dim, self.num_vars, self.groups, self.vq_dim = input_dim, num_vars, groups, vq_dim
+        self.gamma, self.combine_groups = float(gamma), bool(combine_groups)
+        self.var_dim = vq_dim // groups
+        self.projection = nn.Linear(input_dim, vq_dim, bias=False)
+        # unit-variance groups against codewords drawn N(0, 1): every codeword starts within reach of the data
+        self.codebook = nn.Parameter(torch.randn(1 if combine_groups else groups, num_vars, self.var_dim))
+
+    def project(self, x: Tensor) -> Tensor:
+        """x [..., input_dim] -> the grouped, normalised vectors z [..., G, vq_dim / G] that are quantized."""
+        z = self.projection(x).view(*x.shape[:-1], self.groups, self.var_dim)
+        return F.layer_norm(z.float(), (self.var_dim,))
+
+    def nearest(self, z: Tensor) -> Tensor:
+        """Nearest codeword per group: z [N, G, d] -> codes [N, G] long."""
+        cb = self.codebook.float().expand(self.groups, -1, -1)  # [G, V, d]
+        d2 = (z.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("ngd,gvd->ngv", z, cb)
+              + cb.pow(2).sum(-1).unsqueeze(0))  # [N, G, V] squared distances
+        return d2.argmin(-1)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> KMeansQuantizerOutput:
+        """Quantize ``x`` [B, T, C] (or [N, C]); ``mask`` [B, T] bool selects the frames that count towards the
+        loss and the perplexity (all frames are quantized). Returns vectors of x's leading shape + [vq_dim]."""
+        if x.shape[-1] != self.input_dim:
+            raise ValueError(f"KMeansVectorQuantizer expects {self.input_dim}-dim input, got {x.shape[-1]}")
+        lead = x.shape[:-1]
+        G, V = self.groups, self.num_vars
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = self.project(x.float()).reshape(-1, G, self.var_dim)  # [N, G, d]
+            codes = self.nearest(z.detach())
+            cb = self.codebook.float().expand(G, -1, -1)
+            q = cb[torch.arange(G, device=z.device)[None], codes]  # [N, G, d]
+            sel = slice(None) if mask is None else mask.reshape(-1)
+            zs, qs = z[sel], q[sel]
+            if zs.shape[0] > 0:
+                loss = F.mse_loss(qs, zs.detach()) + self.gamma * F.mse_loss(zs, qs.detach())
+                code_ppl = perplexity(F.one_hot(codes[sel], V).float().mean(0))
+            else:
+                loss = code_ppl = z.new_zeros(())
+            out = z + (q - z).detach()  # straight-through: the codeword forward, the identity backward
+        return KMeansQuantizerOutput(x=out.reshape(*lead, self.vq_dim), codes=codes.view(*lead, G),
+                                     code_perplexity=code_ppl, loss=loss, num_vars=G * V)
