@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_wav
 from test_objectives import make_batch, train
 from test_pretrain import CNN_SMALL, manifest  # noqa: F401  (the synthetic-cuts fixture)
 from test_resume import _losses
@@ -167,4 +168,16 @@ def test_resume_through_the_trainer_is_exact(manifest, tmp_path):  # noqa: F811
     shutil.rmtree(out / "final")
     run_pretrain(cfg, out, resume=True)
     assert sorted(ref) == [1, 2, 3, 4] and _losses(out) == ref
-    assert (out / "final" / "parts.safetensors").is_file()
+    # the units of the exported run: the objective rebuilt from final/ with the saved quantizer and context
+    from speechssl.models.objectives.vq_wav2vec import VqWav2VecObjective
+
+    obj = VqWav2VecObjective.from_pretrained(out / "final")
+    assert not obj.training and obj.encoder.num_layers == 2
+    wav = torch.from_numpy(make_wav(8000))[None]
+    codes = obj.codes(wav)
+    assert codes.shape == (1, int(obj.encoder.num_frames(torch.tensor([8000]))), 2) and codes.max() < 16
+    heads = {k: v for k, v in obj.state_dict().items() if not k.startswith("encoder.")}
+    from speechssl.models.io import load_checkpoint_parts
+
+    saved = load_checkpoint_parts(out / "final")["objective"]
+    assert sorted(saved) == sorted(heads) and all(torch.equal(saved[k], heads[k]) for k in heads)

@@ -47,6 +47,7 @@ from speechssl.constants import PAD_ID
 from speechssl.train.contract import StepOutput
 
 from ..encoder import Encoder
+from ..io import load_checkpoint_parts, load_pretrained, read_checkpoint
 from ..quantizers import GumbelVectorQuantizer, KMeansVectorQuantizer
 from .base import Objective, fp32
 
@@ -159,6 +160,24 @@ class VqWav2VecObjective(Objective):
         nn.init.normal_(self.step_proj.weight, std=0.02)
         nn.init.zeros_(self.step_proj.bias)
         self.vq_dim = dim
+
+    @classmethod
+    def from_pretrained(cls, path, map_location: str = "cpu") -> "VqWav2VecObjective":
+        """The trained objective (encoder, quantizer, context network) from a pretraining run's ``final/`` model
+        directory, in eval mode: what :meth:`codes` needs to export units. The directory's meta must name this
+        objective (``speechssl pretrain`` writes it); its keyword arguments rebuild the heads, loaded strictly."""
+        meta = read_checkpoint(path, map_location)[3]
+        if meta.get("objective") != cls.name:
+            raise ValueError(f"{path} was not trained with objective '{cls.name}' (its meta names "
+                             f"{meta.get('objective')!r}): no quantizer to take codes from")
+        obj = cls(load_pretrained(path, map_location), **dict(meta.get("objective_kwargs") or {}))
+        heads = load_checkpoint_parts(path, map_location).get("objective", {})
+        missing, unexpected = obj.load_state_dict(heads, strict=False)  # the encoder came from load_pretrained
+        missing = [k for k in missing if not k.startswith("encoder.")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: the objective part does not match objective_kwargs (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        return obj.eval()
 
     def set_step(self, step: int) -> None:
         super().set_step(step)
