@@ -154,6 +154,9 @@ def test_unlabeled_batches_and_bad_vocab():
         b.pop(k)
     out = obj(b)  # validation / diagnostics batches carry no labels
     assert out.logs["ctc"] == 0.0 and out.logs["labeled_utts"] == 0
+    out.loss.backward()  # the CTC side still gets a (zero) gradient: DDP ranks must reduce the same parameters
+    for m in (obj.ctc_proj, obj.q2h_proj):
+        assert m.weight.grad is not None and m.weight.grad.abs().sum() == 0
     with pytest.raises(ValueError, match="vocab_size"):
         _objective(vocab_size=3).train()(_batch())
 

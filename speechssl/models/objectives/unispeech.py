@@ -141,6 +141,8 @@ class UniSpeechObjective(Wav2Vec2Objective):
         weight = torch.where(labeled, 1.0 - self.ctc_weight, 1.0)[sel.nonzero()[:, 0]]  # [M] per frame
         ctc, replaced = (self.ctc_branch(x, out.extract_features, valid, labeled, batch) if bool(labeled.any())
                          else (x.new_zeros((), dtype=torch.float32), 0))
+        if replaced == 0:  # keep the CTC-side parameters in the graph with a zero gradient: a DDP rank whose
+            ctc = ctc + 0.0 * self._ctc_params_sum()  # batch has no labeled (or replaced) frame must still reduce them
         with fp32(x.device.type):
             contrastive = (weight * ce).sum()
             loss = (contrastive + self.ctc_weight * ctc) / M + self.diversity_weight * q.diversity_loss.float() \
@@ -150,6 +152,9 @@ class UniSpeechObjective(Wav2Vec2Objective):
         logs.update({"masked_frames": float(M), "labeled_utts": float(n_lab), "replaced_frames": float(replaced),
                      "replaced_fraction": replaced / max(1, int(valid[labeled].sum()))})
         return StepOutput(loss, logs, sample_size=M)
+
+    def _ctc_params_sum(self) -> Tensor:
+        return sum(p.sum() for m in (self.q2h_proj, self.ctc_proj) for p in m.parameters())
 
     def _logs(self, loss: Tensor, ce: Tensor, ctc: Tensor, q, logits: Tensor, pen: Tensor) -> dict[str, float]:
         """The step's numbers: contrastive CE per masked frame, CTC per labeled utterance, accuracy ..."""
