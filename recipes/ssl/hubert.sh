@@ -3,7 +3,12 @@
 #   stage 1: k-means (K=km1_k) on MFCC of a sampled fraction of the training cuts
 #   stage 2: label every training (and validation) cut with those units  -> $data/cuts_<split>_mfcc.jsonl.gz
 #   stage 3: pretrain iteration 1                                      -> $iter1_dir/final
-#   stage 4: k-means (K=km2_k) on layer km2_layer of the iteration-1 model
+#   stage 4: k-means (K=km2_k) on layer km2_layer of the iteration-1 model; --km2-layer auto picks the layer:
+#            `speechssl analyze` fits k-means (K=km2_k) on each layer of the iteration-1 model over
+#            analyze_utts cuts of analyze_split (default: valid_split, else train_split), and the layer with
+#            the highest PNMI against the cuts' phone alignments wins (ties: the lower layer). It needs cuts
+#            with supervision.alignment["phone"] (the mini corpus has them; LibriSpeech manifests do not:
+#            give a number there). The analysis and the chosen layer stay in $exp/analyze_iter1.
 #   stage 5: label the cuts with the iteration-2 units                 -> $data/cuts_<split>_hubert_l<N>.jsonl.gz
 #   stage 6: pretrain iteration 2                                      -> $iter2_dir/final
 # Example (8 GPUs, LibriSpeech 960 prepared under data/librispeech):
@@ -28,7 +33,9 @@ iter1_config=$root/conf/pretrain/hubert_base_iter1.yaml
 iter2_config=$root/conf/pretrain/hubert_base_iter2.yaml
 km1_k=100
 km2_k=500
-km2_layer=6
+km2_layer=6                 # a hidden-state index, or auto (the highest PNMI, see stage 4)
+analyze_split=""            # --km2-layer auto: cuts with phone alignments (default: valid_split, else train_split)
+analyze_utts=500            # --km2-layer auto: at most this many of them
 km_fraction=0.1             # share of training cuts the k-means is fitted on
 km_opts=""                  # extra options for `speechssl kmeans`
 iter1_opts=""               # extra options, e.g. "--set trainer.max_steps=1000" (no spaces in values)
@@ -71,6 +78,23 @@ if stage_in 3; then
   log "Stage 3: HuBERT iteration 1 ($iter1_config, $ngpu GPU(s) x $nnodes node(s), grad_accum $grad_accum)"
   # shellcheck disable=SC2086
   pretrain_iter "$iter1_config" "$iter1_dir" mfcc $iter1_opts
+fi
+
+# --km2-layer auto: the iteration-1 layer with the highest PNMI, chosen once (stage 4, or the first later stage
+# that needs it) and then read back from $exp/analyze_iter1/km2_layer
+pick_km2_layer() {
+  local dir=$exp/analyze_iter1 split=${analyze_split:-${valid_split:-$train_split}} layer
+  if [ ! -s "$dir/km2_layer" ]; then
+    log "km2_layer auto: layer analysis of $iter1_dir/final on $analyze_utts cuts of $split (K=$km2_k)"
+    layer=$(speechssl analyze --model "$iter1_dir/final" --cuts "$data/cuts_${split}.jsonl.gz" --out "$dir" \
+      --n-clusters "$km2_k" --max-utts "$analyze_utts" --seeds "$seed" --select pnmi --no-progress)
+    echo "$layer" > "$dir/km2_layer"
+  fi
+  km2_layer=$(cat "$dir/km2_layer")
+  log "km2_layer auto: layer $km2_layer (highest PNMI in $dir/analysis.json)"
+}
+if [ "$km2_layer" = auto ] && { stage_in 4 || stage_in 5 || stage_in 6; }; then
+  pick_km2_layer
 fi
 
 unit2=hubert_l${km2_layer}
