@@ -25,6 +25,8 @@ def _series(report: dict, model: str, measure: str) -> tuple[list[int], list[flo
 
 def _panel(ax, report: dict, measure: str, colors) -> None:
     """One measure's curves, reference lines and chance level on ``ax``."""
+    from matplotlib.ticker import MaxNLocator
+
     for i, m in enumerate(report["models"]):
         x, y, sd = _series(report, m["name"], measure)
         if not x:
@@ -42,6 +44,7 @@ def _panel(ax, report: dict, measure: str, colors) -> None:
         ax.axhline(max(chance), color="grey", linestyle=":", label="chance")
     ax.set_title(TITLES[measure])
     ax.set_xlabel("layer (0 = transformer input)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
 
 
