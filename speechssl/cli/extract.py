@@ -85,8 +85,9 @@ def _units_source(args, device: str):
     spec = source.reader.spec
     layers = _layers(args)
     if layers is not None and layers != [spec.layer]:
-        raise ValueError(f"--kmeans {args.kmeans} was fitted on layer {spec.layer} of {spec.feature}; "
-                         f"--layer(s) {layers} would give units of another layer: drop it or fit a k-means there")
+        fitted = f"layer {spec.layer} of {spec.feature}" if spec.layer is not None else f"{spec.feature} features"
+        raise ValueError(f"--kmeans {args.kmeans} was fitted on {fitted}; --layer(s) {layers} would give units of "
+                         "another layer: drop it or fit a k-means there")
     if args.model is not None and Path(args.model).resolve() != Path(spec.feature).resolve():
         raise ValueError(f"--kmeans {args.kmeans} was fitted on features of {spec.feature}, not --model "
                          f"{args.model}: drop --model (the k-means names its model) or fit a k-means on it")
