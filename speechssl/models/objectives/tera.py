@@ -6,9 +6,9 @@ alterations are applied to it, per utterance, in the order of the paper (time, t
 
 - time: ``T_num = round(P_T * L / W_T)`` span starts are drawn without replacement among the starts whose
   ``W_T``-frame span lies inside the ``L`` valid frames (P_T = 0.15 of the frames, W_T = 7 frames; spans may
-  overlap, so at most P_T of the frames are altered). Then, for the whole utterance, with probability 0.8 the
-  spans are set to zero (the mean, after normalisation), with 0.1 they are replaced by as many spans copied from
-  random positions of the same clean utterance, and with 0.1 they are left unchanged;
+  overlap, so about P_T of the frames or fewer are altered). Then, for the whole utterance, with probability
+  0.8 the spans are set to zero (the mean, after normalisation), with 0.1 they are replaced by as many spans
+  copied from random positions of the same clean utterance, and with 0.1 they are left unchanged;
 - frequency: one block of consecutive mel bins, its width uniform in ``0 .. int(P_C * n_mels)`` (P_C = 0.2) and
   its start uniform, is set to zero over all frames;
 - magnitude: with probability P_N = 0.15, Gaussian noise of standard deviation 0.2 is added to every frame.
@@ -22,7 +22,8 @@ frequency alteration is on). No quantizer. ``sample_size`` is the number of elem
 
 Paper setting (TERA base): 3 transformer layers of 768, AdamW, lr 2e-4 with 7% warm-up, 1M steps, batch 32,
 gradient clipping 5. Here the encoder is any speechssl encoder with the fbank front end (the small-data recipe
-uses preset ``small_hubert``: 20 ms frames, so two input frames per encoder frame).
+uses preset ``small_hubert``: 20 ms frames, so two input frames per encoder frame). The encoder's mask embedding
+is not used (the alteration replaces it), so DDP needs ``trainer.ddp_find_unused: true``.
 
 Normalisation: the alterations act on the normalised log-mel. With ``input_norm: global`` the altered frames are
 mapped back through the corpus statistics before the encoder, which normalises them again, so it sees exactly

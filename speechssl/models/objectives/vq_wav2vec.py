@@ -1,8 +1,9 @@
 """vq-wav2vec: wav2vec's future-step contrastive prediction over quantized CNN features (Baevski, Schneider and
 Auli, "vq-wav2vec: Self-Supervised Learning of Discrete Speech Representations", ICLR 2020).
 
-``z = f(x)``: the encoder's waveform CNN (``encoder.feature_extractor``, trained with full gradient; the paper's has
-8 layers, 512 channels, 10 ms stride, 30 ms receptive field). ``q(z)``: a product quantizer of G groups x V codewords, one of
+``z = f(x)``: the encoder's waveform CNN (``encoder.feature_extractor``, trained with full gradient; the paper's
+has 8 layers, 512 channels, 10 ms stride, 30 ms receptive field). ``q(z)``: a product quantizer of G groups x V
+codewords, one of
 
 - ``gumbel``: logits from a linear map of z, a hard straight-through Gumbel-softmax choice per group
   (``GumbelVectorQuantizer``); the paper anneals the temperature from 2 to 0.5 over 70% of the updates, here it is
@@ -16,19 +17,22 @@ frame, followed by a per-frame LayerNorm (fairseq's GroupNorm(1, C) normalises o
 lets a frame see statistics of the future) and ReLU, with residual connections scaled by sqrt(0.5). Causality is
 what makes the task non-trivial: ``c_t`` sees the quantized frames up to t only.
 
-Loss (wav2vec): for each step ``k = 1 .. K`` (K = ``prediction_steps``, 8 in vq-wav2vec), a step-specific affine map
+Loss (wav2vec): for each step ``k = 1 .. K`` (K = ``prediction_steps``), a step-specific affine map
 ``h_k(c_t)`` scores the true quantized frame ``q_{t+k+o-1}`` against ``num_negatives`` (10) distractors drawn
 uniformly from the other valid frames of the same utterance (drawn per target frame, shared by the steps that
-predict it): ``-log sigmoid(h_k(c_t) . q_pos) - sum_neg log sigmoid(-h_k(c_t) . q_neg)``. The offset ``o`` is 1 by
-default (the paper's k = 1 .. K); fairseq's ``offset: auto`` shifts the targets by ceil(receptive field / stride)
-frames so that a target shares no input sample with the context frame, which ``offset: auto`` here computes from
-the encoder's conv layers. The loss is averaged over the (context frame, step) pairs whose target is a valid frame
-(``sample_size``), plus the k-means loss or, if ``diversity_weight`` > 0, wav2vec 2.0's diversity term for the
-Gumbel quantizer (the paper has none).
+predict it): ``-log sigmoid(h_k(c_t) . q_pos) - sum_neg log sigmoid(-h_k(c_t) . q_neg)``. The offset ``o``: 1 is
+the paper's k = 1 .. K; ``auto`` (the default, as fairseq's released recipe) shifts the targets by
+ceil(receptive field / stride) of the encoder's conv layers (3 frames for the paper's encoder), so that a target
+shares no input sample with the context frame. The loss is averaged over the (context frame, step) pairs whose
+target is a valid frame (``sample_size``), plus the k-means loss (weight 1) or, if ``diversity_weight`` > 0,
+wav2vec 2.0's diversity term for the Gumbel quantizer (the paper and fairseq's recipe have none).
 
-Paper setting: LibriSpeech 960 h, 400k updates, lr warmed from 1e-7 to 1e-3 over 500 updates then cosine-decayed
-to 1e-6, 150k-sample crops, 10 negatives, K = 8. The codes ``q`` picks (:meth:`VqWav2VecObjective.codes`,
-[B, T, G]) are the discrete units vq-wav2vec exports (the paper feeds them to BERT).
+Paper setting: LibriSpeech 960 h, 400k updates, cosine learning-rate schedule with warm-up, 150k-sample crops, 10
+negatives. fairseq's released Gumbel recipe: 12 prediction steps, ``offset auto``, G = 2, V = 320 with the codebook
+shared by the groups (``combine_groups``), a two-layer logit projection (here one linear map), temperature
+(2, 0.5, 0.999995), lr 1e-5 after 1000 warm-up updates, cosine decay, 400k updates. The codes ``q`` picks
+(:meth:`VqWav2VecObjective.codes`, [B, T, G]; :meth:`VqWav2VecObjective.from_pretrained` rebuilds a trained run)
+are the discrete units vq-wav2vec exports (the paper feeds them to BERT).
 
 The encoder's transformer is not part of vq-wav2vec and is not trained: the exported encoder carries the trained
 waveform CNN; the quantizer and the context network are the objective's (``parts.safetensors``, part
@@ -114,8 +118,8 @@ class VqWav2VecObjective(Objective):
         combine_groups: one codebook shared by the groups.
         context_layers: the context network's ``[channels, kernel, 1]`` layers (``PAPER_CONTEXT_LAYERS``).
         context_dropout: dropout inside the context network (0).
-        prediction_steps: K, future steps predicted (8).
-        offset: the first step's distance in frames (1 = the paper's k = 1 .. K) or ``auto``.
+        prediction_steps: K, future steps predicted (12, fairseq's recipe).
+        offset: the first step's distance in frames (1 = the paper's k = 1 .. K) or ``auto`` (the default).
         num_negatives: distractors per target (10).
         diversity_weight: weight of the Gumbel quantizer's diversity term (0, as the paper).
         seed: own generator for the negatives (default: the global RNG).
@@ -127,7 +131,7 @@ class VqWav2VecObjective(Objective):
                  groups: int = 2, vq_dim: int = 0, gamma: float = 0.25,
                  latent_temp: tuple[float, float, float] = (2.0, 0.5, 0.999995), combine_groups: bool = False,
                  context_layers: Sequence[Sequence[int]] = tuple(PAPER_CONTEXT_LAYERS), context_dropout: float = 0.0,
-                 prediction_steps: int = 8, offset: int | Literal["auto"] = 1, num_negatives: int = 10,
+                 prediction_steps: int = 12, offset: int | Literal["auto"] = "auto", num_negatives: int = 10,
                  diversity_weight: float = 0.0, seed: int | None = None):
         super().__init__(encoder, mask_prob=0.0, mask_length=1, seed=seed)
         cfg = encoder.config
@@ -137,7 +141,8 @@ class VqWav2VecObjective(Objective):
         if quantizer not in ("gumbel", "kmeans"):
             raise ValueError(f"quantizer must be 'gumbel' or 'kmeans', got {quantizer!r}")
         if prediction_steps < 1 or num_negatives < 1:
-            raise ValueError(f"prediction_steps and num_negatives must be >= 1, got {prediction_steps}, {num_negatives}")
+            raise ValueError(f"prediction_steps and num_negatives must be >= 1, got {prediction_steps}, "
+                             f"{num_negatives}")
         self.offset = receptive_offset(cfg.conv_layers) if offset == "auto" else int(offset)
         if self.offset < 1:
             raise ValueError(f"offset must be >= 1 or 'auto', got {offset!r}")
