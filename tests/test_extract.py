@@ -100,6 +100,10 @@ def test_wrong_layer_is_a_clear_error(model_dir, cuts_file, tmp_path, capsys):
     assert "layer 7 is out of range" in err and "0..2" in err and str(model_dir.resolve()) in err
     assert main(["extract", "--model", str(model_dir), "--cuts", str(cuts_file), "--out", str(out)]) == 2
     assert "name the layer(s) explicitly" in capsys.readouterr().err
+    # `speechssl kmeans` (HuBERT iteration 2) checks its layer on the same path
+    assert main(["kmeans", "--cuts", str(cuts_file), "--out", str(tmp_path / "km"), "--feature", str(model_dir),
+                 "--layer", "9", "--n-clusters", "2"]) == 2
+    assert "argument 'layer': layer 9 is out of range" in capsys.readouterr().err
 
 
 def test_hidden_states_per_cut_with_manifest_and_record(model_dir, cuts_file, tmp_path):

@@ -137,11 +137,12 @@ class LayerEncoder:
         layers: hidden-state indices, checked against ``model.num_layers``.
         device: where the forward runs.
         name: the model's path (recorded in ``extract.json`` and named in errors).
+        key: the argument errors name for ``layers``.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int], device: str | torch.device = "cpu",
-                 name: str = "<encoder>"):
-        self.layers = check_layers(layers, model.num_layers, model=f"model {name}")
+                 name: str = "<encoder>", key: str = "layers"):
+        self.layers = check_layers(layers, model.num_layers, key=key, model=f"model {name}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.name = name

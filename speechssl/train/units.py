@@ -95,7 +95,7 @@ class FeatureReader:
             model, name = load_pretrained(str(path)), str(path.resolve())
         if layer is None:
             raise ValueError(f"model features need argument 'layer' (0..{model.num_layers})")
-        self.encoder = LayerEncoder(model, [layer], self.device, name=name)
+        self.encoder = LayerEncoder(model, [layer], self.device, name=name, key="layer")
         self.layer = int(layer)
         self.spec = FeatureSpec(name, int(layer), model.downsample_rate / SAMPLE_RATE, int(model.hidden_size))
 
