@@ -48,7 +48,8 @@ def register(subparsers) -> None:
     p.add_argument("--n-clusters", type=int, default=100, help="k-means K per layer (default 100)")
     p.add_argument("--eval-fraction", type=float, default=0.25,
                    help="share of each speaker's cuts held out when there is no --eval-cuts (default 0.25)")
-    p.add_argument("--max-utts", type=int, default=0, help="a random subset of this many cuts per side (0: all)")
+    p.add_argument("--max-utts", type=int, default=0, help="analyse a seeded random subset of this many cuts (with --eval-cuts: of each manifest; "
+                        "0: all)")
     p.add_argument("--max-frames", type=int, default=50000,
                    help="training frames the phone probe and k-means are fitted on (default 50000)")
     p.add_argument("--layers", type=_ints, default=None, metavar="I,J,...",
