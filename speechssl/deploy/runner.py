@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -11,7 +12,7 @@ import torch
 
 from speechssl.config import ConfigError
 from speechssl.models.encoder_config import EncoderConfig
-from speechssl.models.frames import num_frames
+from speechssl.models.frames import FBANK_HOP, num_frames
 
 from .onnx_export import require_onnx
 
@@ -24,7 +25,7 @@ class OnnxEncoder:
     """An ``export_onnx`` directory loaded into an onnxruntime session.
 
     Attributes: ``config`` (EncoderConfig), ``layers`` (the exported hidden-state indices), ``quantize``
-    (None or "int8"), ``session``. ``num_threads``: onnxruntime's intra-op threads (None: its default, all
+    (None or "int8"), ``downsample_rate`` (input samples per frame), ``session``. ``num_threads``: onnxruntime's intra-op threads (None: its default, all
     cores); inter-op parallelism is off (the graph is one chain).
     """
 
@@ -44,7 +45,16 @@ class OnnxEncoder:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(num_threads or 0)
         opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(d / doc["onnx"]["file"]), opts, providers=["CPUExecutionProvider"])
+        self.path = d / doc["onnx"]["file"]
+        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        self.downsample_rate = math.prod(int(s) for _, _, s in self.config.conv_layers) * (
+            FBANK_HOP if self.config.frontend == "fbank" else 1)
+
+    def num_params(self) -> int:
+        """Weights stored in the graph (its initializers; int8 weights count one each)."""
+        import onnx
+
+        return sum(math.prod(t.dims) for t in onnx.load(str(self.path)).graph.initializer)
 
     def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
         """Encoder frames for ``num_samples`` samples: [B] -> [B] (as ``Encoder.num_frames``)."""

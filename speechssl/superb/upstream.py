@@ -16,6 +16,10 @@ for FBANK / MFCC) and ``frames`` [B]. Modes for encoders:
   replaced by ``LoRALinear``, adding a low-rank update ``B @ A`` (B initialised to zero); only A and B train.
   Their keys are ``encoder.layers.I.NAME.lora_a`` / ``lora_b``.
 
+Deployed models score as they run: an int8 speechssl dir (``speechssl export ... --quantize int8``) loads through
+``load_pretrained`` as the torch dynamic-int8 encoder, and an ONNX dir with every hidden state (``speechssl export
+... --format onnx [--quantize int8]``) runs in onnxruntime (:class:`OnnxUpstream`); both are frozen only.
+
 An encoder must expose its transformer layers as a ``layers`` ModuleList of ``num_layers`` entries, each called
 as ``layer(h, ...) -> (h [B, T', D], attention or None)`` (``speechssl.models.encoder.Encoder``), and its frame
 count as ``num_frames(num_samples [B]) -> [B]``.
@@ -28,11 +32,12 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from speechssl.models.frames import FBANK_HOP, fbank_input_frames
 from speechssl.superb.featurizer import cut_to_frames
 
-__all__ = ["Upstream", "EncoderUpstream", "FbankUpstream", "MfccUpstream", "LoRALinear", "BottleneckAdapter",
+__all__ = ["Upstream", "EncoderUpstream", "OnnxUpstream", "FbankUpstream", "MfccUpstream", "LoRALinear", "BottleneckAdapter",
            "AdaptedLayer", "build_upstream", "build_random_encoder", "random_init_buffers", "random_init_config",
            "is_random_spec", "count_params", "MODES", "STATES_VERSION"]
 
@@ -44,7 +49,13 @@ states cut to ``Encoder.num_frames`` instead of ``samples // downsample_rate``);
 
 
 def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Parameters of ``module``, the weights of torch dynamic-int8 linear layers (not parameters()) included."""
+    n = sum(p.numel() for p in module.parameters())
+    for m in module.modules():
+        if isinstance(m, DynamicInt8Linear):
+            bias = m.bias()
+            n += m.weight().numel() + (bias.numel() if bias is not None else 0)
+    return n
 
 
 class Upstream(nn.Module):
@@ -289,6 +300,37 @@ class EncoderUpstream(Upstream):
         return states, frames.clamp(min=1, max=states[0].shape[1])
 
 
+class OnnxUpstream(Upstream):
+    """An ONNX encoder directory with every hidden state, run by onnxruntime on the CPU (frozen only); its hidden
+    states and frames are those of the exported encoder."""
+
+    def __init__(self, path: str, name: str | None = None, num_threads: int | None = None):
+        super().__init__()
+        from speechssl.config import ConfigError
+        from speechssl.deploy import OnnxEncoder
+
+        self.runner = OnnxEncoder(path, num_threads=num_threads or torch.get_num_threads())
+        cfg = self.runner.config
+        if self.runner.layers != list(range(cfg.num_layers + 1)):
+            raise ConfigError(f"config key upstream: {path} outputs hidden states {self.runner.layers}; a SUPERB "
+                              f"upstream needs all {cfg.num_layers + 1} (export it without --layers)")
+        self.name, self.num_states, self.hidden_size = str(name or path), cfg.num_layers + 1, cfg.hidden_size
+        self.downsample_rate = self.runner.downsample_rate
+
+    def upstream_params(self) -> int:
+        return self.runner.num_params()
+
+    def num_frames(self, num_samples: torch.Tensor) -> torch.Tensor:
+        return self.runner.num_frames(num_samples)
+
+    @torch.no_grad()
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        states, _ = self.runner(wav.detach().float().cpu().numpy(), lengths.cpu().numpy())
+        frames = self.num_frames(lengths.cpu()).to(lengths.device)
+        out = cut_to_frames([torch.from_numpy(states[l]).to(wav.device) for l in self.runner.layers], frames)
+        return out, frames.clamp(min=1, max=out[0].shape[1])
+
+
 RANDOM_PREFIX = "random:"
 
 
@@ -390,6 +432,14 @@ def build_upstream(spec: str, mode: str = "frozen", map_location: str = "cpu", s
     if not os.path.exists(spec):
         raise FileNotFoundError(f"upstream '{spec}' is neither fbank, mfcc, random:PRESET_OR_MODEL nor an "
                                 f"existing model path (config key upstream)")
+    from speechssl.deploy.onnx_export import is_onnx_dir
+
+    if is_onnx_dir(spec):
+        if mode != "frozen":
+            from speechssl.config import ConfigError
+
+            raise ConfigError(f"config key upstream_mode: an ONNX upstream ({spec}) runs frozen only, not {mode!r}")
+        return OnnxUpstream(spec, name=str(spec))
     from speechssl import load_pretrained
 
     encoder = load_pretrained(spec, map_location=map_location)
