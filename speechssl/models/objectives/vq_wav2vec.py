@@ -191,10 +191,14 @@ class VqWav2VecObjective(Objective):
 
     # ------------------------------------------------------------------ pieces
     def features(self, wav: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """z = the encoder's CNN output [B, T, C] and valid frames [B] (``encoder.num_frames``)."""
+        """z = the encoder's CNN output after its feature LayerNorm (the encoder's ``extract_features``, what
+        wav2vec 2.0 quantizes) [B, T, C], and valid frames [B] (``encoder.num_frames``)."""
         if self.encoder.config.normalize_waveform:
             wav = Encoder._normalize_waveform(wav, lengths)
         z = self.encoder.feature_extractor(wav).transpose(1, 2)
+        norm = self.encoder.feature_projection.layer_norm
+        # unnormalised CNN outputs can be tiny: flat Gumbel logits, codes drawn by the noise alone
+        z = norm(z) if norm is not None else F.layer_norm(z, z.shape[-1:])
         return z, self.encoder.num_frames(lengths).to(z.device).clamp_max(z.shape[1])
 
     def quantize(self, z: Tensor, valid: Tensor):
