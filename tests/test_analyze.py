@@ -165,3 +165,24 @@ def test_cli_names_a_bad_layer_and_a_missing_model(tmp_path, capsys):
     assert "settings.layers [9]" in capsys.readouterr().err
     assert main(base + ["--model", str(tmp_path / "nope")]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_eval_cuts_subsets_and_layers(tmp_path):
+    """Explicit held-out cuts (one of a speaker the probe never saw), --max-utts and --layers."""
+    from lhotse import CutSet
+
+    from speechssl.analysis import AnalyzeSettings, analyze
+
+    cuts = list(CutSet.from_file(_tone_corpus(tmp_path)))
+    train = [c for c in cuts if not c.id.endswith(("_4", "_5"))]
+    held = [c for c in cuts if c.id.endswith(("_4", "_5"))]
+    held[0].supervisions[0].speaker = "stranger"
+    CutSet.from_cuts(train).to_file(tmp_path / "train.jsonl.gz")
+    CutSet.from_cuts(held).to_file(tmp_path / "held.jsonl.gz")
+    s = AnalyzeSettings(n_clusters=4, max_utts=9, layers=[0, 2], progress=False)
+    report = analyze(["random:tiny_hubert"], str(tmp_path / "train.jsonl.gz"), str(tmp_path / "held.jsonl.gz"), s)
+    assert report["cuts_used"] == {"train": 9, "held_out": 6}
+    assert [e["layer"] for e in report["table"]] == [0, 2]
+    # the stranger's utterance is not a speaker-probe test item: chance is over the 5 others
+    c = report["models"][0]["chance"]["speaker_acc"]
+    assert abs(c * 5 - round(c * 5)) < 1e-9 and abs(c * 6 - round(c * 6)) > 1e-6
