@@ -103,6 +103,11 @@ def _nan_to_none(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
 
 
+def _pooled(utts: Sequence[Utterance], layer: int) -> torch.Tensor:
+    """Each utterance's mean over its frames of hidden state ``layer``: [N, D]."""
+    return torch.stack([u.states[layer].mean(0) for u in utts])
+
+
 def _speaker_probe(train: Sequence[Utterance], held: Sequence[Utterance], layer: int,
                    s: AnalyzeSettings) -> float | None:
     ids: dict[str, int] = {}
@@ -113,9 +118,8 @@ def _speaker_probe(train: Sequence[Utterance], held: Sequence[Utterance], layer:
     ev = [u for u in held if u.speaker in ids]
     if len(ids) < 2 or not ev:
         return None
-    pool = lambda us: torch.stack([u.states[layer].mean(0) for u in us])  # noqa: E731  [N, D]
-    return probe_accuracy(pool(tr), [ids[u.speaker] for u in tr], pool(ev), [ids[u.speaker] for u in ev],
-                          l2=s.l2, max_iter=s.probe_iters)
+    return probe_accuracy(_pooled(tr, layer), [ids[u.speaker] for u in tr], _pooled(ev, layer),
+                          [ids[u.speaker] for u in ev], l2=s.l2, max_iter=s.probe_iters)
 
 
 def analyze_layer(train: Sequence[Utterance], held: Sequence[Utterance], layer: int, settings: AnalyzeSettings,
