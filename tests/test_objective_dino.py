@@ -158,3 +158,31 @@ def test_resume_exact_with_teacher_and_center(manifest, tmp_path):  # noqa: F811
     again = load_file(str(out / "checkpoints" / "step-4" / "model.safetensors"))
     for k in ("center", "teacher_embed.proj.weight", "embed.proj.weight"):
         assert torch.equal(final[k], again[k]), k
+    # the exported extractor: teacher weights from the objective part, scored on trials over the same cuts
+    from lhotse import CutSet
+
+    from speechssl.superb.embeddings import dino_extractor, evaluate
+
+    wav = torch.from_numpy(np.stack([np.zeros(16000, np.float32)]))
+    teacher = dino_extractor(out / "final", "teacher")(wav, torch.tensor([16000]))
+    student = dino_extractor(out / "final", "student")(wav, torch.tensor([16000]))
+    assert teacher.shape == (1, 32) and not torch.allclose(teacher, student)
+    ids = [c.id for c in CutSet.from_file(manifest)]
+    trials = tmp_path / "trials.txt"
+    trials.write_text("".join(f"{int(i % 2 == j % 2)} {ids[i]} {ids[j]}\n" for i in range(4) for j in range(4, 8)))
+    rec = evaluate(str(out / "final"), manifest, trials, tmp_path / "asv", name="dino")
+    assert rec["task"] == "asv" and rec["upstream"] == "dino" and 0.0 <= rec["value"] <= 1.0
+    assert rec["scores"]["num_trials"] == 16 and (tmp_path / "asv" / "results.json").is_file()
+
+
+def test_score_trials_by_hand():
+    from speechssl.superb.embeddings import score_trials
+
+    emb = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.8, 0.6]), "c": torch.tensor([0.0, 1.0])}
+    # scores: a-b 0.8 (target), a-c 0.0 (non-target), b-c 0.6 (non-target): a threshold in (0.6, 0.8) splits them
+    got = score_trials(emb, [(1, "a", "b"), (0, "a", "c"), (0, "b", "c")])
+    assert got["eer"] == 0.0 and got["num_trials"] == 3
+    swapped = score_trials(emb, [(0, "a", "b"), (1, "a", "c"), (1, "b", "c")])
+    assert swapped["eer"] >= 0.5  # every target scores below the non-target: no better than chance
+    with pytest.raises(ValueError, match="no embedding"):
+        score_trials(emb, [(1, "a", "zz")])
