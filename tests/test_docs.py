@@ -54,6 +54,13 @@ def test_readme_command_map_lists_every_command():
     assert not missing, f"README.md's command map lacks {missing}"
 
 
+def test_benchmarks_page_names_every_bench_script():
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    scripts = sorted(p.name for p in (ROOT / "bench").iterdir() if p.suffix in (".py", ".sh"))
+    missing = [name for name in scripts if f"`bench/{name}" not in text]
+    assert scripts and not missing, f"docs/benchmarks.md lacks {missing}: give each its command and figures"
+
+
 def test_no_doc_mentions_the_removed_internals_page():
     stale = [p.name for p in [ROOT / "README.md", *DOCS] if "internals.md" in p.read_text()]
     assert not stale, f"docs/internals.md was replaced by docs/architecture.md; still named in {stale}"
