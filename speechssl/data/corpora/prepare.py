@@ -1,6 +1,6 @@
 """Real corpora through Lhotse's recipes, normalised to the supervision fields every task reads.
 
-Fields (see docs/sections/10-data.md): ``supervision.text`` (upper-case words, LibriSpeech style),
+Fields (see docs/data.md): ``supervision.text`` (upper-case words, LibriSpeech style),
 ``supervision.speaker``, and ``supervision.custom``: ``emotion`` (neutral|happy|sad|angry), ``keyword`` (one of
 10 words, ``_unknown_``, ``_silence_``), ``phones``, ``session`` (IEMOCAP fold, int 1..5). Each preparer writes
 ``OUT_DIR/cuts_SPLIT.jsonl.gz`` per split and returns ``{split: CutSet}``.
