@@ -9,9 +9,9 @@ speaker embedding. No negative pairs and no labels.
   utterance shorter than a crop is taken whole). The teacher sees the long segments only, the student all.
 - **Networks.** Student and teacher have the same shape: the encoder, statistics pooling (mean and standard
   deviation over the valid frames of the last hidden state), a linear layer to the speaker embedding
-  (``embed_dim``), and the DINO head: a 3-layer MLP (GELU, ``hidden_dim``) to a ``bottleneck_dim`` vector,
-  L2-normalised, then a weight-normalised linear layer without bias to ``out_dim`` prototypes (the weight norm
-  fixed to 1, DINO's ``norm_last_layer``: here a cosine against L2-normalised prototype rows).
+  (``embed_dim``), and the DINO head: a 3-layer MLP (batch norm and GELU, ``hidden_dim``) to a
+  ``bottleneck_dim`` vector, L2-normalised, then a weight-normalised linear layer without bias to ``out_dim``
+  prototypes (the weight norm fixed to 1, DINO's ``norm_last_layer``: a cosine against L2-normalised rows).
 - **Loss.** For every (teacher segment i, student segment j) pair with i != j: cross-entropy between the
   teacher's ``softmax((t_i - center) / tau_t)`` and the student's ``log_softmax(s_j / tau_s)``, averaged over
   pairs and utterances. Student temperature 0.1; teacher temperature (sharpening) 0.04 rising linearly to 0.07
@@ -71,8 +71,12 @@ class DinoHead(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        # batch norm after each hidden layer (wespeaker's use_bn): pooled embeddings of different utterances
+        # share a large common part; normalising over the batch keeps the teacher from starting constant, which
+        # centering would turn into a uniform (collapsed) target
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
         self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 
@@ -136,7 +140,8 @@ class DinoObjective(Objective):
         self.long_crops, self.short_crops = int(long_crops), int(short_crops)
         self.long_seconds, self.short_seconds = float(long_seconds), float(short_seconds)
         self.student_temp, self.teacher_temp = float(student_temp), float(teacher_temp)
-        self.warmup_teacher_temp, self.teacher_temp_warmup_steps = float(warmup_teacher_temp), int(teacher_temp_warmup_steps)
+        self.warmup_teacher_temp = float(warmup_teacher_temp)
+        self.teacher_temp_warmup_steps = int(teacher_temp_warmup_steps)
         self.center_momentum, self.teacher_momentum = float(center_momentum), float(teacher_momentum)
         self.momentum_steps = int(momentum_steps)
         self.embed = SpeakerEmbedder(encoder.hidden_size, embed_dim)
@@ -161,9 +166,10 @@ class DinoObjective(Objective):
             yield from m.parameters()
 
     def train(self, mode: bool = True):
+        """The teacher encoder always runs without dropout and layer-drop; the teacher head's batch norm uses
+        batch statistics in training, as the student's."""
         super().train(mode)
-        for m in self.teacher_modules():
-            m.eval()
+        self.teacher_encoder.eval()
         return self
 
     def momentum(self, update: int) -> float:
