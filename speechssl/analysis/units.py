@@ -26,10 +26,8 @@ def unit_quality(units, phones) -> dict[str, float]:
     """``{"pnmi", "phone_purity", "cluster_purity"}`` of aligned frame labels: ``units`` and ``phones`` are 1-D
     integer arrays of the same length (pairs with a negative id on either side are left out); NaN without
     frames (PNMI also with a single phone)."""
-    # diagnostics.purity returns (sum_u max_p P, sum_p max_u P); in the paper's terms that is (phone purity,
-    # cluster purity), whatever its docstring calls them
-    per_unit, per_phone = purity(units, phones)
-    return {"pnmi": pnmi(units, phones), "phone_purity": per_unit, "cluster_purity": per_phone}
+    phone_purity, cluster_purity = purity(units, phones)
+    return {"pnmi": pnmi(units, phones), "phone_purity": phone_purity, "cluster_purity": cluster_purity}
 
 
 def layer_units(fit_frames, frames, n_clusters: int, *, seed: int = 0, max_iter: int = 50,

@@ -197,10 +197,10 @@ def pnmi(units: Any, phones: Any) -> float:
 
 
 def purity(units: Any, phones: Any) -> tuple[float, float]:
-    """(cluster purity, phone purity) of aligned frame labels.
+    """(phone purity, cluster purity) of aligned frame labels, as the HuBERT paper defines them.
 
-    Cluster purity E_u[max_p P(p|u)]: the accuracy of labelling each unit with its most frequent phone.
-    Phone purity E_p[max_u P(u|p)]: how much of each phone its most frequent unit covers. NaN without frames.
+    Phone purity E_u[max_p P(p|u)]: the accuracy of labelling each unit with its most frequent phone.
+    Cluster purity E_p[max_u P(u|p)]: how much of each phone its most frequent unit covers. NaN without frames.
     """
     pj = _joint(units, phones)
     if pj.size == 0:
@@ -416,7 +416,7 @@ def label_statistics(cuts, names: list[str]) -> dict[str, float]:
             out[f"units_{name}_{k}"] = v
         if (p >= 0).any():
             out[f"units_{name}_pnmi"] = pnmi(u, p)
-            out[f"units_{name}_cluster_purity"], out[f"units_{name}_phone_purity"] = purity(u, p)
+            out[f"units_{name}_phone_purity"], out[f"units_{name}_cluster_purity"] = purity(u, p)
     for k in ("prior_entropy", "prior_acc"):
         vals = [out[f"units_{n}_{k}"] for n in names if f"units_{n}_{k}" in out]
         if vals:
