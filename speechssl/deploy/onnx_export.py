@@ -15,6 +15,7 @@ Directory written: ``model.onnx`` and ``config.json`` = ``{"format": "onnx", "en
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -110,8 +111,15 @@ def quantize_onnx(src: PathLike, dst: PathLike) -> Path:
     require_onnx()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                     weight_type=QuantType.QInt8)
+    # the quantiser logs a line per float tensor it leaves alone, and advice to pre-process, on the root logger
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     return Path(dst)
 
 
