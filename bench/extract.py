@@ -5,11 +5,13 @@ Speed: the same model, the same cuts and the same output (one layer, fp16, one `
 ``--num-workers`` loader processes while the model runs, arrays and manifest written as it goes) and (b) a plain
 loop (read a cut's audio, forward it alone, save its array: fairseq's ``dump_hubert_feature.py``). The two
 alternate for ``--rounds`` rounds in one process on ``--threads`` torch threads; the median of each is reported
-as audio hours per hour, with their ratio (target >= 3x on 2 CPU threads).
+as audio hours per hour, and the median of the rounds' ratios (target >= 3x on 2 CPU threads). On a shared
+machine wall time drifts with other jobs' load; audio seconds per CPU second (process, threads and loader workers)
+is reported too, with its ratio, as the load-independent measure of the work each path does.
 
-Memory: ``extract`` on a corpus of N cuts (``--memory-cuts``, enough to fill batches of ``--max-duration``) and
-of 4N cuts (the same cuts repeated under new ids), each in a fresh subprocess; the peak resident set (``ru_maxrss``) of the extracting process, and of its loader worker, is
-reported. Flat means the 4N run's peak is within ``--memory-tolerance`` MiB of the N run's.
+Memory: ``extract`` on a corpus of N cuts (``--memory-cuts``, enough to fill batches of ``--memory-max-duration``) and
+of 4N cuts (the same cuts repeated under new ids), each in a fresh subprocess; the peak resident set of the extracting process (``VmHWM``) is reported (its loader worker holds
+one batch of audio at a time). Flat means the 4N run's peak is within ``--memory-tolerance`` MiB of the N run's.
 
     python bench/extract.py                      # tiny_hubert, 120 cuts of 1-12 s, 2 threads, 2 rounds; 60 / 240
     python bench/extract.py --preset hubert_base --cuts 40 --rounds 1
@@ -96,22 +98,44 @@ def speed(args, cuts_path: Path, work: Path) -> dict:
     torch.manual_seed(0)
     model = build_encoder(args.preset).eval()
     runs: dict[str, list[float]] = {"extract": [], "plain": []}
+    cpu: dict[str, list[float]] = {"extract": [], "plain": []}
     for r in range(args.rounds):
         for name in ("extract", "plain"):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu_seconds()
             if name == "extract":
                 secs = extract_path(model, cuts_path, work / f"x{r}", args.layer, args.max_duration, args.num_workers)
             else:
                 secs = plain_loop(model, cuts_path, work / f"p{r}", args.layer)
             runs[name].append(secs / (time.perf_counter() - t))  # audio hours per hour = audio s per wall s
-            print(f"round {r} {name}: {runs[name][-1]:.1f} audio-h/h", file=sys.stderr, flush=True)
+            cpu[name].append(secs / (cpu_seconds() - c))  # audio s per CPU s (all threads, loader workers)
+            print(f"round {r} {name}: {runs[name][-1]:.1f} audio-h/h, {cpu[name][-1]:.1f} audio-s per CPU-s",
+                  file=sys.stderr, flush=True)
     med = {k: float(np.median(v)) for k, v in runs.items()}
+    # each round's two runs are neighbours in time: their ratio cancels most of a shared machine's load drift
+    ratios = [a / b for a, b in zip(runs["extract"], runs["plain"])]
+    cpu_ratios = [a / b for a, b in zip(cpu["extract"], cpu["plain"])]
     return {"audio_hours": secs / 3600, "rounds": runs, "extract_audio_h_per_h": med["extract"],
-            "plain_audio_h_per_h": med["plain"], "speedup": med["extract"] / med["plain"], "target": 3.0}
+            "plain_audio_h_per_h": med["plain"], "round_speedups": ratios, "speedup": float(np.median(ratios)),
+            "audio_s_per_cpu_s": cpu, "cpu_speedup": float(np.median(cpu_ratios)), "target": 3.0}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its finished children (loader workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident set (``VmHWM``, MiB). Not ``ru_maxrss``: Linux carries that over from the
+    parent through fork and exec, so a child started by a big bench process would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: may include the parent's
 
 
 def child_memory(args) -> None:
-    """In a fresh process: extract ``args.child`` and print the peak RSS (MiB) of this process and its workers."""
+    """In a fresh process: extract ``args.child`` and print its peak RSS (MiB) after loading and at the end."""
     import torch
 
     from speechssl.models import build_encoder
@@ -119,10 +143,9 @@ def child_memory(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_encoder(args.preset).eval()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_rss_mb()
     extract_path(model, Path(args.child), Path(args.child_out), args.layer, args.max_duration, args.num_workers)
-    print(json.dumps({"model_loaded_mb": base, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "workers_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+    print(json.dumps({"model_loaded_mb": base, "peak_mb": peak_rss_mb()}))
 
 
 def memory(args, work: Path) -> dict:
@@ -133,7 +156,7 @@ def memory(args, work: Path) -> dict:
         path = repeat_corpus(cuts_path, times, work / f"mem_{times}.jsonl.gz")
         cmd = [sys.executable, __file__, "--child", str(path), "--child-out", str(work / f"mem_out_{times}"),
                "--preset", args.preset, "--threads", str(args.threads), "--layer", str(args.layer),
-               "--max-duration", str(args.max_duration), "--num-workers", str(args.num_workers)]
+               "--max-duration", str(args.memory_max_duration), "--num-workers", str(args.num_workers)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[f"{n * times}_cuts"] = json.loads(res.stdout.strip().splitlines()[-1])
     small, big = out[f"{n}_cuts"]["peak_mb"], out[f"{4 * n}_cuts"]["peak_mb"]
@@ -152,6 +175,9 @@ def main() -> None:
     ap.add_argument("--max-duration", type=float, default=100.0)
     ap.add_argument("--num-workers", type=int, default=1)
     ap.add_argument("--memory-cuts", type=int, default=60, help="N of the memory runs (N and 4N cuts)")
+    ap.add_argument("--memory-max-duration", type=float, default=20.0,
+                    help="batch seconds of the memory runs: N cuts must fill every duration bucket's batches, or "
+                         "the 4N run's fuller batches would pass for growth with the corpus")
     ap.add_argument("--memory-tolerance", type=float, default=30.0, help="MiB a flat peak may grow by")
     ap.add_argument("--quick", action="store_true", help="20 cuts, 1 round")
     ap.add_argument("--json", help="also write the results here")

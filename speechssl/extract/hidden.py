@@ -77,13 +77,14 @@ class _MaskedGroupNorm(nn.Module):
         self.norm, self.frames = norm, frames
 
     def forward(self, x: Tensor) -> Tensor:
-        # statistics per utterance over its own frames (one fused pass each), then one fused scale-and-shift:
-        # this layer sees the most samples of the model, so extra elementwise passes would dominate its cost
-        var, mean = zip(*(torch.var_mean(x[b, :, : max(1, int(n))], dim=-1, unbiased=False)
-                          for b, n in enumerate(self.frames.tolist())))
-        scale = self.norm.weight[None] * torch.rsqrt(torch.stack(var) + self.norm.eps)  # [B, C]
-        shift = self.norm.bias[None] - torch.stack(mean) * scale
-        return torch.addcmul(shift[..., None], x, scale[..., None])
+        # the native kernel on each utterance's own frames (fused statistics and affine); frames past the end stay
+        # zero: the unpadded convolutions after this block never read them into a valid frame
+        out = torch.zeros_like(x)
+        for b, n in enumerate(self.frames.tolist()):
+            if n > 0:
+                out[b, :, :n] = nn.functional.group_norm(x[b:b + 1, :, :n], self.norm.num_groups, self.norm.weight,
+                                                         self.norm.bias, self.norm.eps)[0]
+        return out
 
 
 class _MaskedBlock(nn.Module):
