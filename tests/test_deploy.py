@@ -166,7 +166,7 @@ def test_torch_int8_round_trip_is_exact_and_loads_as_upstream(tmp_path, syntheti
     assert len(states) == enc.num_layers + 1 and frames.tolist() == ref.lengths.tolist()
     # conversions read the dequantised float weights: each within half a quantisation step of the original
     _, sd, _, meta = read_checkpoint(tmp_path / "int8")
-    assert meta["quantization"] == "dynamic_int8"
+    assert meta["dequantized_from"] == "dynamic_int8"
     w, w0 = sd["layers.1.feed_forward.output_dense.weight"], enc.layers[1].feed_forward.output_dense.weight
     step = q.layers[1].feed_forward.output_dense.weight().q_per_channel_scales().float()[:, None]
     assert bool(((w - w0).abs() <= step / 2 + 1e-7).all())

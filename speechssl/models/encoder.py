@@ -322,10 +322,7 @@ class Encoder(nn.Module):
         by ``mask_emb``; gates: pruning gates (see EncoderGates).
         """
         if lengths is not None:
-            device = (wav if wav is not None else features).device
-            # a tensor stays a traced value under ONNX export (torch.as_tensor would make it a constant there)
-            lengths = (lengths.to(device) if torch.is_tensor(lengths) else torch.as_tensor(lengths, device=device)
-                       ).long()
+            lengths = torch.as_tensor(lengths, device=(wav if wav is not None else features).device).long()
         x, frames, stacked = self._features(wav, lengths, features, gates.conv if gates is not None else None)
         features_pen = x.float().pow(2).mean()
         x = x.transpose(1, 2)  # [B, T', C]

@@ -16,7 +16,8 @@ int8 speechssl dirs (``export_pretrained(..., quantize="int8")``) add ``"quantiz
 "modules": [...]}`` to ``config.json``; ``model.safetensors`` then holds, per listed linear layer, ``NAME.weight_int8``
 [out, in] int8, ``NAME.weight_scale`` [out] float64, ``NAME.weight_zero_point`` [out] int64 and ``NAME.bias``, and
 every other tensor as in the float model. ``load_pretrained`` returns the torch dynamic-int8 encoder with exactly
-those weights (CPU only); ``read_checkpoint`` returns the dequantised float state dict (for conversions).
+those weights (CPU only); ``read_checkpoint`` returns the dequantised float state dict (for conversions) and
+``meta["dequantized_from"]``.
 """
 from __future__ import annotations
 
@@ -150,7 +151,7 @@ def read_checkpoint(path: PathLike, map_location: str = "cpu"
             meta = dict(meta_cfg.get("meta", {}))
             if meta_cfg.get("quantization"):
                 sd = _dequantize_int8(sd, _int8_modules(meta_cfg, cfg_file))
-                meta["quantization"] = INT8_SCHEME
+                meta["dequantized_from"] = INT8_SCHEME  # a conversion of these weights writes a float model
             extra: dict[str, Tensor] = {}
             if (p / "parts.safetensors").is_file():
                 extra = load_file(str(p / "parts.safetensors"), device=str(map_location))
