@@ -164,9 +164,12 @@ def test_resume_exact_with_teacher_and_center(manifest, tmp_path):  # noqa: F811
     from speechssl.superb.embeddings import dino_extractor, evaluate
 
     wav = torch.from_numpy(np.stack([np.zeros(16000, np.float32)]))
-    teacher = dino_extractor(out / "final", "teacher")(wav, torch.tensor([16000]))
-    student = dino_extractor(out / "final", "student")(wav, torch.tensor([16000]))
+    extract, n_params = dino_extractor(out / "final", "teacher")
+    teacher = extract(wav, torch.tensor([16000]))
+    student = dino_extractor(out / "final", "student")[0](wav, torch.tensor([16000]))
     assert teacher.shape == (1, 32) and not torch.allclose(teacher, student)
+    # the CNN encoder has no buffers: every teacher_encoder / teacher_embed entry is a parameter
+    assert n_params == sum(v.numel() for k, v in again.items() if k.startswith(("teacher_encoder.", "teacher_embed.")))
     ids = [c.id for c in CutSet.from_file(manifest)]
     trials = tmp_path / "trials.txt"
     trials.write_text("".join(f"{int(i % 2 == j % 2)} {ids[i]} {ids[j]}\n" for i in range(4) for j in range(4, 8)))

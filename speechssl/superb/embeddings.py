@@ -38,8 +38,8 @@ Extractor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """audio [B, S] float, lengths [B] -> embeddings [B, E]."""
 
 
-def fbank_extractor() -> Extractor:
-    """Mean and standard deviation of the 80-dim log-mel frames over each utterance: [B, 160]."""
+def fbank_extractor() -> tuple[Extractor, int]:
+    """Mean and standard deviation of the 80-dim log-mel frames over each utterance ([B, 160]); no parameters."""
     from speechssl.models.components import log_mel_fbank
     from speechssl.models.objectives.dino import stats_pool
 
@@ -48,11 +48,13 @@ def fbank_extractor() -> Extractor:
         pad = torch.arange(mel.shape[1])[None] >= (lens // 160)[:, None]
         return stats_pool(mel, pad)
 
-    return extract
+    return extract, 0
 
 
-def dino_extractor(model_dir: str | Path, which: Literal["teacher", "student"] = "teacher") -> Extractor:
-    """The speaker embedding of a DINO experiment's ``final/`` directory (encoder, pooling, embedding layer)."""
+def dino_extractor(model_dir: str | Path, which: Literal["teacher", "student"] = "teacher"
+                   ) -> tuple[Extractor, int]:
+    """The speaker embedding of a DINO experiment's ``final/`` directory (encoder, pooling, embedding layer) and
+    its parameter count."""
     from speechssl.models.io import load_checkpoint_parts, load_pretrained
     from speechssl.models.objectives.dino import SpeakerEmbedder
 
@@ -70,7 +72,8 @@ def dino_extractor(model_dir: str | Path, which: Literal["teacher", "student"] =
     embed.load_state_dict(emb_sd)
     encoder.eval()
     embed.eval()
-    return lambda audio, lens: embed(encoder, audio, lens)
+    n_params = sum(p.numel() for m in (encoder, embed) for p in m.parameters())
+    return (lambda audio, lens: embed(encoder, audio, lens)), n_params
 
 
 @torch.no_grad()
@@ -110,13 +113,14 @@ def evaluate(model: str, cuts_path: str | Path, trials_path: str | Path, out_dir
     from speechssl.data.loader import open_cuts
     from speechssl.superb.report import upstream_label
 
-    extract = fbank_extractor() if model == "fbank" else dino_extractor(model, which)
+    extract, n_params = fbank_extractor() if model == "fbank" else dino_extractor(model, which)
     trials = read_trials(trials_path)
     needed = {u for _, a, b in trials for u in (a, b)}
     cuts = [c for c in open_cuts(cuts_path, "cuts") if c.id in needed]
     scores = score_trials(embed_cuts(extract, cuts), trials)
     label = name or (upstream_label(model) + ("" if model == "fbank" or which == "teacher" else "_student"))
-    record = {"task": "asv", "upstream": label, "upstream_mode": "label_free_embedding", "metric": "eer",
+    record = {"task": "asv", "upstream": label, "upstream_mode": "label_free_embedding", "upstream_params": n_params,
+              "metric": "eer",
               "higher_better": False, "split": Path(cuts_path).name.removeprefix("cuts_").split(".")[0],
               "value": scores["eer"], "scores": scores, "scored": len(cuts), "embedding": which}
     if out_dir is not None:
