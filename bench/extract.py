@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -144,8 +145,10 @@ def child_memory(args) -> None:
     torch.manual_seed(0)
     model = build_encoder(args.preset).eval()
     base = peak_rss_mb()
+    tracemalloc.start()  # Python objects only: what would grow per cut if anything were kept
     extract_path(model, Path(args.child), Path(args.child_out), args.layer, args.max_duration, args.num_workers)
-    print(json.dumps({"model_loaded_mb": base, "peak_mb": peak_rss_mb()}))
+    print(json.dumps({"model_loaded_mb": base, "peak_mb": peak_rss_mb(),
+                      "python_peak_mb": tracemalloc.get_traced_memory()[1] / 2**20}))
 
 
 def memory(args, work: Path) -> dict:
