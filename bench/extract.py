@@ -9,11 +9,14 @@ as audio hours per hour, and the median of the rounds' ratios (target >= 3x on 2
 machine wall time drifts with other jobs' load; audio seconds per CPU second (process, threads and loader workers)
 is reported too, with its ratio, as the load-independent measure of the work each path does.
 
-Memory: ``extract`` on a corpus of N cuts (``--memory-cuts``, enough to fill batches of ``--memory-max-duration``) and
-of 4N cuts (the same cuts repeated under new ids), each in a fresh subprocess; the peak resident set of the extracting process (``VmHWM``) is reported (its loader worker holds
-one batch of audio at a time). Flat means the 4N run's peak is within ``--memory-tolerance`` MiB of the N run's.
+Memory: ``extract`` on a corpus of N cuts (``--memory-cuts``, enough to fill batches of
+``--memory-max-duration``) and of 4N cuts (the same cuts repeated under new ids), each in a fresh subprocess: the
+peak resident set of the extracting process (``VmHWM``; its loader worker holds one batch of audio at a time) and
+the peak of the Python objects it allocated (``tracemalloc``). Flat means the 4N run's resident peak is within
+``--memory-tolerance`` MiB of the N run's. The resident peak rises over the first few dozen batches while the
+allocator meets new tensor shapes and then stays level; Python objects stay level from the start.
 
-    python bench/extract.py                      # tiny_hubert, 120 cuts of 1-12 s, 2 threads, 2 rounds; 60 / 240
+    python bench/extract.py                      # tiny_hubert, 120 cuts of 1-12 s, 2 threads, 2 rounds
     python bench/extract.py --preset hubert_base --cuts 40 --rounds 1
     python bench/extract.py --quick              # a fast correctness pass
 Synthetic audio and a random-init model: nothing is downloaded. Results go to stdout as JSON (``--json FILE`` too).
