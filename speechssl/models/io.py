@@ -44,6 +44,7 @@ from speechssl.utils.io import atomic_write, atomic_write_json
 from .convert_fairseq import read_fairseq_checkpoint
 from .convert_hf import config_from_hf, config_to_hf, state_dict_from_hf, state_dict_to_hf
 from .encoder import Encoder, EncoderConfig
+from .mr_encoder import MREncoder
 
 __all__ = ["load_pretrained", "export_pretrained", "load_checkpoint_parts", "read_checkpoint", "save_state_dict",
            "check_config_matches_weights", "hf_preprocessor_config", "quantize_int8", "int8_linear_names",
@@ -88,8 +89,9 @@ def _load_weights(d: Path, map_location: str) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{d}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def _build_and_load(cfg: EncoderConfig, sd: dict[str, Tensor], source: str) -> Encoder:
-    enc = Encoder(cfg)
+def _build_and_load(cfg: EncoderConfig, sd: dict[str, Tensor], source: str, mr: Optional[dict] = None) -> Encoder:
+    """An Encoder (an MREncoder when ``mr`` gives its stacks) of ``cfg`` with the weights ``sd``, strictly."""
+    enc = MREncoder(cfg, **mr) if mr else Encoder(cfg)
     own = enc.state_dict()
     missing = [k for k in own if k not in sd and k not in _OPTIONAL_KEYS]
     unexpected = [k for k in sd if k not in own]
@@ -149,6 +151,8 @@ def read_checkpoint(path: PathLike, map_location: str = "cpu"
             check_config_matches_weights(meta_cfg["encoder"], p / "model.safetensors", cfg_file)
             sd = load_file(str(p / "model.safetensors"), device=str(map_location))
             meta = dict(meta_cfg.get("meta", {}))
+            if meta_cfg.get("mr"):  # a multi-resolution encoder (MR-HuBERT): its layer order
+                meta["mr"] = dict(meta_cfg["mr"])
             if meta_cfg.get("quantization"):
                 sd = _dequantize_int8(sd, _int8_modules(meta_cfg, cfg_file))
                 meta["dequantized_from"] = INT8_SCHEME  # a conversion of these weights writes a float model
@@ -174,8 +178,8 @@ def load_pretrained(path: PathLike, map_location: str = "cpu") -> Encoder:
     quantized = _quantized_dir(path)
     if quantized is not None:
         return _load_int8(*quantized, map_location=map_location)
-    cfg, sd, _, _ = read_checkpoint(path, map_location)
-    enc = _build_and_load(cfg, sd, str(path)).to(map_location)
+    cfg, sd, _, meta = read_checkpoint(path, map_location)
+    enc = _build_and_load(cfg, sd, str(path), meta.get("mr")).to(map_location)
     return enc.eval()
 
 
@@ -231,6 +235,9 @@ def export_pretrained(encoder: Encoder, out_dir: PathLike, format: Literal["spee
     if format == "speechssl":
         _write_speechssl(quantize_int8(encoder) if int8 else encoder, out, meta, parts, int8)
     elif format == "hf":
+        if isinstance(encoder, MREncoder):
+            raise ValueError("an MR-HuBERT encoder (MREncoder) has no transformers counterpart: export it with "
+                             "format 'speechssl'")
         sd = encoder.state_dict()
         hf_cfg = config_to_hf(encoder.config)
         if encoder.config.padding_rule != "cnn":
@@ -256,6 +263,8 @@ def _write_speechssl(encoder: Encoder, out: Path, meta: Optional[dict[str, Any]]
         flat = {f"{name}/{k}": v for name, p_sd in parts.items() for k, v in p_sd.items()}
         save_state_dict(flat, out / "parts.safetensors")
     doc: dict[str, Any] = {"format": "speechssl", "encoder": cfg_dict, "meta": dict(meta or {})}
+    if isinstance(encoder, MREncoder):
+        doc["mr"] = {"stacks": list(encoder.stacks), "adapter_kernel": encoder.adapter_kernel}
     if int8:
         doc["quantization"] = {"scheme": INT8_SCHEME, "modules": _int8_names(encoder)}
     atomic_write_json(out / "config.json", doc)
