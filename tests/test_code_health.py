@@ -187,6 +187,14 @@ def test_no_import_cycle():
     assert not found, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
 
 
+def test_models_do_not_import_the_data_layer():
+    """Models (encoders, objectives) take tensors; reading and batching speech is the data layer's job, so
+    speechssl.models never imports speechssl.data (shared signal code lives in speechssl.signal)."""
+    found = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m.startswith("speechssl.models")
+                   for t in ts if t.startswith("speechssl.data"))
+    assert not found, found
+
+
 def test_one_accelerator_construction_site():
     sites = sorted(str(path.relative_to(REPO)) for _, (path, tree) in sources().items()
                    if any(True for _ in calls(tree, "Accelerator")))

@@ -13,7 +13,8 @@ import torch
 from test_pretrain import CNN_SMALL, manifest  # noqa: F401 - the synthetic cuts with units (a fixture)
 from test_resume import _losses
 
-from speechssl.data.augment import AugmentConfig, Augmenter, draw_speaker_ratios, speaker_change
+from speechssl.data.augment import AugmentConfig, Augmenter
+from speechssl.signal import draw_speaker_ratios, speaker_change
 from speechssl.models import build_encoder
 from speechssl.models.objectives import build_objective
 from speechssl.models.objectives.contentvec import ContentVecObjective

@@ -5,7 +5,7 @@ Three mechanisms remove speaker information from the representation while keepin
 - **Teacher.** Targets are the k-means units stored on the cuts, computed on the *unchanged* audio (as HuBERT).
   The paper's teacher additionally clusters features of voice-converted speech; here the stored units are used.
 - **Student.** Each utterance passes two independent random speaker-identity changes
-  (``speechssl.data.augment.speaker_change``: formant ratio uniform in [1, 1.4], pitch ratio uniform in [1, 2],
+  (``speechssl.signal.speaker_change``: formant ratio uniform in [1, 1.4], pitch ratio uniform in [1, 2],
   each inverted with probability 1/2, as NANSY). Both versions go through the encoder with the *same* span mask,
   both predict the units of the original. A contrastive loss pulls the two versions' frame representations
   together: for frame t of version 1 the positive is frame t of version 2 and the negatives are the other
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from speechssl.data.augment import draw_speaker_ratios, speaker_change
+from speechssl.signal import draw_speaker_ratios, speaker_change
 from speechssl.train.contract import StepOutput
 
 from ..components import log_mel_fbank
