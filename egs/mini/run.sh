@@ -94,7 +94,7 @@ if stage_in 7; then
   log "Stage 7: label-free ASV: cosine EER of DINO embeddings and of mean FBANK -> $exp/superb/{dino,fbank_label_free}/asv"
   for m in "$exp/dino/final dino" "fbank fbank_label_free"; do
     set -- $m
-    python -m speechssl.superb.embeddings --model "$1" --name "$2" --cuts "$data/mini/cuts_asv_test.jsonl.gz" \
+    speechssl score-embeddings --model "$1" --name "$2" --cuts "$data/mini/cuts_asv_test.jsonl.gz" \
       --trials "$data/mini/asv_trials.txt" --out "$exp/superb/$2/asv"
   done
 fi

@@ -22,6 +22,7 @@ COMMANDS = {
     "distill": "speechssl.cli.distill",
     "prune": "speechssl.cli.prune",
     "superb": "speechssl.cli.superb",
+    "score-embeddings": "speechssl.cli.score_embeddings",
     "report": "speechssl.cli.report",
     "profile": "speechssl.cli.profile",
     "analyze": "speechssl.cli.analyze",

@@ -131,21 +131,31 @@ def evaluate(model: str, cuts_path: str | Path, trials_path: str | Path, out_dir
     return record
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m speechssl.superb.embeddings",
-                                description="Score a label-free speaker embedding (DINO final/ or fbank) on ASV "
-                                            "trials: cosine scores, EER and minDCF.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``speechssl score-embeddings`` (and ``python -m speechssl.superb.embeddings``)."""
     p.add_argument("--model", required=True, help="a DINO experiment's final/ directory, or 'fbank'")
     p.add_argument("--cuts", required=True, help="manifest holding every trial utterance (cuts_*.jsonl.gz)")
     p.add_argument("--trials", required=True, help="trial list: '1|0 ENROLL_ID TEST_ID' per line")
     p.add_argument("--out", help="directory for results.json")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher", help="DINO network (teacher)")
     p.add_argument("--name", help="row name in the SUPERB table (default: from the model path)")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     rec = evaluate(args.model, args.cuts, args.trials, args.out, args.which, args.name)
     print(f"{rec['upstream']}: EER {100 * rec['value']:.2f}% minDCF {rec['scores']['min_dcf']:.3f} "
           f"({rec['scores']['num_trials']} trials)")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m speechssl.superb.embeddings", description=DESCRIPTION)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+DESCRIPTION = ("Score a label-free speaker embedding (DINO final/ or fbank) on ASV trials: cosine scores, EER and "
+               "minDCF.")
 
 
 if __name__ == "__main__":
