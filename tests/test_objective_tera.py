@@ -2,14 +2,11 @@
 batch, gradients into what the paper trains, and exact resume through ``speechssl pretrain``."""
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
+from _objective_checks import assert_ddp_ranks_agree, assert_resume_exact, metrics
 from test_objectives import make_batch, train
 from test_pretrain import SMALL, manifest  # noqa: F401  (the synthetic-cuts fixture)
-from test_resume import _losses
 
 from speechssl.models import build_encoder
 from speechssl.models.objectives import build_objective
@@ -136,90 +133,16 @@ def _cfg(manifest, steps, **trainer):  # noqa: F811
 def test_resume_through_the_trainer_is_exact(manifest, tmp_path):  # noqa: F811
     """4 steps with checkpoints at 2 and 4; roll back to step 2 as a crash would, resume: identical losses."""
     from speechssl import load_pretrained
-    from speechssl.train.pretrain import run_pretrain
 
     out = tmp_path / "tera"
-    cfg = _cfg(manifest, 4, ckpt_every=2, num_workers=0)
-    run_pretrain(cfg, out)
-    ref = _losses(out)
-    shutil.rmtree(out / "checkpoints" / "step-4")
-    shutil.rmtree(out / "final")
-    run_pretrain(cfg, out, resume=True)
-    assert sorted(ref) == [1, 2, 3, 4] and _losses(out) == ref
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert_resume_exact(_cfg(manifest, 4, ckpt_every=2, num_workers=0), out)
+    recs = metrics(out)
     assert all("altered_elements" in r for r in recs if r["split"] == "train")
     enc = load_pretrained(out / "final")
     assert enc.config.frontend == "fbank" and enc.config.input_norm == "global"
 
 
-# DDP worker setup: objective name, encoder preset and overrides, objective kwargs, trainer.ddp_find_unused (on:
-# TERA alters the input itself and never uses the encoder's mask embedding)
-NAME, PRESET, ENC, KW, FIND_UNUSED = 'tera', 'small_hubert', FBANK_TINY, dict(seed=None), True
-
-
-DDP_WORKER = r'''
-import sys
-from pathlib import Path
-import torch
-from safetensors.torch import save_file
-from conftest import make_wav
-from speechssl.models import build_encoder
-from speechssl.models.objectives import build_objective
-from speechssl.train import OptimConfig, ScheduleConfig, Trainer, TrainerConfig
-
-out, name = Path(sys.argv[1]), sys.argv[2]
-torch.set_num_threads(1)
-torch.manual_seed(0)
-PRESET, ENC, KW = SETUP[name]
-model = build_objective(name, build_encoder(PRESET, **ENC), **KW)
-
-
-class Loader:
-    """Fixed synthetic batches, different on each rank."""
-
-    def __init__(self):
-        import torch.distributed as dist
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-
-    def __iter__(self):
-        i = 0
-        while True:
-            lens = torch.tensor([8000, 6400])
-            audio = torch.zeros(2, 8000)
-            for j, n in enumerate(lens.tolist()):
-                audio[j, :n] = torch.from_numpy(make_wav(n, seed=10 * self.rank + j + i))
-            i += 1
-            yield {"audio": audio, "audio_lens": lens, "cut_ids": ["a", "b"]}
-
-
-cfg = TrainerConfig(max_steps=3, log_every=1, ckpt_every=100, ckpt_at_end=False, progress=False, grad_accum=1,
-                    clip_norm=10.0, device="cpu", ddp_find_unused=FIND_UNUSED)
-tr = Trainer(cfg, model, out, optim=OptimConfig(lr=1e-3), schedule=ScheduleConfig(name="linear", warmup_steps=1),
-             make_train_loader=Loader)
-tr.fit()
-sd = {k: v.detach().contiguous() for k, v in tr.runtime.acc.unwrap_model(tr.model).state_dict().items()}
-save_file(sd, str(out / f"rank{tr.runtime.rank}.safetensors"))
-'''
-
-
 def test_two_processes_train_identically(tmp_path):
-    """DDP over 2 gloo processes through the shared trainer: no error, both ranks end with the same weights,
-    finite losses."""
-    import json
-
-    from safetensors.torch import load_file
-    from test_ddp import _launch
-
-    script = tmp_path / "worker.py"
-    script.write_text(f"SETUP = {{{NAME!r}: ({PRESET!r}, {ENC!r}, {KW!r})}}\nFIND_UNUSED = {FIND_UNUSED!r}\n"
-                      + DDP_WORKER)
-    out = tmp_path / "ddp"
-    res = _launch(script, out, NAME)
-    assert res.returncode == 0, res.stderr[-4000:]
-    r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
-    assert r0.keys() == r1.keys()
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), f"ranks diverged on {k}"
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs if r["split"] == "train"] == [1, 2, 3]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    """DDP over 2 gloo processes: both ranks end with the same weights (trainer.ddp_find_unused on: TERA alters
+    the input itself and never uses the encoder's mask embedding)."""
+    assert_ddp_ranks_agree(tmp_path, "tera", "small_hubert", FBANK_TINY, {"seed": None}, find_unused=True)

@@ -3,15 +3,13 @@ context network, the contrastive loss recomputed by hand, the exported codes, gr
 trains, and exact resume through ``speechssl pretrain``."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _objective_checks import assert_ddp_ranks_agree, assert_resume_exact
 from conftest import make_wav
 from test_objectives import make_batch, train
 from test_pretrain import CNN_SMALL, manifest  # noqa: F401  (the synthetic-cuts fixture)
-from test_resume import _losses
 
 from speechssl.constants import PAD_ID
 from speechssl.models import build_encoder
@@ -152,7 +150,7 @@ def test_resume_through_the_trainer_is_exact(manifest, tmp_path):  # noqa: F811
     from pathlib import Path
 
     from speechssl.config import load_config
-    from speechssl.train.pretrain import PretrainConfig, run_pretrain
+    from speechssl.train.pretrain import PretrainConfig
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "pretrain" / "vq_wav2vec.yaml"
     sets = [f"data.train=[{manifest}]", "data.max_duration=3.0", "data.num_buckets=2", "trainer.max_steps=4",
@@ -163,12 +161,7 @@ def test_resume_through_the_trainer_is_exact(manifest, tmp_path):  # noqa: F811
     sets.append("model.overrides.conv_layers=[[32,10,5],[32,8,4],[32,4,2],[32,4,2],[32,4,2]]")
     cfg = load_config(PretrainConfig, conf, sets)
     out = tmp_path / "vq"
-    run_pretrain(cfg, out)
-    ref = _losses(out)
-    shutil.rmtree(out / "checkpoints" / "step-4")
-    shutil.rmtree(out / "final")
-    run_pretrain(cfg, out, resume=True)
-    assert sorted(ref) == [1, 2, 3, 4] and _losses(out) == ref
+    assert_resume_exact(cfg, out)
     # the units of the exported run: the objective rebuilt from final/ with the saved quantizer and context
     from speechssl.models.objectives.vq_wav2vec import VqWav2VecObjective
 
@@ -184,73 +177,7 @@ def test_resume_through_the_trainer_is_exact(manifest, tmp_path):  # noqa: F811
     assert sorted(saved) == sorted(heads) and all(torch.equal(saved[k], heads[k]) for k in heads)
 
 
-# DDP worker setup: objective name, encoder preset and overrides, objective kwargs, trainer.ddp_find_unused
-NAME, PRESET, ENC, KW, FIND_UNUSED = 'vq_wav2vec', 'tiny_wav2vec2', CNN_TINY, dict(SMALL_VQ, quantizer="kmeans"), True
-
-
-DDP_WORKER = r'''
-import sys
-from pathlib import Path
-import torch
-from safetensors.torch import save_file
-from conftest import make_wav
-from speechssl.models import build_encoder
-from speechssl.models.objectives import build_objective
-from speechssl.train import OptimConfig, ScheduleConfig, Trainer, TrainerConfig
-
-out, name = Path(sys.argv[1]), sys.argv[2]
-torch.set_num_threads(1)
-torch.manual_seed(0)
-PRESET, ENC, KW = SETUP[name]
-model = build_objective(name, build_encoder(PRESET, **ENC), **KW)
-
-
-class Loader:
-    """Fixed synthetic batches, different on each rank."""
-
-    def __init__(self):
-        import torch.distributed as dist
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-
-    def __iter__(self):
-        i = 0
-        while True:
-            lens = torch.tensor([8000, 6400])
-            audio = torch.zeros(2, 8000)
-            for j, n in enumerate(lens.tolist()):
-                audio[j, :n] = torch.from_numpy(make_wav(n, seed=10 * self.rank + j + i))
-            i += 1
-            yield {"audio": audio, "audio_lens": lens, "cut_ids": ["a", "b"]}
-
-
-cfg = TrainerConfig(max_steps=3, log_every=1, ckpt_every=100, ckpt_at_end=False, progress=False, grad_accum=1,
-                    clip_norm=10.0, device="cpu", ddp_find_unused=FIND_UNUSED)
-tr = Trainer(cfg, model, out, optim=OptimConfig(lr=1e-3), schedule=ScheduleConfig(name="linear", warmup_steps=1),
-             make_train_loader=Loader)
-tr.fit()
-sd = {k: v.detach().contiguous() for k, v in tr.runtime.acc.unwrap_model(tr.model).state_dict().items()}
-save_file(sd, str(out / f"rank{tr.runtime.rank}.safetensors"))
-'''
-
-
 def test_two_processes_train_identically(tmp_path):
-    """DDP over 2 gloo processes through the shared trainer: no error, both ranks end with the same weights,
-    finite losses."""
-    import json
-
-    from safetensors.torch import load_file
-    from test_ddp import _launch
-
-    script = tmp_path / "worker.py"
-    script.write_text(f"SETUP = {{{NAME!r}: ({PRESET!r}, {ENC!r}, {KW!r})}}\nFIND_UNUSED = {FIND_UNUSED!r}\n"
-                      + DDP_WORKER)
-    out = tmp_path / "ddp"
-    res = _launch(script, out, NAME)
-    assert res.returncode == 0, res.stderr[-4000:]
-    r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
-    assert r0.keys() == r1.keys()
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), f"ranks diverged on {k}"
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in recs if r["split"] == "train"] == [1, 2, 3]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+    """DDP over 2 gloo processes: both ranks end with the same weights."""
+    assert_ddp_ranks_agree(tmp_path, "vq_wav2vec", "tiny_wav2vec2", CNN_TINY, dict(SMALL_VQ, quantizer="kmeans"),
+                           find_unused=True)
