@@ -78,14 +78,20 @@ def cpu_seconds(encoder, seconds: float, repeats: int) -> float:
         torch.set_num_threads(prev)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_teacher_student_args(ap: argparse.ArgumentParser, *, warmup: int) -> None:
+    """The options of the teacher, its sparse student and the timing protocol, shared by this benchmark and
+    bench/deploy.py (``warmup``: forwards before timing, the default differs between the two)."""
     ap.add_argument("--teacher", default="hubert_base", help="preset name of the teacher (default hubert_base)")
     ap.add_argument("--sparsity", type=float, default=0.75)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=warmup)
     ap.add_argument("--repeats", type=int, default=5)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_teacher_student_args(ap, warmup=2)
     ap.add_argument("--quick", action="store_true", help="4 s input, 1 warm-up, 1 timed run")
     args = ap.parse_args(argv)
     if args.quick:

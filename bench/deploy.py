@@ -35,6 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# bench/ is on the path from here on
+from compress import add_teacher_student_args, sparse_student
+
 TARGET_VS_STUDENT = 2.0
 TARGET_VS_TEACHER = 8.0
 MAX_SUPERB_LOSS = 0.02  # relative accuracy the int8 student may lose on the mini KS and SID tasks
@@ -118,12 +121,7 @@ def superb_compare(pairs: list[str], tasks: list[str]) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default="hubert_base", help="preset name of the teacher (default hubert_base)")
-    ap.add_argument("--sparsity", type=float, default=0.75)
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
+    add_teacher_student_args(ap, warmup=1)
     ap.add_argument("--quick", action="store_true", help="4 s input, 1 timed round")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall: elapsed time on --threads threads; cpu: process CPU time on 1 thread (torch and "
@@ -143,7 +141,6 @@ def main(argv=None) -> int:
 
     import torch
 
-    from compress import sparse_student
     from speechssl.models import build_encoder
 
     torch.set_num_threads(args.threads)
