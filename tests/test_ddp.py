@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from _train_toys import ToyLoader, ToyModel
+from test_resume import kill_at_call
 from speechssl.train import OptimConfig, ScheduleConfig, Trainer, TrainerConfig
 
 out, merge = Path(sys.argv[1]), int(sys.argv[2])
@@ -26,14 +27,7 @@ crash_at, resume = (int(sys.argv[3]), sys.argv[4] == "1") if len(sys.argv) > 3 e
 torch.set_num_threads(1)
 model = ToyModel(dropout=0.0, layerdrop=0.0, seed=0)
 if crash_at >= 0:
-    orig = model.forward
-
-    def forward(batch):
-        if model.training and model.calls == crash_at:
-            raise RuntimeError("simulated kill")
-        return orig(batch)
-
-    model.forward = forward
+    kill_at_call(model, crash_at, RuntimeError)
 cfg = TrainerConfig(max_steps=5, log_every=1, ckpt_every=3, progress=False, clip_norm=1.0, grad_accum=2,
                     device="cpu")
 tr = Trainer(cfg, model, out, optim=OptimConfig(lr=5e-2, weight_decay=0.01),

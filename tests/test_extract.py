@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
+from test_units import write_wav_cuts
 
 from speechssl.cli.main import main
 from speechssl.extract import (ExtractOptions, HiddenStates, LayerEncoder, UnitSource, expand, extract_corpus,
@@ -26,17 +26,8 @@ LENGTHS = [16000, 12345, 8000, 20160, 5000, 9999, 14000, 7001, 11000, 6400]
 
 
 @pytest.fixture
-def cuts_file(tmp_path, synthetic_wav):
-    from lhotse import CutSet, Recording
-
-    cuts = []
-    for i, n in enumerate(LENGTHS):
-        p = tmp_path / f"utt{i}.wav"
-        sf.write(p, synthetic_wav(n, seed=i), 16000)
-        cuts.append(Recording.from_file(p, recording_id=f"utt{i}").to_cut())
-    path = tmp_path / "cuts.jsonl.gz"
-    CutSet.from_cuts(cuts).to_file(path)
-    return path
+def cuts_file(tmp_path):
+    return write_wav_cuts(tmp_path, LENGTHS)
 
 
 @pytest.fixture

@@ -18,17 +18,23 @@ class Crash(Exception):
     pass
 
 
+def kill_at_call(model, call: int, exc: type[Exception] = Crash) -> None:
+    """Make training forward call number ``call`` (0-based, counted by ``model.calls``) of ``model`` raise ``exc``:
+    a simulated kill. The DDP workers of test_ddp.py use it too."""
+    orig = model.forward
+
+    def forward(batch):
+        if model.training and model.calls == call:
+            raise exc("simulated kill")
+        return orig(batch)
+
+    model.forward = forward
+
+
 def _run(out, *, resume=False, crash_at_call=None, model_seed=0, workers=2, **cfg_kw):
     model = ToyModel(dropout=0.2, layerdrop=0.3, seed=model_seed)
     if crash_at_call is not None:
-        orig = model.forward
-
-        def forward(batch):
-            if model.training and model.calls == crash_at_call:
-                raise Crash("simulated kill")
-            return orig(batch)
-
-        model.forward = forward
+        kill_at_call(model, crash_at_call)
     cfg = TrainerConfig(**{"max_steps": N_STEPS, "log_every": 1, "ckpt_every": 5, "keep_last": 5,
                            "progress": False, "grad_accum": 2, "clip_norm": 1.0, **cfg_kw})
     tr = Trainer(cfg, model, out, optim=OptimConfig(lr=2e-2, weight_decay=0.01),

@@ -1,10 +1,12 @@
 """Units end to end: features from cuts -> KMeans -> labels on cuts, aligned to encoder frames at 100 and 50 Hz."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import make_wav
 
 from speechssl.cli.main import main
 from speechssl.cluster import KMeans
@@ -14,18 +16,23 @@ from speechssl.train.units import fit_kmeans, label_cuts
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest
 
 
-@pytest.fixture
-def cuts_file(tmp_path, synthetic_wav):
+def write_wav_cuts(d, lengths) -> Path:
+    """One synthetic wav per length (``utt{i}.wav`` in ``d``, seed i) and their cuts in ``d/cuts.jsonl.gz``."""
     from lhotse import CutSet, Recording
 
     cuts = []
-    for i, n in enumerate([16000, 12345, 8000, 20160]):
-        p = tmp_path / f"utt{i}.wav"
-        sf.write(p, synthetic_wav(n, seed=i), 16000)
+    for i, n in enumerate(lengths):
+        p = d / f"utt{i}.wav"
+        sf.write(p, make_wav(n, seed=i), 16000)
         cuts.append(Recording.from_file(p, recording_id=f"utt{i}").to_cut())
-    path = tmp_path / "cuts.jsonl.gz"
+    path = d / "cuts.jsonl.gz"
     CutSet.from_cuts(cuts).to_file(path)
     return path
+
+
+@pytest.fixture
+def cuts_file(tmp_path):
+    return write_wav_cuts(tmp_path, [16000, 12345, 8000, 20160])
 
 
 def _load(path):
