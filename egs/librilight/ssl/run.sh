@@ -14,18 +14,14 @@ corpus=/data/librilight          # contains small/, medium/, large/
 parts=small,medium,large
 data=data/librilight
 exp=exp/hubert
-ngpu=8
-nnodes=1                        # machines: run this script on each with its --machine-rank
-machine_rank=0
-main_ip=""                      # address of machine rank 0 (required when nnodes > 1)
-main_port=29500
-launcher=""
 nj=32
 max_segment=20
 km_fraction=0.01                # 1% of 60k h is still 600 h of features: plenty for k-means
 shard_size=2000
 seed=0
 
+. "$(dirname "$0")/../../../recipes/lib/launch.sh"   # --ngpu, --nnodes, --machine-rank, --main-ip ...
+ngpu=8
 . "$(dirname "$0")/../../../recipes/lib/stages.sh"   # parses the options above
 cd "$(dirname "$0")"
 hubert=../../../recipes/ssl/hubert.sh

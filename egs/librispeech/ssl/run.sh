@@ -15,18 +15,14 @@ stop_stage=6
 corpus=/data/LibriSpeech        # contains train-clean-100/, train-clean-360/, train-other-500/, dev-clean/ ...
 data=data/librispeech
 exp=exp
-ngpu=8
-nnodes=1                        # machines: run this script on each with its --machine-rank
-machine_rank=0
-main_ip=""                      # address of machine rank 0 (required when nnodes > 1)
-main_port=29500
-launcher=""
 nj=16
 hubert_stage=1                  # sub-stages of recipes/ssl/hubert.sh run by stage 2
 hubert_stop_stage=6
 km_fraction=0.1
 seed=0
 
+. "$(dirname "$0")/../../../recipes/lib/launch.sh"   # --ngpu, --nnodes, --machine-rank, --main-ip ...
+ngpu=8
 . "$(dirname "$0")/../../../recipes/lib/stages.sh"   # parses the options above
 cd "$(dirname "$0")"
 recipes=../../../recipes/ssl
