@@ -90,8 +90,12 @@ def assert_ddp_ranks_agree(tmp_path, name, preset, enc, kw, find_unused):
     assert res.returncode == 0, res.stderr[-4000:]
     r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     assert r0.keys() == r1.keys()
+    # batch-norm running statistics are per-rank buffers that DDP broadcasts from rank 0 before each forward:
+    # after the last update they hold each rank's own batch, by design
+    local = ("running_mean", "running_var", "num_batches_tracked")
     for k in r0:
-        assert torch.equal(r0[k], r1[k]), f"ranks diverged on {k}"
+        if not k.endswith(local):
+            assert torch.equal(r0[k], r1[k]), f"ranks diverged on {k}"
     recs = metrics(out)
     assert [r["step"] for r in recs if r["split"] == "train"] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)

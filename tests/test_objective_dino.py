@@ -189,3 +189,12 @@ def test_score_trials_by_hand():
     assert swapped["eer"] >= 0.5  # every target scores below the non-target: no better than chance
     with pytest.raises(ValueError, match="no embedding"):
         score_trials(emb, [(1, "a", "zz")])
+
+
+@pytest.mark.slow
+def test_two_processes_train_identically(tmp_path):
+    """DDP over 2 gloo processes through the shared trainer: both ranks end with the same student, teacher (EMA of
+    identical students) and center (``trainer.ddp_find_unused`` on: DINO never uses the mask embedding)."""
+    from _objective_checks import assert_ddp_ranks_agree
+
+    assert_ddp_ranks_agree(tmp_path, "dino", "tiny_hubert", CNN_SMALL, {**HEAD, "short_crops": 1}, find_unused=True)

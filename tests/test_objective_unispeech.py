@@ -169,3 +169,13 @@ def test_pretrain_with_labeled_data_resumes_exactly(manifest, labeled, tmp_path)
     from speechssl import load_pretrained
 
     assert load_pretrained(out / "final").num_layers == 2  # a plain encoder: SUPERB and export take it
+
+
+@pytest.mark.slow
+def test_two_processes_train_identically(tmp_path):
+    """DDP over 2 gloo processes through the shared trainer on unlabeled batches: the CTC layer stays in the graph
+    with a zero gradient, so both ranks reduce the same parameters and end with the same weights."""
+    from _objective_checks import assert_ddp_ranks_agree
+
+    kw = {"vocab_size": 8, "final_dim": 32, "num_negatives": 5, "latent_vars": 16, "mask_prob": 0.5, "mask_length": 3}
+    assert_ddp_ranks_agree(tmp_path, "unispeech", "tiny_wav2vec2", CNN_SMALL, kw, find_unused=False)
