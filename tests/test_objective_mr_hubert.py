@@ -128,8 +128,7 @@ def test_model_directory_round_trip(tmp_path):
 
     enc = _objective().encoder.eval()
     export_pretrained(enc, tmp_path / "m")
-    if "mr" not in json.loads((tmp_path / "m" / "config.json").read_text()):
-        pytest.skip("speechssl/models/io.py does not record MR encoders yet (/work/notes/o2_mr_io.patch)")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["mr"]["stacks"] == list(enc.stacks)
     back = load_pretrained(tmp_path / "m")
     assert isinstance(back, MREncoder) and back.stacks == enc.stacks
     wav = _batch()["audio"]
