@@ -21,6 +21,7 @@ COMMANDS = {
     "pretrain": "speechssl.cli.pretrain",
     "distill": "speechssl.cli.distill",
     "prune": "speechssl.cli.prune",
+    "oskdft": "speechssl.cli.oskdft",
     "superb": "speechssl.cli.superb",
     "score-embeddings": "speechssl.cli.score_embeddings",
     "report": "speechssl.cli.report",
