@@ -26,6 +26,7 @@ log = logging.getLogger("speechssl.cli")
 OUTPUTS = {
     "pretrain": ("out", "--out", True, True),
     "distill": ("out", "--out", True, True),
+    "oskdft": ("out", "--out", True, True),
     "prune": ("out", "--out", True, True),
     "superb": ("out", "--out", True, True),
     "kmeans": ("out", "--out", False, False),

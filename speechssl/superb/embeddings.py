@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from speechssl.superb import metrics
 from speechssl.superb.tasks import read_trials
 
-__all__ = ["Extractor", "fbank_extractor", "dino_extractor", "embed_cuts", "score_trials", "evaluate", "main"]
+__all__ = ["Extractor", "fbank_extractor", "dino_extractor", "model_extractor", "embed_cuts", "score_trials",
+           "evaluate", "main"]
 log = logging.getLogger(__name__)
 
 Extractor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -76,6 +77,17 @@ def dino_extractor(model_dir: str | Path, which: Literal["teacher", "student"] =
     return (lambda audio, lens: embed(encoder, audio, lens)), n_params
 
 
+def model_extractor(model: str, which: Literal["teacher", "student"] = "teacher") -> tuple[Extractor, int]:
+    """``fbank``, an OS-KDFT ``final/`` directory (it holds ``speaker_head.safetensors``) or a DINO ``final/``."""
+    from speechssl.compress.oskdft import HEAD_FILE, load_oskdft_extractor
+
+    if model == "fbank":
+        return fbank_extractor()
+    if (Path(model) / HEAD_FILE).exists():
+        return load_oskdft_extractor(model)
+    return dino_extractor(model, which)
+
+
 @torch.no_grad()
 def embed_cuts(extract: Extractor, cuts, batch_size: int = 8) -> dict[str, torch.Tensor]:
     """{cut id: L2-normalised embedding [E]} for every cut (whole utterances, in batches of similar length)."""
@@ -108,12 +120,12 @@ def score_trials(emb: dict[str, torch.Tensor], trials: Sequence[tuple[int, str, 
 
 def evaluate(model: str, cuts_path: str | Path, trials_path: str | Path, out_dir: str | Path | None = None,
              which: Literal["teacher", "student"] = "teacher", name: str | None = None) -> dict:
-    """Score ``model`` (a DINO ``final/`` directory or ``fbank``) on the trials; writes ``OUT/results.json``
-    when ``out_dir`` is given and returns the record."""
+    """Score ``model`` (a DINO or OS-KDFT ``final/`` directory, or ``fbank``) on the trials; writes
+    ``OUT/results.json`` when ``out_dir`` is given and returns the record."""
     from speechssl.data.loader import open_cuts
     from speechssl.superb.report import upstream_label
 
-    extract, n_params = fbank_extractor() if model == "fbank" else dino_extractor(model, which)
+    extract, n_params = model_extractor(model, which)
     trials = read_trials(trials_path)
     needed = {u for _, a, b in trials for u in (a, b)}
     cuts = [c for c in open_cuts(cuts_path, "cuts") if c.id in needed]
@@ -133,7 +145,7 @@ def evaluate(model: str, cuts_path: str | Path, trials_path: str | Path, out_dir
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``speechssl score-embeddings`` (and ``python -m speechssl.superb.embeddings``)."""
-    p.add_argument("--model", required=True, help="a DINO experiment's final/ directory, or 'fbank'")
+    p.add_argument("--model", required=True, help="a DINO or OS-KDFT experiment's final/ directory, or 'fbank'")
     p.add_argument("--cuts", required=True, help="manifest holding every trial utterance (cuts_*.jsonl.gz)")
     p.add_argument("--trials", required=True, help="trial list: '1|0 ENROLL_ID TEST_ID' per line")
     p.add_argument("--out", help="directory for results.json")
