@@ -9,10 +9,12 @@ from speechssl.cli.common import add_command
 
 log = logging.getLogger("speechssl.prepare")
 
-CORPUS_NAMES = ("librispeech", "librilight", "voxceleb1", "iemocap", "speechcommands", "musan")
+CORPUS_NAMES = ("librispeech", "librilight", "voxceleb1", "iemocap", "speechcommands", "musan", "mlsuperb")
+SYNTHETIC = ("mini", "mini-multilingual")  # corpora synthesised into OUT_DIR (no CORPUS_DIR)
 
 EXAMPLES = """examples:
   speechssl prepare mini data/mini --minutes 15 --seed 0
+  speechssl prepare mini-multilingual data/mini_multilingual --minutes 6   # 12 languages, ML-SUPERB's splits
   speechssl prepare librispeech /corpora/LibriSpeech data/librispeech --num-jobs 8
   # + phones for PR (supervision.custom.phones) from OpenSLR 11's lexicon, which you download yourself
   speechssl prepare librispeech /corpora/LibriSpeech data/librispeech \
@@ -22,20 +24,21 @@ EXAMPLES = """examples:
   speechssl prepare iemocap /corpora/IEMOCAP_full_release data/iemocap --fold 1
   speechssl prepare speechcommands /corpora/speech_commands data/speechcommands --version 1
   speechssl prepare musan /corpora/musan data/musan
+  speechssl prepare mlsuperb /corpora/ml_superb data/mlsuperb          # SOURCE/LANG/transcript_*.txt + wav/
   speechssl prepare validate data/mini                  # counts/hours per split; exit 1 on a bad cut
   speechssl prepare validate data/mini --decode         # also decode all audio (finds NaN/Inf, decode errors)
   speechssl prepare validate data/mini --skip-bad       # drop bad cuts (originals kept as cuts_X.orig.jsonl.gz)
 
 Outputs OUT_DIR/cuts_SPLIT.jsonl.gz per split. `validate` checks every cuts_*.jsonl.gz in DIR: audio files
 present and complete, durations, and the fields each task needs (asr_*: text, sid_/asv_*: speaker, er_*:
-emotion, ks_*: keyword), plus that asv_trials.txt names existing cuts. Without --decode only the headers are
+emotion, ks_*: keyword, ml_*: text), plus that asv_trials.txt names existing cuts. Without --decode only the headers are
 read (sample rate, channels, frame count against the manifest); NaN/Inf samples and decoding errors need
 --decode. DIR/validation.json lists every dropped cut id by reason.
 """
 
 # fields a split needs, by name prefix
 REQUIRED_BY_PREFIX = {"asr_": ["text"], "sid_": ["speaker"], "asv_": ["speaker"], "er_": ["emotion"],
-                      "ks_": ["keyword"]}
+                      "ks_": ["keyword"], "ml_": ["text"]}
 
 
 # corpus option -> (argparse dest, value -> option); a flag left out passes nothing, so the preparer's own default
@@ -51,6 +54,7 @@ CORPUS_FLAGS = {
     "lexicon": ("lexicon", list),
     "strip_stress": ("keep_stress", lambda keep: not keep),
     "oov": ("oov", str),
+    "max_duration": ("max_duration", float),
 }
 
 
@@ -64,9 +68,9 @@ def register(subparsers) -> None:
         help="prepare corpus manifests (Lhotse CutSets), synthesise the mini corpus, validate",
         description="Prepare CutSet manifests: `prepare CORPUS CORPUS_DIR OUT_DIR`, `prepare mini OUT_DIR`, "
                     "or `prepare validate DIR`. A corpus option its corpus does not take is an error.")
-    p.add_argument("corpus", choices=("mini", "validate") + CORPUS_NAMES, metavar="CORPUS",
-                   help="one of: mini, validate, " + ", ".join(CORPUS_NAMES))
-    p.add_argument("paths", nargs="+", metavar="DIR", help="CORPUS_DIR OUT_DIR (mini: OUT_DIR; validate: DIR)")
+    p.add_argument("corpus", choices=SYNTHETIC + ("validate",) + CORPUS_NAMES, metavar="CORPUS",
+                   help="one of: " + ", ".join(SYNTHETIC + ("validate",) + CORPUS_NAMES))
+    p.add_argument("paths", nargs="+", metavar="DIR", help="CORPUS_DIR OUT_DIR (mini, mini-multilingual: OUT_DIR; validate: DIR)")
     _add_corpus_args(p)
     p.add_argument("--check", action="store_true", help="validate the manifests after preparing them")
     _add_validate_args(p)
@@ -74,10 +78,13 @@ def register(subparsers) -> None:
 
 def _add_corpus_args(p) -> None:
     p.add_argument("--minutes", type=float, help="mini: minutes of read sentences (pretrain/ASR/SID/ASV pools; "
-                                                 "ER and KS clips grow with it; default 15)")
-    p.add_argument("--seed", type=int, help="mini: random seed; iemocap: dev split seed (default 0)")
+                                                 "ER and KS clips grow with it; default 15); mini-multilingual: "
+                                                 "minutes of ml_train_1h over all languages (default 6)")
+    p.add_argument("--seed", type=int, help="mini, mini-multilingual: random seed; iemocap: dev split seed (default 0)")
     p.add_argument("--num-jobs", type=int,
-                   help="mini, librispeech, librilight, voxceleb1: parallel jobs (default 2)")
+                   help="mini, mini-multilingual, librispeech, librilight, voxceleb1: parallel jobs (default 2)")
+    p.add_argument("--max-duration", type=float,
+                   help="mlsuperb: longest training utterance in seconds (default 20, the benchmark's)")
     p.add_argument("--parts", help="librispeech/librilight/musan: comma-separated parts (default: all found)")
     p.add_argument("--version", help="speechcommands: dataset version (1 = v0.01, SUPERB KS; the default)")
     p.add_argument("--fold", type=int, help="iemocap: test session of the written fold (1..5, default 1)")
@@ -137,9 +144,9 @@ def run(args) -> int:
             if opts:
                 raise UnsupportedOptionError("validate", list(opts), [])
             return _validate(args, d)
-        if args.corpus == "mini":
+        if args.corpus in SYNTHETIC:
             (out_dir,) = _need(args, 1, "OUT_DIR")
-            _prepare_mini(out_dir, opts)
+            _prepare_mini(args.corpus, out_dir, opts)
         else:
             corpus_dir, out_dir = _need(args, 2, "CORPUS_DIR OUT_DIR")
             rc = _prepare_corpus(args.corpus, corpus_dir, out_dir, opts)
@@ -153,12 +160,16 @@ def run(args) -> int:
     return _validate(args, out_dir) if args.check or args.skip_bad else 0
 
 
-def _prepare_mini(out_dir, opts: dict) -> None:
-    from speechssl.data.corpora import mini  # the synthesiser is heavy: import on use
+def _prepare_mini(name: str, out_dir, opts: dict) -> None:
     from speechssl.data.corpora.prepare import check_options
 
-    check_options("mini", mini.prepare_mini, opts)
-    mini.prepare_mini(out_dir, **opts)
+    # the synthesisers are heavy: import on use
+    if name == "mini":
+        from speechssl.data.corpora.mini import prepare_mini as prepare
+    else:
+        from speechssl.data.corpora.mini_multilingual import prepare_mini_multilingual as prepare
+    check_options(name, prepare, opts)
+    prepare(out_dir, **opts)
 
 
 def _prepare_corpus(name: str, corpus_dir, out_dir, opts: dict) -> int:

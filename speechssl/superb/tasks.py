@@ -1,4 +1,4 @@
-"""The six SUPERB tasks: which supervision field they read, their head, loss and metric.
+"""The six SUPERB tasks and ML-SUPERB's two: which supervision field they read, their head, loss and metric.
 
 A task turns features [B, T, D] from the featurizer into a loss (training) and into a metric over a split
 (evaluation). Label vocabularies (characters, phones, speakers, classes) are fitted on the training split only
@@ -18,14 +18,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from speechssl.constants import SAMPLE_RATE
+from speechssl.data.audio import supervision_field
 from speechssl.superb import metrics
 from speechssl.superb.cache import Example
 from speechssl.superb.decoding import build_decoder
 from speechssl.superb.heads import AMSoftmax, CTCHead, LinearCTCHead, MeanPoolHead, SpecAugment, XVectorHead
 from speechssl.superb.tokenizer import build_tokenizer, load_tokenizer
 
-__all__ = ["HeadConfig", "SpecAugConfig", "DecodingConfig", "Task", "CTCTask", "ClassificationTask",
-           "VerificationTask", "build_task", "TASKS", "read_trials"]
+__all__ = ["HeadConfig", "SpecAugConfig", "DecodingConfig", "Task", "CTCTask", "MultilingualCTCTask",
+           "ClassificationTask", "VerificationTask", "language_of", "build_task", "TASKS", "read_trials"]
 
 # Batches handed to ``Task.evaluate``: (examples, features [B, T, D], frames [B])
 EvalBatch = tuple[Sequence[Example], torch.Tensor, torch.Tensor]
@@ -119,10 +120,12 @@ class CTCTask(Task):
         self.name, self.head_cfg, self.tokenizer_kind, self.vocab_size = name, head_cfg, tokenizer, vocab_size
         if name == "asr":
             self.field, self.metric = "text", "wer"
+        elif name == "mlasr":
+            self.field, self.metric = "text", "cer"
         else:
             self.field, self.metric = "phones", "per"
         self.higher_better = False
-        self.specaug_cfg = specaug or SpecAugConfig(enabled=name == "asr")
+        self.specaug_cfg = specaug or SpecAugConfig(enabled=name in ("asr", "mlasr"))
         self.decoding = decoding or DecodingConfig()
         self.tokenizer = None
 
@@ -136,7 +139,7 @@ class CTCTask(Task):
 
     def build_head(self, in_dim, downsample_rate=None):
         c, V = self.head_cfg, self.tokenizer.vocab_size
-        if self.name == "asr":
+        if self.name in ("asr", "mlasr"):
             stack = 1
             if c.frame_ms > 0 and downsample_rate:  # the same output frame shift whatever the upstream's
                 stack = max(1, int(round(c.frame_ms * SAMPLE_RATE / 1000 / downsample_rate)))
@@ -175,6 +178,40 @@ class CTCTask(Task):
                 "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]]}
 
 
+def language_of(example: Example) -> str:
+    """The ``language`` supervision field of an example's cut (ML-SUPERB's manifests carry it)."""
+    lang = supervision_field(example.cut, "language") if example.cut is not None else None
+    if lang is None or lang == "":
+        raise ValueError(f"cut {example.id} has no supervision field 'language', which task mlasr scores by: "
+                         "prepare the data with `speechssl prepare mlsuperb` or `prepare mini-multilingual`")
+    return str(lang)
+
+
+class MultilingualCTCTask(CTCTask):
+    """ML-SUPERB multilingual ASR: one character vocabulary over every language, the ASR head (BiLSTM + CTC) on
+    the frozen upstream's weighted layers; CER per language and their mean (the primary metric, so that every
+    language weighs the same however many test utterances it has), plus the CER over all characters."""
+
+    def __init__(self, head_cfg: HeadConfig, specaug: SpecAugConfig | None = None,
+                 decoding: DecodingConfig | None = None):
+        super().__init__("mlasr", head_cfg, tokenizer="char", specaug=specaug, decoding=decoding)
+
+    @torch.no_grad()
+    def predict(self, head, examples, x, frames):
+        pairs = super().predict(head, examples, x, frames)
+        return [(language_of(e), ref, hyp) for e, (ref, hyp) in zip(examples, pairs)]
+
+    def score(self, records, **context):
+        by_lang: dict[str, list[tuple[str, str]]] = {}
+        for lang, ref, hyp in records:
+            by_lang.setdefault(lang, []).append((ref, hyp))
+        per_lang = {lang: metrics.cer([r for r, _ in rh], [h for _, h in rh]) for lang, rh in sorted(by_lang.items())}
+        return {"cer": float(np.mean(list(per_lang.values()))), "cer_per_language": per_lang,
+                "cer_all": metrics.cer([r for _, r, _ in records], [h for _, _, h in records]),
+                "num_utts": len(records), "num_languages": len(per_lang),
+                "examples": [{"language": g, "ref": r, "hyp": h} for g, r, h in list(records)[:3]]}
+
+
 class _AugmentedHead(nn.Module):
     def __init__(self, body: nn.Module, aug: nn.Module | None):
         super().__init__()
@@ -193,9 +230,10 @@ class _AugmentedHead(nn.Module):
 
 
 class ClassificationTask(Task):
-    """SID (speaker), ER (emotion) and KS (keyword): mean pooling + linear, accuracy."""
+    """SID (speaker), ER (emotion), KS (keyword) and ML-SUPERB's LID (language): mean pooling + linear,
+    accuracy."""
 
-    FIELDS = {"sid": "speaker", "er": "emotion", "ks": "keyword"}
+    FIELDS = {"sid": "speaker", "er": "emotion", "ks": "keyword", "lid": "language"}
 
     def __init__(self, name: str, head_cfg: HeadConfig, balanced: bool = False):
         self.name, self.head_cfg, self.balanced = name, head_cfg, balanced
@@ -333,7 +371,7 @@ class _XVectorAM(nn.Module):
         self.xvector, self.am = xvector, am
 
 
-TASKS = ("asr", "pr", "sid", "asv", "er", "ks")
+TASKS = ("asr", "pr", "sid", "asv", "er", "ks", "lid", "mlasr")
 
 
 def build_task(name: str, head: HeadConfig, *, tokenizer: str = "char", vocab_size: int = 300,
@@ -343,7 +381,9 @@ def build_task(name: str, head: HeadConfig, *, tokenizer: str = "char", vocab_si
     if name in ("asr", "pr"):
         return CTCTask(name, head, tokenizer="phone" if name == "pr" else tokenizer, vocab_size=vocab_size,
                        specaug=specaug if name == "asr" else SpecAugConfig(enabled=False), decoding=decoding)
-    if name in ("sid", "er", "ks"):
+    if name == "mlasr":
+        return MultilingualCTCTask(head, specaug=specaug, decoding=decoding)
+    if name in ("sid", "er", "ks", "lid"):
         return ClassificationTask(name, head, balanced=(name == "ks") if balanced is None else balanced)
     if name == "asv":
         return VerificationTask(head, p_target=p_target, c_miss=c_miss, c_fa=c_fa)

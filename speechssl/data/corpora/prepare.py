@@ -404,6 +404,14 @@ def prepare_iemocap_cuts(corpus_dir, out_dir, *, fold: int = 1, dev_fraction: fl
     }, out_dir)
 
 
+def prepare_mlsuperb_cuts(corpus_dir, out_dir, *, max_duration: float = 20.0) -> dict:
+    """ML-SUPERB's release (SOURCE/LANG/transcript_*.txt + wav/) -> ``cuts_ml_{train_10min,train_1h,dev,test}``;
+    see :mod:`speechssl.data.corpora.mlsuperb`."""
+    from speechssl.data.corpora.mlsuperb import mlsuperb_cutsets
+
+    return write_splits(mlsuperb_cutsets(corpus_dir, max_duration=max_duration), out_dir)
+
+
 CORPORA: dict[str, Callable] = {
     "librispeech": prepare_librispeech_cuts,
     "librilight": prepare_librilight_cuts,
@@ -411,6 +419,7 @@ CORPORA: dict[str, Callable] = {
     "iemocap": prepare_iemocap_cuts,
     "speechcommands": prepare_speechcommands_cuts,
     "musan": prepare_musan_cuts,
+    "mlsuperb": prepare_mlsuperb_cuts,
 }
 
 
@@ -442,6 +451,6 @@ def prepare_corpus(name: str, corpus_dir, out_dir, **options) -> dict:
     """Prepare corpus ``name`` (a key of :data:`CORPORA`) from ``corpus_dir`` into ``out_dir`` with the corpus's
     keyword ``options``; an option it does not take raises :class:`UnsupportedOptionError` naming both."""
     if name not in CORPORA:
-        raise ValueError(f"unknown corpus '{name}'; choose one of {', '.join(CORPORA)} (or 'mini')")
+        raise ValueError(f"unknown corpus '{name}'; choose one of {', '.join(CORPORA)} (or 'mini', 'mini-multilingual')")
     check_options(name, CORPORA[name], options)
     return CORPORA[name](corpus_dir, out_dir, **options)
