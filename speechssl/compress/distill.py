@@ -1,5 +1,8 @@
 """Knowledge distillation of speech encoders: DistilHuBERT and layer-to-layer (DPHuBERT) distillation.
 
+(``loss.method: recycle`` runs Recycle-and-Distill from :mod:`speechssl.compress.recycle` through the same
+config, loader and Trainer glue.)
+
 * DistilHuBERT (`build_distilhubert_student` + `HeadDistiller`): the student is the teacher's CNN front end,
   feature projection, positional convolution and first N transformer layers (weights copied); one MLP
   prediction head per chosen teacher layer reads the student's last layer.
@@ -96,12 +99,13 @@ class FrozenTeacher:
         return self.encoder.hidden_size
 
     @torch.no_grad()
-    def __call__(self, wav: torch.Tensor, lengths: torch.Tensor | None):
+    def __call__(self, wav: torch.Tensor, lengths: torch.Tensor | None, mask_indices: torch.Tensor | None = None):
+        """wav [B, S], lengths [B], mask_indices [B, T'] (frames replaced by the teacher's mask embedding)."""
         p = next(self.encoder.parameters())
         if p.device != wav.device:
             self.encoder.to(wav.device)
         self.encoder.eval()  # a caller's .train() on the distiller never reaches it, but be explicit
-        return self.encoder(wav, lengths)
+        return self.encoder(wav, lengths, mask_indices=mask_indices)
 
 
 def copy_encoder_weights(src: nn.Module, dst: nn.Module) -> None:
@@ -247,13 +251,7 @@ class LayerDistiller(_StudentLayerDrop, nn.Module):
                              f"teacher {bad_t} (max {self.teacher.num_layers})")
         self.student = student
         self.student_layers, self.teacher_layers = list(student_layers), teacher_layers
-        d_s, d_t = student.hidden_size, self.teacher.hidden_size
-        self.maps = nn.ModuleList(nn.Linear(d_s, d_t) for _ in student_layers)
-        for m in self.maps:
-            with torch.no_grad():
-                m.weight.zero_()
-                m.weight[: min(d_s, d_t), : min(d_s, d_t)] = torch.eye(min(d_s, d_t))
-                m.bias.zero_()
+        self.maps = identity_maps(student.hidden_size, self.teacher.hidden_size, len(student_layers))
         self.cos_weight, self.cos_type = cos_weight, cos_type
 
     def student_forward(self, wav: torch.Tensor, lens: torch.Tensor | None):
@@ -281,6 +279,18 @@ class LayerDistiller(_StudentLayerDrop, nn.Module):
         return StepOutput(loss, logs)
 
 
+def identity_maps(d_s: int, d_t: int, count: int) -> nn.ModuleList:
+    """``count`` Linear(d_s -> d_t) maps that start as the identity on the shared dims (zero elsewhere)."""
+    maps = nn.ModuleList(nn.Linear(d_s, d_t) for _ in range(count))
+    d = min(d_s, d_t)
+    with torch.no_grad():
+        for m in maps:
+            m.weight.zero_()
+            m.weight[:d, :d] = torch.eye(d)
+            m.bias.zero_()
+    return maps
+
+
 def copy_teacher(teacher: nn.Module) -> nn.Module:
     """A trainable deep copy of the teacher (the DPHuBERT student's starting point), layer-drop off."""
     student = copy.deepcopy(teacher)
@@ -305,17 +315,25 @@ class StudentConfig:
     num_layers: int = 2            # transformer layers copied from the teacher (first N)
     feature_grad_mult: float = 0.1  # gradient scale into the CNN front end
     init: str = ""                 # start from this model instead of the teacher's first layers (optional)
+    # recycle method: per layer, the earlier layer whose attention map it reuses, or -1 ([] = ARMHuBERT's
+    # alternation: odd layers reuse the map of the layer before them)
+    attn_reuse: list[int] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)  # further EncoderConfig fields, e.g. {dropout: 0.1}
 
 
 @dataclass
 class DistillLossConfig:
-    method: Literal["heads", "layers"] = "heads"  # heads: DistilHuBERT prediction heads | layers: layer-to-layer linear maps
+    # heads: DistilHuBERT prediction heads | layers: layer-to-layer linear maps | recycle: Recycle-and-Distill
+    # (attention-map-reusing student of the teacher's depth, masking distillation; see compress/recycle.py)
+    method: Literal["heads", "layers", "recycle"] = "heads"
     target_layers: list[int] = field(default_factory=lambda: [4, 8, 12])  # teacher hidden-state indices
     student_layers: list[int] = field(default_factory=list)  # layers method: student index per target
     cos_weight: float = 1.0
     cos_type: Literal["logsig", "neg"] = "logsig"  # logsig: -log sigmoid(cos) | neg: -cos
     head_hidden_dim: int = 0       # prediction-head MLP width (0 = student hidden size)
+    mask_prob: float = 0.8         # recycle: span-mask probability of the student's input
+    mask_length: int = 10          # recycle: span length (frames)
+    hint_weight: float = 0.1       # recycle: weight of every target layer but the last (which weighs 1)
 
     def validate(self) -> None:
         if self.method == "layers" and self.student_layers and len(self.student_layers) != len(self.target_layers):
@@ -379,21 +397,36 @@ def evenly_spaced_layers(num_layers: int, count: int) -> list[int]:
     return sorted({max(1, round(num_layers * (k + 1) / count)) for k in range(count)})
 
 
-def build_distill_model(cfg: DistillConfig, teacher: nn.Module) -> nn.Module:
-    """Student + objective for ``cfg`` (HeadDistiller or LayerDistiller)."""
+def _build_student(cfg: DistillConfig, teacher: nn.Module) -> nn.Module:
+    """``student.init`` loaded trainable, else the method's student built from the teacher."""
     from speechssl.models.io import load_pretrained
 
     if cfg.student.init:
         student = load_pretrained(cfg.student.init).train()
         for p in student.parameters():
             p.requires_grad_(True)
-    else:
-        student = build_distilhubert_student(teacher, cfg.student.num_layers, cfg.student.feature_grad_mult,
-                                             **cfg.student.overrides)
+        return student
+    if cfg.loss.method == "recycle":
+        from .recycle import build_recycle_student
+
+        return build_recycle_student(teacher, cfg.student.attn_reuse or None, cfg.student.feature_grad_mult,
+                                     **cfg.student.overrides)
+    return build_distilhubert_student(teacher, cfg.student.num_layers, cfg.student.feature_grad_mult,
+                                      **cfg.student.overrides)
+
+
+def build_distill_model(cfg: DistillConfig, teacher: nn.Module) -> nn.Module:
+    """Student + objective for ``cfg`` (HeadDistiller, LayerDistiller or recycle's MaskingDistiller)."""
+    student = _build_student(cfg, teacher)
     bad = [j for j in cfg.loss.target_layers if not 0 <= j <= teacher.num_layers]
     if bad:
         raise ConfigError(f"config key 'loss.target_layers': {bad} out of range for a {teacher.num_layers}-layer "
                           f"teacher (valid 0..{teacher.num_layers})")
+    if cfg.loss.method == "recycle":
+        from .recycle import MaskingDistiller
+
+        return MaskingDistiller(student, teacher, cfg.loss.target_layers, mask_prob=cfg.loss.mask_prob,
+                                mask_length=cfg.loss.mask_length, hint_weight=cfg.loss.hint_weight)
     if cfg.loss.method == "heads":
         return HeadDistiller(student, teacher, cfg.loss.target_layers, cfg.loss.cos_weight, cfg.loss.cos_type,
                              cfg.loss.head_hidden_dim or None)
@@ -422,7 +455,8 @@ def run_distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -
     n_params = sum(p.numel() for p in model.student.parameters())
     logger.info("distill: teacher %d layers, student %d layers, %.2fM student params", teacher.num_layers,
                 model.student.num_layers, n_params / 1e6)
-    meta = {"method": "distilhubert" if cfg.loss.method == "heads" else "layer_distill", "teacher": cfg.teacher,
+    method = {"heads": "distilhubert", "layers": "layer_distill", "recycle": "recycle_and_distill"}[cfg.loss.method]
+    meta = {"method": method, "teacher": cfg.teacher,
             "target_layers": list(cfg.loss.target_layers)}
     trainer = Trainer(cfg.trainer, model, out_dir, optim=cfg.optim, schedule=cfg.schedule,
                       make_train_loader=make_train_loader_factory(cfg.data, cfg.trainer, model.student),

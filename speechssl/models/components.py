@@ -36,6 +36,7 @@ __all__ = [
     "RelativePositionBias",
     "relative_position_buckets",
     "SelfAttention",
+    "ReusedAttention",
     "FeedForward",
     "TransformerLayer",
 ]
@@ -322,6 +323,16 @@ class SelfAttention(nn.Module):
     def __init__(self, d: int, num_heads: int, head_index: Sequence[int], dropout: float = 0.0,
                  gated_relative_bias: bool = False):
         super().__init__()
+        self._init_sizes(d, num_heads, head_index, dropout)
+        inner = self.heads * self.head_dim
+        self.qkv = nn.Linear(d, 3 * inner)
+        self.out_proj = nn.Linear(inner, d)
+        self.gated = gated_relative_bias
+        if gated_relative_bias:
+            self.gru_rel_pos_linear = nn.Linear(self.head_dim, 8)
+            self.gru_rel_pos_const = nn.Parameter(torch.ones(self.heads))
+
+    def _init_sizes(self, d: int, num_heads: int, head_index: Sequence[int], dropout: float) -> None:
         if d % num_heads:
             raise ValueError(f"hidden_size {d} must be divisible by num_heads {num_heads}")
         self.d, self.num_orig_heads = d, num_heads
@@ -329,14 +340,7 @@ class SelfAttention(nn.Module):
         self.heads = len(head_index)
         self.register_buffer("head_index", torch.tensor(list(head_index), dtype=torch.long), persistent=False)
         self.all_heads = list(head_index) == list(range(num_heads))
-        inner = self.heads * self.head_dim
-        self.qkv = nn.Linear(d, 3 * inner)
-        self.out_proj = nn.Linear(inner, d)
         self.dropout = dropout
-        self.gated = gated_relative_bias
-        if gated_relative_bias:
-            self.gru_rel_pos_linear = nn.Linear(self.head_dim, 8)
-            self.gru_rel_pos_const = nn.Parameter(torch.ones(self.heads))
 
     def gated_bias(self, x: Tensor, bias: Tensor) -> Tensor:
         """WavLM gate: x [B, T, D], bias [H_orig, T, T] -> [B, H, T, T].
@@ -362,7 +366,8 @@ class SelfAttention(nn.Module):
                 ) -> tuple[Tensor, Optional[Tensor]]:
         """x: [B, T, D]; key_mask: bool [B, T] True = valid key (None: all valid); position_bias [H_orig, T, T].
 
-        Returns ([B, T, D], attention probabilities [B, H, T, T] or None).
+        Returns ([B, T, D], attention probabilities [B, H, T, T] or None). ``output_attentions`` also serves a
+        layer whose map a later ``ReusedAttention`` applies (the probabilities are needed, so SDPA is skipped).
         """
         B, T, _ = x.shape
         H, Dh = self.heads, self.head_dim
@@ -402,6 +407,43 @@ class SelfAttention(nn.Module):
         return self.out_proj(out.reshape(B, T, H * Dh)), probs
 
 
+class ReusedAttention(SelfAttention):
+    """Attention that applies an earlier layer's attention map to its own values (Recycle-and-Distill).
+
+    It has no query/key projections (and no WavLM gate, which only shapes a map it does not compute): ``v_proj``
+    (D -> H*Dh) and ``out_proj`` only. The map's masked keys already carry probability 0.
+    """
+
+    def __init__(self, d: int, num_heads: int, head_index: Sequence[int], dropout: float = 0.0):
+        nn.Module.__init__(self)
+        self._init_sizes(d, num_heads, head_index, dropout)
+        inner = self.heads * self.head_dim
+        self.v_proj = nn.Linear(d, inner)
+        self.out_proj = nn.Linear(inner, d)
+        self.gated = False
+
+    def forward(self, x: Tensor, key_mask: Optional[Tensor] = None, position_bias: Optional[Tensor] = None,
+                head_gate: Optional[Tensor] = None, output_attentions: bool = False, *,
+                attn_map: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """x: [B, T, D]; attn_map: [B, H, T, T] attention probabilities of the reused layer.
+
+        Returns ([B, T, D], the reused map [B, H, T, T] when ``output_attentions``, else None).
+        """
+        if attn_map is None:
+            raise ValueError("a ReusedAttention layer needs the attention map of the layer it reuses (attn_map)")
+        B, T, _ = x.shape
+        H, Dh = self.heads, self.head_dim
+        if attn_map.shape != (B, H, T, T):
+            raise ValueError(f"reused attention map {tuple(attn_map.shape)} does not match [B, H, T, T] = "
+                             f"{(B, H, T, T)}")
+        v = self.v_proj(x).view(B, T, H, Dh).transpose(1, 2)  # [B, H, T, Dh]
+        p = self.dropout if self.training else 0.0
+        out = torch.matmul(F.dropout(attn_map.to(v.dtype), p, self.training), v).transpose(1, 2)  # [B, T, H, Dh]
+        if head_gate is not None:
+            out = out * head_gate.to(out.dtype)[:, None]
+        return self.out_proj(out.reshape(B, T, H * Dh)), (attn_map if output_attentions else None)
+
+
 class FeedForward(nn.Module):
     """Linear(D -> F) -> GELU -> dropout -> (unit gates) -> Linear(F -> D) -> dropout."""
 
@@ -430,12 +472,14 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, d: int, num_heads: int, head_index: Sequence[int], ffn_dim: int, *, layer_norm_first: bool,
                  dropout: float, attention_dropout: float, activation_dropout: float, gated_relative_bias: bool,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, reuse_attention: bool = False):
         super().__init__()
         self.layer_norm_first = layer_norm_first
-        self.attention = (
-            SelfAttention(d, num_heads, head_index, attention_dropout, gated_relative_bias) if len(head_index) else None
-        )
+        self.attention: Optional[SelfAttention] = None
+        if reuse_attention:
+            self.attention = ReusedAttention(d, num_heads, head_index, attention_dropout)
+        elif len(head_index):
+            self.attention = SelfAttention(d, num_heads, head_index, attention_dropout, gated_relative_bias)
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d, eps=eps)
         self.feed_forward = FeedForward(d, ffn_dim, activation_dropout, dropout) if ffn_dim > 0 else None
@@ -444,12 +488,15 @@ class TransformerLayer(nn.Module):
     def forward(self, x: Tensor, key_mask: Optional[Tensor] = None, position_bias: Optional[Tensor] = None, *,
                 head_gate: Optional[Tensor] = None, attn_gate: Optional[Tensor] = None,
                 ffn_unit_gate: Optional[Tensor] = None, ffn_gate: Optional[Tensor] = None,
-                output_attentions: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        """x: [B, T, D] -> ([B, T, D], probs [B, H, T, T] or None)."""
+                output_attentions: bool = False, attn_map: Optional[Tensor] = None
+                ) -> tuple[Tensor, Optional[Tensor]]:
+        """x: [B, T, D] -> ([B, T, D], probs [B, H, T, T] or None); attn_map [B, H, T, T]: the reused map of a
+        ``ReusedAttention`` layer."""
         probs = None
         if self.layer_norm_first:
             if self.attention is not None:
-                a, probs = self.attention(self.layer_norm(x), key_mask, position_bias, head_gate, output_attentions)
+                a, probs = self._attend(self.layer_norm(x), key_mask, position_bias, head_gate, output_attentions,
+                                        attn_map)
                 a = self.dropout(a)
                 x = x + (a * attn_gate if attn_gate is not None else a)
             if self.feed_forward is not None:
@@ -457,7 +504,7 @@ class TransformerLayer(nn.Module):
                 x = x + (f * ffn_gate if ffn_gate is not None else f)
             return x, probs
         if self.attention is not None:
-            a, probs = self.attention(x, key_mask, position_bias, head_gate, output_attentions)
+            a, probs = self._attend(x, key_mask, position_bias, head_gate, output_attentions, attn_map)
             a = self.dropout(a)
             x = x + (a * attn_gate if attn_gate is not None else a)
         x = self.layer_norm(x)
@@ -465,3 +512,10 @@ class TransformerLayer(nn.Module):
             f = self.feed_forward(x, ffn_unit_gate)
             x = x + (f * ffn_gate if ffn_gate is not None else f)
         return self.final_layer_norm(x), probs
+
+    def _attend(self, x: Tensor, key_mask: Optional[Tensor], position_bias: Optional[Tensor],
+                head_gate: Optional[Tensor], output_attentions: bool, attn_map: Optional[Tensor]
+                ) -> tuple[Tensor, Optional[Tensor]]:
+        if isinstance(self.attention, ReusedAttention):
+            return self.attention(x, key_mask, position_bias, head_gate, output_attentions, attn_map=attn_map)
+        return self.attention(x, key_mask, position_bias, head_gate, output_attentions)

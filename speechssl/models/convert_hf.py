@@ -73,8 +73,8 @@ def config_from_hf(hf: dict[str, Any], preprocessor: Optional[dict[str, Any]] = 
 
 
 def config_to_hf(cfg: EncoderConfig) -> dict[str, Any]:
-    """EncoderConfig -> transformers config.json dict. Per-layer (pruned) sizes and the fbank front end have no
-    transformers equivalent and raise ConfigError."""
+    """EncoderConfig -> transformers config.json dict. Per-layer (pruned) sizes, attention-map reuse and the fbank
+    front end have no transformers equivalent and raise ConfigError."""
     if cfg.frontend != "cnn" or cfg.model_type not in HF_MODEL_TYPES:
         raise ConfigError(f"format='hf' supports CNN wav2vec2/hubert/wavlm encoders, not model_type="
                           f"{cfg.model_type!r} frontend={cfg.frontend!r}; use format='speechssl'")
@@ -82,6 +82,10 @@ def config_to_hf(cfg: EncoderConfig) -> dict[str, Any]:
     uniform_ffn = cfg.layer_ffn_dims is None or all(f == cfg.ffn_dim for f in cfg.layer_ffn_dims)
     if not (uniform_heads and uniform_ffn):
         raise ConfigError("format='hf' cannot express per-layer head/FFN sizes (a pruned model); "
+                          "use format='speechssl'")
+    if cfg.attn_reuse is not None and any(j >= 0 for j in cfg.attn_reuse):
+        raise ConfigError("format='hf' cannot express attention-map reuse (encoder config 'attn_reuse', a "
+                          "Recycle-and-Distill student: its reusing layers have no query/key projections); "
                           "use format='speechssl'")
     if cfg.relative_position != (cfg.model_type == "wavlm"):
         # transformers builds WavLM with relative-position weights and the others without: a mismatch would load

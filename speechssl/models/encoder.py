@@ -118,6 +118,7 @@ class Encoder(nn.Module):
                 layer_norm_first=config.layer_norm_first, dropout=config.dropout,
                 attention_dropout=config.attention_dropout, activation_dropout=config.activation_dropout,
                 gated_relative_bias=config.relative_position, eps=config.layer_norm_eps,
+                reuse_attention=config.reuses_attention(i) >= 0,
             )
             for i in range(config.num_layers)
         ])
@@ -298,15 +299,22 @@ class Encoder(nn.Module):
         position_bias = self.rel_pos(T) if self.rel_pos is not None else None
         hidden_states = [h]
         attentions: Optional[list[Optional[Tensor]]] = [] if output_attentions else None
+        reuse = self.config.attn_reuse
+        sources = {j for j in reuse if j >= 0} if reuse is not None else set()
+        maps: dict[int, Tensor] = {}  # attention maps [B, H, T, T] of the layers that later layers reuse
         for i, (layer, dropped) in enumerate(zip(self.layers, self._layer_drops())):
             probs = None
+            # only layers of a reusing model get the attn_map keyword: wrapped layers elsewhere keep the plain call
+            extra = {"attn_map": maps.get(reuse[i])} if reuse is not None else {}
             if not dropped:  # a dropped layer's output is its input
                 h, probs = layer(
                     h, key_mask, position_bias,
                     head_gate=_pick(gates, "heads", i), attn_gate=_pick(gates, "attn", i),
                     ffn_unit_gate=_pick(gates, "ffn_units", i), ffn_gate=_pick(gates, "ffn", i),
-                    output_attentions=output_attentions,
+                    output_attentions=output_attentions or i in sources, **extra,
                 )
+            if i in sources:
+                maps[i] = probs
             hidden_states.append(h)
             if attentions is not None:
                 attentions.append(probs)

@@ -58,6 +58,10 @@ class EncoderConfig:
     # per-layer sizes after pruning (None = uniform); written by compress, read everywhere
     layer_heads: Optional[list[list[int]]] = None  # kept ORIGINAL head indices per layer ([] = no attention)
     layer_ffn_dims: Optional[list[int]] = None  # FFN width per layer (0 = no FFN block)
+    # attention-map reuse (Recycle-and-Distill): per layer, the index of an EARLIER layer that computes its own
+    # attention map and whose map this layer applies to its values, or -1 to compute its own; a reusing layer has
+    # no query/key projections. None = every layer computes its own.
+    attn_reuse: Optional[list[int]] = None
     n_mels: int = 80  # fbank front end only
     input_norm: InputNorm = "utterance"  # fbank front end only
     # which frames of a padded batch are padding: "cnn" (length arithmetic) | "fairseq_block" (fairseq HuBERT/WavLM)
@@ -73,6 +77,7 @@ class EncoderConfig:
             raise ConfigError(f"encoder config 'hidden_size' ({self.hidden_size}) must be divisible by "
                               f"'num_heads' ({self.num_heads})")
         self._check_layer_sizes()
+        self._check_attn_reuse()
 
     def _check_choices(self) -> None:
         """The ``Literal`` fields of a config built in code (the loader checks those of a YAML file or dict)."""
@@ -96,6 +101,31 @@ class EncoderConfig:
             raise ConfigError(f"encoder config 'layer_ffn_dims' has {len(self.layer_ffn_dims)} entries, "
                               f"num_layers is {self.num_layers}")
 
+    def _check_attn_reuse(self) -> None:
+        """Each reusing layer names an earlier layer that computes its own map, with as many heads as it has."""
+        if self.attn_reuse is None:
+            return
+        if len(self.attn_reuse) != self.num_layers:
+            raise ConfigError(f"encoder config 'attn_reuse' has {len(self.attn_reuse)} entries, "
+                              f"num_layers is {self.num_layers}")
+        if self.layerdrop > 0 and any(j >= 0 for j in self.attn_reuse):
+            # a dropped source layer would leave its reusers without a map
+            raise ConfigError("encoder config 'attn_reuse' needs 'layerdrop' 0 (a dropped layer has no attention map "
+                              f"to reuse), got layerdrop={self.layerdrop}")
+        for i, j in enumerate(self.attn_reuse):
+            if j < 0:
+                continue
+            if not j < i or self.attn_reuse[j] >= 0 or not self.heads_of(j):
+                raise ConfigError(f"encoder config 'attn_reuse[{i}]'={j} must be -1 or an earlier layer that computes "
+                                  f"its own attention map (attn_reuse[{j}] = -1, with heads)")
+            if len(self.heads_of(i)) != len(self.heads_of(j)):
+                raise ConfigError(f"encoder config 'attn_reuse[{i}]'={j}: layer {i} keeps {len(self.heads_of(i))} "
+                                  f"heads, layer {j} {len(self.heads_of(j))}; a reused map needs equal head counts")
+
+    def reuses_attention(self, layer: int) -> int:
+        """The layer whose attention map ``layer`` reuses, or -1 when it computes its own."""
+        return -1 if self.attn_reuse is None else int(self.attn_reuse[layer])
+
     def heads_of(self, layer: int) -> list[int]:
         return list(self.layer_heads[layer]) if self.layer_heads is not None else list(range(self.num_heads))
 
@@ -103,7 +133,12 @@ class EncoderConfig:
         return int(self.layer_ffn_dims[layer]) if self.layer_ffn_dims is not None else self.ffn_dim
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """All fields, except ``attn_reuse`` when None: a plain encoder's config.json (and the preset YAMLs)
+        stay as they were before the field existed, and loading fills in the default."""
+        d = dataclasses.asdict(self)
+        if d["attn_reuse"] is None:
+            del d["attn_reuse"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
