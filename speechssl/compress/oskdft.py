@@ -103,14 +103,15 @@ class OSKDFT(nn.Module):
     """The OS-KDFT objective for the Trainer: ``forward(batch) -> StepOutput``.
 
     batch: ``audio`` [B, S], ``audio_lens`` [B], ``speaker`` (B speaker names, mapped through ``speakers``).
-    loss = KD loss + w_ft(step) * AAM-softmax loss, w_ft = min(1, (step + 1) / ft_warmup_steps).
+    loss = kd_weight * KD loss + w_ft(step) * AAM-softmax loss, w_ft = min(1, (step + 1) / ft_warmup_steps);
+    ``kd_weight`` 0 with ``ft_lower_grad`` 1 is plain fine-tuning (the teacher-plus-head baseline).
     """
 
     trainer_capabilities = ("step",)
 
     def __init__(self, student: OskdftStudent, teacher: nn.Module, speakers: dict[str, int], kd_target: int,
                  *, margin: float = 0.2, scale: float = 30.0, ft_lower_grad: float = 0.0, ft_warmup_steps: int = 0,
-                 cos_weight: float = 1.0):
+                 cos_weight: float = 1.0, kd_weight: float = 1.0):
         super().__init__()
         self.teacher = FrozenTeacher(teacher)
         if not 0 <= kd_target <= self.teacher.num_layers:
@@ -124,6 +125,7 @@ class OSKDFT(nn.Module):
             self.kd_map.bias.zero_()
         self.aam = AAMSoftmax(student.head.embed.out_features, len(speakers), margin, scale)
         self.ft_lower_grad, self.ft_warmup_steps, self.cos_weight = ft_lower_grad, ft_warmup_steps, cos_weight
+        self.kd_weight = kd_weight
         self.step = 0
 
     def set_step(self, step: int) -> None:
@@ -153,7 +155,7 @@ class OSKDFT(nn.Module):
     def forward(self, batch: dict) -> StepOutput:
         kd, ft, acc = self.losses(batch)
         w = self.ft_weight()
-        loss = kd + w * ft
+        loss = self.kd_weight * kd + w * ft
         return StepOutput(loss, {"loss": loss.item(), "kd_loss": kd.item(), "ft_loss": ft.item(), "spk_acc": acc,
                                  "ft_weight": w})
 
@@ -178,6 +180,7 @@ class OskdftStudentConfig:
 @dataclass
 class OskdftLossConfig:
     kd_target: int = -1       # teacher hidden-state index the KD branch regresses (-1 = the teacher's last layer)
+    kd_weight: float = 1.0    # weight of the KD loss (0 + ft_lower_grad 1 = plain fine-tuning, the baseline)
     cos_weight: float = 1.0   # weight of the -log sigmoid(cos) term of the KD loss
     margin: float = 0.2       # AAM-softmax margin (radians)
     scale: float = 30.0       # AAM-softmax scale
@@ -218,7 +221,8 @@ def build_oskdft(cfg: OskdftConfig, teacher: nn.Module, speakers: dict[str, int]
     student = OskdftStudent(teacher, s.kd_layers, s.ft_layers, s.embed_dim, s.head_channels)
     target = teacher.num_layers if lo.kd_target == -1 else lo.kd_target
     return OSKDFT(student, teacher, speakers, target, margin=lo.margin, scale=lo.scale,
-                  ft_lower_grad=lo.ft_lower_grad, ft_warmup_steps=lo.ft_warmup_steps, cos_weight=lo.cos_weight)
+                  ft_lower_grad=lo.ft_lower_grad, ft_warmup_steps=lo.ft_warmup_steps, cos_weight=lo.cos_weight,
+                  kd_weight=lo.kd_weight)
 
 
 def _merged_encoder(student: OskdftStudent) -> nn.Module:
