@@ -79,7 +79,9 @@ class Encoder(nn.Module):
     ``layers``, the ``nn.ModuleList`` of ``TransformerLayer``, run in order by ``forward``. ``layers`` is the place
     to wrap or replace the transformer layers (adapters, LoRA, FSDP auto-wrap, activation checkpointing): a module
     put at ``layers[i]`` is called as ``layer(h, key_mask, position_bias, head_gate=..., attn_gate=...,
-    ffn_unit_gate=..., ffn_gate=..., output_attentions=...)`` and returns ``(h, attention probs or None)``.
+    ffn_unit_gate=..., ffn_gate=..., output_attentions=...)`` and returns ``(h, attention probs or None)``; in a
+    model with ``config.attn_reuse`` every layer also gets ``attn_map=`` (the reused map [B, H, T', T'] or None),
+    and a layer whose map is reused is called with ``output_attentions=True``.
 
     Frame counts: :meth:`num_frames` (samples -> frames) is the one every caller uses.
     """
