@@ -40,7 +40,7 @@ def test_corpus_has_native_text_in_every_language_and_the_two_training_settings(
         assert {c["supervisions"][0]["custom"]["language"] for c in cuts} == set(LANGUAGES), split
     ids = {s: {c["id"] for c in cuts} for s, cuts in splits.items()}
     assert ids["ml_train_10min"] < ids["ml_train_1h"]              # the 10-minute set is part of the 1-hour one
-    assert len(ids["ml_train_1h"]) == 6 * len(ids["ml_train_10min"])
+    assert len(ids["ml_train_1h"]) == 6 * len(LANGUAGES) and len(ids["ml_train_10min"]) == 2 * len(LANGUAGES)
     assert not (ids["ml_train_1h"] & (ids["ml_dev"] | ids["ml_test"]))
     speakers = lambda cuts: {c["supervisions"][0]["speaker"] for c in cuts}  # noqa: E731
     assert not speakers(splits["ml_train_1h"]) & speakers(splits["ml_test"])  # unseen voices at test time

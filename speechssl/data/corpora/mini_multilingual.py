@@ -6,8 +6,8 @@ renderer as the English mini corpus: eSpeak voices, prosody jitter, silences, no
 manifest per split, ``OUT_DIR/cuts_<split>.jsonl.gz``:
 
 - ``ml_train_1h``: the "1 hour" training set at mini scale; ``minutes`` is its total length over all languages.
-- ``ml_train_10min``: the "10 minute" set, the first sixth of each language's ``ml_train_1h`` utterances (as in
-  ML-SUPERB, where the 10-minute set is a subset of the 1-hour one).
+- ``ml_train_10min``: the "10 minute" set, the first sixth (at least two) of each language's ``ml_train_1h``
+  utterances (as in ML-SUPERB, where the 10-minute set is a subset of the 1-hour one).
 - ``ml_dev`` and ``ml_test``: held-out sentences by held-out voices.
 
 Each supervision has the native ``text`` (lower case, punctuation removed, single spaces), ``language`` and
@@ -68,7 +68,8 @@ def normalize_text(text: str) -> str:
 def _counts(minutes: float) -> dict[str, int]:
     per_lang = max(6, int(round(minutes * 60 / _SENTENCE_SECONDS / len(LANGUAGES))))
     held = max(2, per_lang // 4)
-    return {"train": per_lang, "10min": max(1, per_lang // 6), "dev": held, "test": held}
+    # at least two sentences per language in the 10-minute set: with one, a class is a single utterance
+    return {"train": per_lang, "10min": max(2, per_lang // 6), "dev": held, "test": held}
 
 
 def _spec(lang: str, variant: str, text: str, uid: str, seed: int) -> UttSpec:
