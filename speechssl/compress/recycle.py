@@ -31,7 +31,7 @@ from torch import nn
 from speechssl.models.masking import compute_span_mask
 from speechssl.train.contract import StepOutput
 
-from .distill import FrozenTeacher, _check_frames, _StudentLayerDrop, identity_maps
+from .kd import FrozenTeacher, _check_frames, _StudentLayerDrop, identity_maps
 
 __all__ = ["alternate_reuse", "build_recycle_student", "masking_distill_loss", "MaskingDistiller"]
 

@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["make_report", "collect_results", "upstream_label", "SuperbReport"]
 
-TASK_ORDER = ["pr", "asr", "ks", "sid", "er", "asv"]
+TASK_ORDER = ["pr", "asr", "ks", "sid", "er", "asv", "lid", "mlasr"]
 # how each metric is shown: (column title, scale to percent, lower is better)
-METRICS = {"per": ("PER%", True), "wer": ("WER%", True), "acc": ("Acc%", False), "eer": ("EER%", True)}
+METRICS = {"per": ("PER%", True), "wer": ("WER%", True), "cer": ("CER%", True), "acc": ("Acc%", False),
+           "eer": ("EER%", True)}
 
 
 def upstream_label(spec: str) -> str:
