@@ -114,39 +114,64 @@ if stage_in 9; then
 fi
 
 if stage_in 10; then
-  log "Stage 10: profile teacher vs students (params, MACs / 10 s, CPU RTF; kept heads/FFN PNG) -> $exp/compress_profile"
-  speechssl profile "$exp/hubert_small/final" "$exp/distilhubert/final" "$exp/dphubert/final" \
-    --names hubert_small distilhubert dphubert --threads 2 --repeats 3 --out "$exp/compress_profile"
+  log "Stage 10: Recycle-and-Distill: layers 1 and 3 reuse the attention maps of layers 0 and 2, masking distillation from $exp/hubert_small/final -> $exp/recycle/final"
+  bash ../../recipes/compress/recycle.sh --stage 1 --stop-stage 1 --data "$data/mini" --train-split pretrain \
+    --teacher "$exp/hubert_small/final" --exp "$exp/recycle" --ngpu "$ngpu" --seed "$seed" \
+    --config ../../conf/distill/mini_recycle.yaml
 fi
 
 if stage_in 11; then
-  log "Stage 11: SUPERB (asr pr sid asv er ks, mini configs) on fbank, a random-init control of the small HuBERT, it and its students -> $exp/superb"
+  log "Stage 11: profile teacher vs students (params, MACs / 10 s, CPU RTF; kept heads/FFN PNG) -> $exp/compress_profile"
+  speechssl profile "$exp/hubert_small/final" "$exp/distilhubert/final" "$exp/dphubert/final" "$exp/recycle/final" \
+    --names hubert_small distilhubert dphubert recycle --threads 2 --repeats 3 --out "$exp/compress_profile"
+fi
+
+if stage_in 12; then
+  log "Stage 12: OS-KDFT: 1 distilled + 1 speaker-tuned layer of $exp/hubert_small/final with an x-vector head -> $exp/oskdft/final; cosine ASV EER -> $exp/superb/oskdft/asv"
+  bash ../../recipes/compress/oskdft.sh --stage 1 --stop-stage 1 --data "$data/mini" --train-split asv_train \
+    --test-split asv_test --teacher "$exp/hubert_small/final" --exp "$exp/oskdft" --ngpu "$ngpu" --seed "$seed" \
+    --config ../../conf/oskdft/mini.yaml
+  speechssl score-embeddings --model "$exp/oskdft/final" --name oskdft --cuts "$data/mini/cuts_asv_test.jsonl.gz" \
+    --trials "$data/mini/asv_trials.txt" --out "$exp/superb/oskdft/asv"
+fi
+
+if stage_in 13; then
+  log "Stage 13: SUPERB (asr pr sid asv er ks, mini configs) on fbank, a random-init control of the small HuBERT, it and its students -> $exp/superb"
   # the recipe skips, with a log line, an encoder whose directory is missing (its stage was not run)
   bash ../../recipes/superb/run.sh --stage 1 --stop-stage 1 --conf-prefix mini_ \
     --upstreams "fbank random:$exp/hubert_small/final $exp/hubert_small/final $exp/distilhubert/final $exp/dphubert/final" \
     --data "$data/mini" --trials "$data/mini/asv_trials.txt" --exp "$exp/superb" --overrides "trainer.progress=false"
 fi
 
-if stage_in 12; then
-  log "Stage 12: SUPERB (pr sid ks) on the short runs of stage 7 -> $exp/superb"
+if stage_in 14; then
+  log "Stage 14: SUPERB (pr sid ks) on the short runs of stage 7 -> $exp/superb"
   bash ../../recipes/superb/run.sh --stage 1 --stop-stage 1 --conf-prefix mini_ --tasks "pr sid ks" \
     --upstreams "$exp/tera/final $exp/vq_wav2vec/final $exp/unispeech/final $exp/mr_hubert/final $exp/contentvec/final" \
     --data "$data/mini" --exp "$exp/superb" --overrides "trainer.progress=false"
 fi
 
-if stage_in 13; then
-  log "Stage 13: deploy: ONNX (fp32, int8) and torch int8 exports of the students; KS/SID of int8 vs fp32 with stage 11's heads -> $exp/deploy"
+if stage_in 15; then
+  log "Stage 15: ML-SUPERB mini: 12 languages synthesised with eSpeak NG; lid and mlasr (1-hour setting) on fbank, the random-init control and the small HuBERT -> $exp/mlsuperb"
+  speechssl prepare mini-multilingual "$data/mini_multilingual" --minutes 4 --seed "$seed" --num-jobs "$nj"
+  bash ../../recipes/superb/run.sh --stage 1 --stop-stage 1 --conf-prefix mini_ --tasks "lid mlasr" \
+    --upstreams "fbank random:$exp/hubert_small/final $exp/hubert_small/final" \
+    --data "$data/mini_multilingual" --exp "$exp/mlsuperb" --overrides "trainer.progress=false"
+fi
+
+if stage_in 16; then
+  log "Stage 16: deploy: ONNX (fp32, int8) and torch int8 exports of the students; KS/SID of int8 vs fp32 with stage 13's heads -> $exp/deploy"
   bash ../../recipes/deploy/students.sh --data "$data/mini" --exp "$exp" --students "distilhubert dphubert"
 fi
 
-if stage_in 14; then
-  log "Stage 14: what each layer knows: phone/speaker probes, K=50 PNMI and purities per layer of $exp/hubert_small/final, its random-init control and FBANK -> $exp/analyze/analysis.png"
+if stage_in 17; then
+  log "Stage 17: what each layer knows: phone/speaker probes, K=50 PNMI and purities per layer of $exp/hubert_small/final, its random-init control and FBANK -> $exp/analyze/analysis.png"
   speechssl analyze --model "$exp/hubert_small/final" --model "random:$exp/hubert_small/final" --model fbank \
     --cuts "$data/mini/cuts_sid_train.jsonl.gz" --max-utts 160 --n-clusters 50 --max-frames 20000 --seeds "$seed" \
     --out "$exp/analyze" --no-progress
 fi
 
-if stage_in 15; then
-  log "Stage 15: SUPERB table (Markdown + CSV) and layer-weight plots -> $exp/superb/report"
-  speechssl report $(ls -d "$exp"/superb/*/ | grep -v -e '/report/$' -e '/cache/$') --out "$exp/superb/report"
+if stage_in 18; then
+  log "Stage 18: SUPERB table (Markdown + CSV) and layer-weight plots -> $exp/superb/report"
+  speechssl report $(ls -d "$exp"/superb/*/ "$exp"/mlsuperb/*/ 2>/dev/null | grep -v -e '/report/$' -e '/cache/$') \
+    --out "$exp/superb/report"
 fi
