@@ -23,7 +23,7 @@ seed=0
 require data teacher
 
 if stage_in 1; then
-  log "Stage 1: DistilHuBERT distillation of $teacher ($config) -> $exp/final"
+  log "Stage 1: distillation of $teacher ($config) -> $exp/final"
   # shellcheck disable=SC2086
   run_training distill "$exp" --config "$config" --set "teacher=$teacher" \
     --set "data.train=[$data/cuts_${train_split}.jsonl.gz]" --set "trainer.seed=$seed" $distill_opts
@@ -31,6 +31,6 @@ fi
 
 if stage_in 2; then
   log "Stage 2: profile teacher vs student -> $exp/profile"
-  speechssl profile "$teacher" "$exp/final" --names teacher distilhubert --threads "$profile_threads" \
+  speechssl profile "$teacher" "$exp/final" --names teacher "$(basename "$exp")" --threads "$profile_threads" \
     --out "$exp/profile"
 fi
