@@ -90,3 +90,17 @@ def test_bench_student_is_exactly_counted_and_sparse():
     student = bench.sparse_student(teacher, 0.6)
     s = 1 - count_params(student) / count_params(teacher)
     assert 0.6 <= s < 0.65
+
+
+def test_analytic_macs_of_attention_reusing_layers():
+    """A layer reusing an earlier attention map saves its q and k projections and its scores: 2 T D^2 + T^2 D MACs
+    per layer (all heads kept), checked against the same encoder computing every map."""
+    from speechssl.compress.profile import analytic_macs
+    from speechssl.models.frames import num_frames
+
+    kw = dict(num_layers=4, hidden_size=64, num_heads=4, ffn_dim=128, conv_pos=16, conv_pos_groups=4)
+    plain = build_encoder("tiny_hubert", **kw)
+    reuse = build_encoder("tiny_hubert", **kw, attn_reuse=[-1, 0, -1, 2])
+    T = int(num_frames(plain.config, 16000))
+    saved = 2 * (2 * T * 64 * 64 + T * T * 64)
+    assert analytic_macs(plain, 1.0) - analytic_macs(reuse, 1.0) == saved

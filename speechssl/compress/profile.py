@@ -62,10 +62,13 @@ def analytic_macs(encoder: nn.Module, seconds: float = 10.0) -> int:
     macs += T * c_in * D  # feature projection
     macs += T * D * (D // cfg.conv_pos_groups) * cfg.conv_pos  # positional convolution
     dh = D // cfg.num_heads
-    for h, f in zip(units["heads"], units["ffn_units"]):
+    for i, (h, f) in enumerate(zip(units["heads"], units["ffn_units"])):
         if h:
-            macs += T * D * 3 * h * dh + 2 * T * T * h * dh + T * h * dh * D
-            if cfg.relative_position:
+            # a layer that reuses an earlier attention map (Recycle-and-Distill) has no q/k projections, no
+            # scores and no WavLM gate: only v, map x v and the output projection
+            own = cfg.reuses_attention(i) < 0
+            macs += T * D * (3 if own else 1) * h * dh + (2 if own else 1) * T * T * h * dh + T * h * dh * D
+            if cfg.relative_position and own:
                 macs += T * h * dh * 2  # WavLM gate: Linear(Dh -> 8) folded to Dh -> 2 per head
         if f:
             macs += 2 * T * D * f
