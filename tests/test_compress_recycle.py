@@ -7,26 +7,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_compress_distill import micro  # the tiny HuBERT/WavLM teachers
 
 from speechssl.compress.recycle import (
     MaskingDistiller, alternate_reuse, build_recycle_student, masking_distill_loss,
 )
 from speechssl.config import ConfigError
-from speechssl.models import build_encoder
-
-MICRO_CONV = [[32, 10, 5], [32, 3, 2], [32, 3, 2], [32, 3, 2], [32, 3, 2], [32, 2, 2], [32, 2, 2]]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest
-
-
-def micro(model_type="hubert", **kw):
-    base = dict(model_type=model_type, num_layers=4, hidden_size=64, num_heads=4, ffn_dim=128,
-                conv_layers=[list(c) for c in MICRO_CONV], conv_pos=16, conv_pos_groups=4, dropout=0.0,
-                attention_dropout=0.0, feature_dropout=0.0, relative_position=model_type == "wavlm",
-                num_buckets=32, max_distance=64)
-    base.update(kw)
-    torch.manual_seed(0)
-    return build_encoder(base).eval()
 
 
 BATCH = {"audio": 0.1 * torch.randn(2, 8000, generator=torch.Generator().manual_seed(1)),
